@@ -1,0 +1,81 @@
+"""A real nbdkit serving plugin.py on a Unix socket, for the end-to-end tests.
+
+``NbdkitServer(directory, size="64M", **params)`` starts
+``nbdkit -f -U SOCK python plugin.py size=... key=value...`` with the control
+socket and runtime directory inside ``directory``, waits until the NBD socket
+accepts connections, and stops the server (SIGTERM, then SIGKILL) on
+``stop()`` or at the end of a ``with`` block.  nbdkit's stderr goes to
+``directory/nbdkit.log`` so a failing test can show it.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(REPO, "plugin.py")
+
+
+class NbdkitServer:
+    def __init__(self, directory, size="64M", name="zramd0", extra_args=(),
+                 env=None, **params):
+        self.directory = str(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.name = name
+        self.socket = os.path.join(self.directory, name + ".nbd")
+        self.control = os.path.join(self.directory, name + ".sock")
+        self.log_path = os.path.join(self.directory, "nbdkit.log")
+        self.uri = "nbd+unix:///?socket=" + self.socket
+        args = ["nbdkit", "-f", "-U", self.socket, *extra_args,
+                "python", PLUGIN, "size=%s" % size, "name=%s" % name,
+                "control=%s" % self.control]
+        args += ["%s=%s" % (k, v) for k, v in params.items()]
+        self.args = args
+        run_env = dict(os.environ)
+        run_env["ZRAMD_RUNTIME_DIR"] = self.directory
+        if env:
+            run_env.update(env)
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(args, stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=run_env)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("nbdkit exited with %s:\n%s"
+                                   % (self.process.returncode, self.log()))
+            if os.path.exists(self.socket) and os.path.exists(self.control):
+                with socket.socket(socket.AF_UNIX) as s:
+                    try:
+                        s.connect(self.socket)
+                        return
+                    except OSError:
+                        pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("nbdkit did not start:\n" + self.log())
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -3,7 +3,8 @@
 ``NbdkitServer(directory, size="64M", **params)`` starts
 ``nbdkit -f -U SOCK python plugin.py size=... key=value...`` with the control
 socket and runtime directory inside ``directory``, waits until the NBD socket
-accepts connections, and stops the server (SIGTERM, then SIGKILL) on
+accepts connections (``wait_control()`` waits for the control
+socket too), and stops the server (SIGTERM, then SIGKILL) on
 ``stop()`` or at the end of a ``with`` block.  nbdkit's stderr goes to
 ``directory/nbdkit.log`` so a failing test can show it.
 """
@@ -48,7 +49,7 @@ class NbdkitServer:
             if self.process.poll() is not None:
                 raise RuntimeError("nbdkit exited with %s:\n%s"
                                    % (self.process.returncode, self.log()))
-            if os.path.exists(self.socket) and os.path.exists(self.control):
+            if os.path.exists(self.socket):
                 with socket.socket(socket.AF_UNIX) as s:
                     try:
                         s.connect(self.socket)
@@ -58,6 +59,14 @@ class NbdkitServer:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("nbdkit did not start:\n" + self.log())
+
+    def wait_control(self, timeout=10.0):
+        """Wait until the control socket (started in after_fork) exists."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.control):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("no control socket:\n" + self.log())
+            time.sleep(0.05)
 
     def log(self):
         with open(self.log_path, "rb") as f:

@@ -1,0 +1,435 @@
+"""The control channel: attribute formats, the line protocol, its robustness
+and the client's errors, against an in-process device (fast) and, in
+test_cli.py, a real nbdkit."""
+
+import errno
+import json
+import os
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from zramd import control
+from zramd.stats import ClassStat, DebugStat, IoStat, MmStat, PoolStats
+
+
+class FakeDevice:
+    """The zramd.device.Device contract with fixed numbers, recording what
+    the control channel asked of it."""
+
+    def __init__(self):
+        self.size = 64 << 20
+        self.algorithm = "lz4"
+        self.mem_limit = 0
+        self.num_reads = 12
+        self.num_writes = 34
+        self.calls = []
+        self.gate = None        # an Event the stats methods wait on
+
+    def comp_algorithm(self):
+        return "[lz4] lz4hc zstd deflate \n"
+
+    def mm_stat(self):
+        if self.gate is not None:
+            self.gate.wait(10)
+        return MmStat(orig_data_size=3 << 20, compr_data_size=1 << 20,
+                      mem_used_total=1536 << 10, mem_limit=self.mem_limit,
+                      mem_used_max=2 << 20, same_pages=5, pages_compacted=7,
+                      huge_pages=2, huge_pages_since=3)
+
+    def io_stat(self):
+        return IoStat(failed_reads=1, failed_writes=2, invalid_io=0,
+                      notify_free=9)
+
+    def debug_stat(self):
+        return DebugStat(version=1, miss_free=0)
+
+    def pool_stats(self):
+        fullness = (0,) * 10 + (1,)
+        return PoolStats(pages_compacted=7, total_pages=1, classes=(
+            ClassStat(index=0, size=32, fullness=fullness, obj_allocated=128,
+                      obj_used=3, pages_used=1, pages_per_zspage=1,
+                      objs_per_zspage=128, freeable=0),))
+
+    def compact(self):
+        self.calls.append(("compact",))
+        return 0
+
+    def reset_mem_used_max(self):
+        self.calls.append(("reset_mem_used_max",))
+
+    def set_mem_limit(self, limit):
+        self.calls.append(("set_mem_limit", limit))
+        self.mem_limit = (limit + 4095) // 4096 * 4096
+
+    def mark_idle(self, age_seconds=None):
+        self.calls.append(("mark_idle", age_seconds))
+        return 0
+
+
+@pytest.fixture
+def served(tmp_path):
+    device = FakeDevice()
+    server = control.ControlServer(device, tmp_path / "zramd0.sock", "zramd0")
+    server.start()
+    yield device, server
+    if device.gate is not None:
+        device.gate.set()
+    server.stop()
+
+
+def ask(server, line):
+    return control.request(server.path, line)
+
+
+# -- attribute formats -------------------------------------------------------
+
+GOLDEN = {
+    "disksize": "67108864\n",
+    "initstate": "1\n",
+    "comp_algorithm": "[lz4] lz4hc zstd deflate \n",
+    "mm_stat": " 3145728  1048576  1572864        0  2097152"
+               "        5        7        2        3\n",
+    "io_stat": "       1        2 0        9\n",
+    "debug_stat": "version: 1\n0        0\n",
+    "mem_limit": "0\n",
+}
+
+
+@pytest.mark.parametrize("attr", sorted(GOLDEN))
+def test_attribute_formats(served, attr):
+    device, server = served
+    reply = ask(server, "get " + attr)
+    assert reply == {"version": 1, "ok": True, "attr": attr,
+                     "value": GOLDEN[attr]}
+
+
+def test_classes_is_the_debugfs_table(served):
+    device, server = served
+    value = ask(server, "get classes")["value"]
+    lines = value.split("\n")
+    assert lines[0].split() == ["class", "size", "10%", "20%", "30%", "40%",
+                                "50%", "60%", "70%", "80%", "90%", "99%",
+                                "100%", "obj_allocated", "obj_used",
+                                "pages_used", "pages_per_zspage", "freeable"]
+    assert lines[1] == ("     0    32 " + "        0 " * 10 + "        1 "
+                        + "          128          3          1"
+                        + "                1        0")
+    assert value == str(device.pool_stats())
+
+
+# -- writes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, limit", [
+    ("1G", 1 << 30), ("512m", 512 << 20), ("4096", 4096), ("0", 0),
+    ("0x1000", 4096), ("8K\n", 8192), ("3k", 3072), ("1T", 1 << 40),
+])
+def test_mem_limit_memparse(served, value, limit):
+    device, server = served
+    assert ask(server, "set mem_limit " + value.strip())["ok"]
+    assert device.calls == [("set_mem_limit", limit)]
+    assert control.memparse(value) == limit
+
+
+def test_mem_limit_roundtrip(served):
+    device, server = served
+    ask(server, "set mem_limit 1G")
+    assert ask(server, "get mem_limit")["value"] == "1073741824\n"
+    assert ask(server, "get mm_stat")["value"].split()[3] == "1073741824"
+
+
+@pytest.mark.parametrize("value", ["abc", "1Q", "-5", "1.5G", "G", "1 G"])
+def test_mem_limit_bad_value(served, value):
+    device, server = served
+    reply = ask(server, "set mem_limit " + value)
+    assert reply["ok"] is False and reply["errno"] == errno.EINVAL
+    assert reply["error"].startswith("mem_limit: invalid value")
+    assert "K, M, G" in reply["error"]
+    assert device.calls == []
+
+
+def test_mem_used_max_reset(served):
+    device, server = served
+    assert ask(server, "set mem_used_max 0") == {"version": 1, "ok": True,
+                                                  "attr": "mem_used_max"}
+    assert device.calls == [("reset_mem_used_max",)]
+    reply = ask(server, "set mem_used_max 5")
+    assert not reply["ok"]
+    assert reply["error"] == ("mem_used_max: invalid value '5': accepted: 0 "
+                              "(resets the peak to the current usage)")
+    assert device.calls == [("reset_mem_used_max",)]
+
+
+def test_compact_and_idle(served):
+    device, server = served
+    assert ask(server, "set compact 1")["ok"]
+    assert ask(server, "set idle all")["ok"]
+    assert ask(server, "set idle 30")["ok"]
+    assert ask(server, "set idle 0x10")["ok"]
+    reply = ask(server, "set idle soon")
+    assert not reply["ok"] and reply["error"].startswith(
+        "idle: invalid value 'soon': accepted: all, or an age in seconds")
+    assert device.calls == [("compact",), ("mark_idle", None),
+                            ("mark_idle", 30), ("mark_idle", 16)]
+
+
+def test_read_only_and_write_only(served):
+    device, server = served
+    reply = ask(server, "set disksize 1G")
+    assert reply["errno"] == errno.EINVAL
+    assert reply["error"] == ("disksize: read-only attribute; writable: "
+                              "mem_limit, mem_used_max, compact, idle")
+    reply = ask(server, "get compact")
+    assert reply["error"].startswith("compact: write-only attribute")
+    reply = ask(server, "get nosuch")
+    assert reply["error"].startswith("nosuch: no such attribute; "
+                                     "attributes: disksize, initstate")
+    assert device.calls == []
+
+
+# -- status ------------------------------------------------------------------
+
+def test_status_has_everything_the_table_needs(served):
+    device, server = served
+    reply = ask(server, "status")
+    assert reply["version"] == 1 and reply["ok"] is True
+    expect = {"name": "zramd0", "algorithm": "lz4", "disksize": 64 << 20,
+              "comp_algorithm": "[lz4] lz4hc zstd deflate \n",
+              "initstate": 1, "orig_data_size": 3 << 20,
+              "compr_data_size": 1 << 20, "mem_used_total": 1536 << 10,
+              "mem_limit": 0, "mem_used_max": 2 << 20, "same_pages": 5,
+              "pages_compacted": 7, "huge_pages": 2, "huge_pages_since": 3,
+              "failed_reads": 1, "failed_writes": 2, "invalid_io": 0,
+              "notify_free": 9, "miss_free": 0, "num_reads": 12,
+              "num_writes": 34, "pid": os.getpid()}
+    for key, value in expect.items():
+        assert reply[key] == value, key
+    assert reply["streams"] == len(os.sched_getaffinity(0))
+
+
+def test_attrs_lists_modes(served):
+    device, server = served
+    attrs = ask(server, "attrs")["attrs"]
+    assert list(attrs) == list(control.ATTRIBUTES)
+    assert attrs["mem_limit"]["mode"] == "rw"
+    assert attrs["mm_stat"]["mode"] == "r"
+    assert attrs["idle"]["mode"] == "w"
+
+
+# -- the socket ----------------------------------------------------------------
+
+def test_socket_mode_and_stop_removes_it(tmp_path):
+    path = tmp_path / "d.sock"
+    server = control.ControlServer(FakeDevice(), path, "d")
+    old = os.umask(0)
+    try:
+        server.start()
+    finally:
+        os.umask(old)
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.getuid()
+    server.stop()
+    assert not path.exists()
+
+
+def test_start_removes_a_stale_socket(tmp_path):
+    path = tmp_path / "d.sock"
+    make_stale_socket(path)
+    with pytest.raises(control.StaleSocketError):
+        control.request(path, "ping")
+    server = control.ControlServer(FakeDevice(), path, "d")
+    server.start()
+    try:
+        assert control.request(path, "ping") == {"version": 1, "ok": True,
+                                                  "name": "d"}
+    finally:
+        server.stop()
+
+
+def test_start_refuses_a_live_socket_and_a_file(served, tmp_path):
+    device, server = served
+    other = control.ControlServer(FakeDevice(), server.path, "x")
+    with pytest.raises(control.ControlError, match="another server"):
+        other.start()
+    assert ask(server, "ping")["ok"]
+    plain = tmp_path / "plain.sock"
+    plain.write_text("keep me")
+    with pytest.raises(control.ControlError, match="not a socket"):
+        control.ControlServer(FakeDevice(), plain, "p").start()
+    assert plain.read_text() == "keep me"
+
+
+def make_stale_socket(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+
+
+def test_client_errors(tmp_path):
+    with pytest.raises(control.NoSuchDeviceError) as e:
+        control.request(tmp_path / "none.sock", "ping")
+    assert str(e.value) == "no such device" and e.value.errno == errno.ENOENT
+    make_stale_socket(tmp_path / "stale.sock")
+    with pytest.raises(control.StaleSocketError) as e:
+        control.request(tmp_path / "stale.sock", "ping")
+    assert e.value.errno == errno.ECONNREFUSED
+    assert "stale" in str(e.value)
+
+
+def test_call_raises_remote_error(served):
+    device, server = served
+    with pytest.raises(control.RemoteError) as e:
+        control.call(server.path, "set disksize 1")
+    assert e.value.errno == errno.EINVAL
+    assert str(e.value).startswith("disksize: read-only")
+
+
+# -- malformed, oversized, silent and flooding clients ----------------------
+
+def raw_connection(server):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(server.path)
+    return s, s.makefile("rb")
+
+
+def read_reply(reader):
+    return json.loads(reader.readline())
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"", "malformed request: empty line"),
+    (b"\xff\xfe", "malformed request: not UTF-8"),
+    (b"frobnicate", "frobnicate: unknown request"),
+    (b"get", "malformed request: usage: get ATTR"),
+    (b"set mem_limit", "malformed request: usage: set ATTR VALUE"),
+    (b"status now", "malformed request: usage: status"),
+])
+def test_malformed_request_keeps_connection(served, line, message):
+    device, server = served
+    s, reader = raw_connection(server)
+    with s:
+        s.sendall(line + b"\n")
+        reply = read_reply(reader)
+        assert reply["version"] == 1 and reply["ok"] is False
+        assert reply["errno"] == errno.EINVAL
+        assert reply["error"].startswith(message)
+        s.sendall(b"get initstate\n")
+        assert read_reply(reader)["value"] == "1\n"
+
+
+def test_oversized_request_is_discarded(served):
+    device, server = served
+    s, reader = raw_connection(server)
+    with s:
+        s.sendall(b"get " + b"x" * 10000)
+        reply = read_reply(reader)
+        assert not reply["ok"] and "request too long" in reply["error"]
+        s.sendall(b"y" * 5000 + b"\nget disksize\n")
+        assert read_reply(reader) == {"version": 1, "ok": True,
+                                      "attr": "disksize",
+                                      "value": "67108864\n"}
+        # Oversized but complete in one go: one error, then on we go.
+        s.sendall(b"get " + b"z" * 5000 + b"\nget initstate\n")
+        assert "request too long" in read_reply(reader)["error"]
+        assert read_reply(reader)["value"] == "1\n"
+
+
+def test_pipelined_requests_answer_in_order(served):
+    device, server = served
+    s, reader = raw_connection(server)
+    with s:
+        s.sendall(b"get initstate\nget disksize\r\nping\n")
+        assert read_reply(reader)["value"] == "1\n"
+        assert read_reply(reader)["value"] == "67108864\n"
+        assert read_reply(reader)["name"] == "zramd0"
+
+
+def test_silent_and_flooding_clients_do_not_block_others(served):
+    device, server = served
+    silent = [raw_connection(server)[0] for _ in range(5)]
+    flooder, _ = raw_connection(server)
+    stop = threading.Event()
+
+    def flood():
+        # Requests it never reads the replies of, then garbage.
+        try:
+            while not stop.is_set():
+                flooder.sendall(b"status\n" * 100 + b"\x00" * 8192)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        start = time.monotonic()
+        for _ in range(20):
+            assert ask(server, "get initstate")["value"] == "1\n"
+        assert time.monotonic() - start < 5
+    finally:
+        stop.set()
+        flooder.close()
+        for s in silent:
+            s.close()
+        t.join(10)
+
+
+def test_too_many_connections(served, monkeypatch):
+    device, server = served
+    monkeypatch.setattr(control, "MAX_CONNECTIONS", 2)
+    held = [raw_connection(server) for _ in range(2)]
+    for s, reader in held:          # make sure both are being served
+        s.sendall(b"ping\n")
+        assert read_reply(reader)["ok"]
+    s, reader = raw_connection(server)
+    with s:
+        reply = read_reply(reader)
+        assert reply["errno"] == errno.EBUSY
+        assert "too many connections" in reply["error"]
+    for obj in held[0]:             # the reader holds the socket open too
+        obj.close()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            reply = ask(server, "ping")
+        except control.ControlError as err:
+            reply = {"ok": False, "error": str(err)}
+        if reply["ok"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert reply["ok"], reply
+    for obj in held[1]:
+        obj.close()
+
+
+def test_stop_with_open_connections(tmp_path):
+    server = control.ControlServer(FakeDevice(), tmp_path / "s.sock", "s")
+    server.start()
+    s, reader = raw_connection(server)
+    s.sendall(b"ping\n")
+    assert read_reply(reader)["ok"]
+    start = time.monotonic()
+    server.stop()
+    assert time.monotonic() - start < 3
+    assert s.recv(10) == b""        # the server closed our connection
+    reader.close()
+    s.close()
+    assert not os.path.exists(server.path)
+
+
+def test_internal_error_is_an_error_reply(served):
+    device, server = served
+
+    def broken():
+        raise RuntimeError("boom")
+
+    device.io_stat = broken
+    reply = ask(server, "get io_stat")
+    assert reply == {"version": 1, "ok": False, "errno": errno.EIO,
+                     "error": "get: internal error: RuntimeError: boom"}
+    assert ask(server, "get initstate")["ok"]

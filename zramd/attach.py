@@ -1,0 +1,656 @@
+"""``zramd up`` and ``zramd down``: from zramd.conf to a swap area or a
+mounted file system, and back.
+
+Bringing a device up is a stack of four layers, built bottom to top and torn
+down top to bottom::
+
+    use        swapon /dev/loopN            mount /dev/loopN /mount/point
+                 (after mkswap)               (after mkfs -t TYPE)
+    block dev  losetup --direct-io=on --sector-size 4096 RUN/NAME.fuse/nbd
+               (or nbd-client -unix RUN/NAME.nbd /dev/nbdN with the kernel's nbd)
+    file       nbdfuse RUN/NAME.fuse/nbd --unix RUN/NAME.nbd
+    server     nbdkit -f [--swap] -U RUN/NAME.nbd python plugin.py size=...
+
+``RUN`` is zramd.paths.runtime_dir().  Each step is recorded at once in the
+state file ``RUN/NAME.state.json`` (rewritten atomically), so ``down`` - or
+the unwinding of a failed ``up`` - undoes exactly what was done, whatever
+step the bring-up reached.  ``block_device`` appears in the state once the
+block device exists, ``active`` once it is in use.
+
+The server is started only when the device's control socket does not answer;
+a server that was already running (say, under ``zramd@NAME.service``) is
+used and left running by ``down``, which stops only what ``up`` started.
+
+A server behind swap must never wait for swap itself: for swap devices
+nbdkit runs in the foreground with ``--swap`` (mlockall(MCL_CURRENT |
+MCL_FUTURE); it would be lost if nbdkit forked).  Everything mapped is then
+resident, thread stacks included, so the server is started with few threads
+(``--threads``), a bounded number of malloc arenas and small stacks; see
+docs/operations.md for the measured VmLck.
+
+Errors are ZramdError (ConfigError for configuration) whose message starts
+with the device name: ``zramd0: swapon: ...``.
+"""
+
+import argparse
+import errno
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import zramd
+from zramd import config, paths
+from zramd.errors import ConfigError, ZramdError
+
+STATE_VERSION = 1
+
+#: nbdkit worker threads per connection, and nbdfuse connections: with
+#: mlockall every thread stack is resident, so keep the product small.
+SERVER_THREADS = 4
+FUSE_CONNECTIONS = 2
+#: Stack size of every server thread (RLIMIT_STACK at exec; glibc takes the
+#: default pthread stack from it).  The plugin's Python frames are shallow.
+SERVER_STACK = 1 << 20
+#: glibc malloc arenas in the server (default 8 x cores, 64 MiB reserved each).
+SERVER_MALLOC_ARENAS = 2
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+#: Where plugin.py is looked for, after $ZRAMD_PLUGIN and the source tree.
+PLUGIN_PATHS = ("/usr/local/lib/zramd/plugin.py", "/usr/lib/zramd/plugin.py")
+
+
+class AttachError(ZramdError):
+    """A step of up or down failed; the message names device and command."""
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+
+def plugin_path():
+    """plugin.py to serve: $ZRAMD_PLUGIN, the source tree this package was
+    imported from, then /usr/local/lib/zramd, /usr/lib/zramd."""
+    env = os.environ.get("ZRAMD_PLUGIN")
+    if env:
+        return env
+    here = os.path.dirname(os.path.dirname(os.path.abspath(zramd.__file__)))
+    for path in (os.path.join(here, "plugin.py"),) + PLUGIN_PATHS:
+        if os.path.isfile(path):
+            return path
+    raise AttachError("plugin.py not found (set ZRAMD_PLUGIN, or install it "
+                      "as %s)" % PLUGIN_PATHS[0])
+
+
+def _run(name, argv, check=True):
+    """Run a command; on failure raise AttachError naming device and tool."""
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        raise AttachError("%s: %s: not installed" % (name, argv[0])) from None
+    if check and proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise AttachError("%s: %s failed (exit %d): %s"
+                          % (name, " ".join(argv), proc.returncode,
+                             msg[-1] if msg else "no message"))
+    return proc
+
+
+def _answers(path):
+    """Whether a Unix socket at ``path`` accepts a connection; returns the
+    listening process's pid (SO_PEERCRED) or None."""
+    if not os.path.exists(path):
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return None
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        return int.from_bytes(creds[:4], sys.byteorder)
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie child is reaped and counts as dead)."""
+    if not pid:
+        return False
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _wait(predicate, timeout, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def _stop_process(pid, timeout=STOP_TIMEOUT):
+    """SIGTERM, then SIGKILL after ``timeout``; returns when it is gone."""
+    if not _alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not _wait(lambda: not _alive(pid), timeout):
+            os.kill(pid, signal.SIGKILL)
+            _wait(lambda: not _alive(pid), timeout)
+    except ProcessLookupError:
+        pass
+
+
+def _mounts():
+    """[(source, mount point)] from /proc/self/mountinfo, octal-unescaped."""
+    result = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = left.split()[4]
+            src = right.split()[1]
+            result.append((_unescape(src), _unescape(mp)))
+    return result
+
+
+def _unescape(s):
+    return s.encode().decode("unicode_escape") if "\\" in s else s
+
+
+def _is_mounted(path):
+    return any(mp == path for _, mp in _mounts())
+
+
+def _swaps():
+    with open("/proc/swaps") as f:
+        return [line.split()[0] for line in f.readlines()[1:] if line.strip()]
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# State file
+
+def read_state(name):
+    """The state of device ``name``, or None when it is not up."""
+    try:
+        with open(paths.state_file(name)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise AttachError("%s: %s: unreadable state: %s"
+                          % (name, paths.state_file(name), e)) from None
+
+
+def _write_state(state):
+    path = paths.state_file(state["name"])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def states():
+    """{name: state} of every device with a state file, by name."""
+    result = {}
+    try:
+        entries = sorted(os.listdir(paths.runtime_dir()))
+    except FileNotFoundError:
+        return result
+    for entry in entries:
+        if entry.endswith(".state.json"):
+            name = entry[:-len(".state.json")]
+            st = read_state(name)
+            if st is not None:
+                result[name] = st
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The server
+
+def server_command(dev, plugin=None, nbd_socket=None, control=None):
+    """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, and
+    ``--swap`` (mlockall) when the device is swap."""
+    argv = ["nbdkit", "--foreground"]
+    if dev.is_swap:
+        argv.append("--swap")
+    argv += ["--threads", str(SERVER_THREADS),
+             "--unix", nbd_socket or paths.nbd_socket(dev.name),
+             "python", plugin or plugin_path()]
+    argv += dev.plugin_params()
+    argv += ["name=%s" % dev.name,
+             "control=%s" % (control or paths.control_socket(dev.name))]
+    return argv
+
+
+def server_environment(base=None):
+    """The server's environment: bounded malloc arenas, and Debian's
+    python3 first on PATH (nbdkit's embedded interpreter takes its prefix
+    from the python3 it finds there)."""
+    env = dict(os.environ if base is None else base)
+    env["MALLOC_ARENA_MAX"] = str(SERVER_MALLOC_ARENAS)
+    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin" + (
+        ":" + env["PATH"] if env.get("PATH") else "")
+    src = os.path.dirname(os.path.dirname(os.path.abspath(zramd.__file__)))
+    env["PYTHONPATH"] = src + (":" + env["PYTHONPATH"]
+                               if env.get("PYTHONPATH") else "")
+    return env
+
+
+def limit_stack():
+    """Small stacks for every thread of the process about to exec."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if hard != resource.RLIM_INFINITY:
+        size = min(SERVER_STACK, hard)
+    else:
+        size = SERVER_STACK
+    resource.setrlimit(resource.RLIMIT_STACK, (size, hard))
+
+
+def serve(name, root="/"):
+    """Replace this process by the server of device ``name`` (the
+    ExecStart of zramd@.service: same PID, so systemd watches nbdkit)."""
+    dev = _select(config.load(root), [name])[0]
+    os.makedirs(paths.runtime_dir(), mode=0o755, exist_ok=True)
+    argv = server_command(dev)
+    env = server_environment()
+    limit_stack()
+    os.execvpe(argv[0], argv, env)
+
+
+def _start_server(dev, state):
+    nbd = paths.nbd_socket(dev.name)
+    control = paths.control_socket(dev.name)
+    for path in (nbd, control):      # stale sockets of a dead server
+        if os.path.exists(path) and _answers(path) is None:
+            _unlink(path)
+    log_path = os.path.join(paths.runtime_dir(), dev.name + ".log")
+    argv = server_command(dev, nbd_socket=nbd, control=control)
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    env=server_environment(),
+                                    preexec_fn=limit_stack,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise AttachError("%s: nbdkit: not installed" % dev.name) from None
+    state.update(server_pid=proc.pid, server_started=True, server_log=log_path)
+    _write_state(state)
+
+    def ready():
+        if proc.poll() is not None:
+            raise AttachError("%s: nbdkit exited with status %d: %s"
+                              % (dev.name, proc.returncode, _tail(log_path)))
+        return (_answers(nbd) is not None
+                and _answers(control) is not None)
+    if not _wait(ready, START_TIMEOUT):
+        raise AttachError("%s: nbdkit not ready after %ds: %s"
+                          % (dev.name, START_TIMEOUT, _tail(log_path)))
+
+
+def _tail(path, lines=5):
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(f.read().strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------------------
+# The block device
+
+def kernel_nbd():
+    """Whether the kernel's NBD driver is there (then nbd-client attaches)."""
+    return os.path.exists("/dev/nbd0")
+
+
+def _free_nbd():
+    i = 0
+    while os.path.exists("/dev/nbd%d" % i):
+        if not os.path.exists("/sys/block/nbd%d/pid" % i):
+            return "/dev/nbd%d" % i
+        i += 1
+    raise AttachError("no free /dev/nbdN")
+
+
+def _attach_nbd_client(dev, state):
+    device = _free_nbd()
+    argv = ["nbd-client", "-unix", paths.nbd_socket(dev.name), device,
+            "-block-size", "4096"]
+    if dev.is_swap:
+        argv.append("-swap")
+    state.update(attach="nbd-client")
+    _run(dev.name, argv)
+    state.update(block_device=device)
+    _write_state(state)
+
+
+def _attach_nbdfuse(dev, state):
+    runtime = paths.runtime_dir()
+    fuse_dir = os.path.join(runtime, dev.name + ".fuse")
+    pidfile = fuse_dir + ".pid"
+    os.makedirs(fuse_dir, mode=0o700, exist_ok=True)
+    _unlink(pidfile)
+    log_path = state.get("server_log") or os.path.join(runtime,
+                                                        dev.name + ".log")
+    argv = ["nbdfuse", "--pidfile", pidfile,
+            "--connections", str(FUSE_CONNECTIONS),
+            os.path.join(fuse_dir, "nbd"), "--unix", paths.nbd_socket(dev.name)]
+    state.update(attach="nbdfuse", fuse_dir=fuse_dir)
+    _write_state(state)
+    with open(log_path, "ab") as log:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise AttachError("%s: nbdfuse: not installed" % dev.name) from None
+    state.update(fuse_pid=proc.pid)
+    _write_state(state)
+
+    def ready():
+        if proc.poll() is not None:
+            raise AttachError("%s: nbdfuse exited with status %d: %s"
+                              % (dev.name, proc.returncode, _tail(log_path)))
+        return os.path.exists(pidfile) and os.path.getsize(pidfile) > 0
+    if not _wait(ready, START_TIMEOUT):
+        raise AttachError("%s: nbdfuse not ready after %ds"
+                          % (dev.name, START_TIMEOUT))
+    _unlink(pidfile)
+    out = _run(dev.name, ["losetup", "--find", "--show", "--direct-io=on",
+                          "--sector-size", "4096",
+                          os.path.join(fuse_dir, "nbd")])
+    state.update(block_device=out.stdout.strip())
+    _write_state(state)
+
+
+def _loop_backing(device):
+    """The backing file of loop device ``device``, or None if unbound."""
+    base = os.path.basename(device)
+    try:
+        with open("/sys/block/%s/loop/backing_file" % base) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Use: swap or file system
+
+def _use(dev, state):
+    device = state["block_device"]
+    if dev.is_swap:
+        _run(dev.name, ["mkswap", device])
+        state.update(use="swap", mount_point=None)
+        _write_state(state)
+        _run(dev.name, ["swapon", "--priority", str(dev.swap_priority),
+                        "--options=" + dev.options, device])
+    else:
+        mkfs = ["mkfs", "-t", dev.fs_type]
+        if dev.fs_type.startswith("ext") or dev.fs_type in ("xfs", "btrfs"):
+            mkfs.append("-q")
+        _run(dev.name, mkfs + [device])
+        os.makedirs(dev.mount_point, exist_ok=True)
+        state.update(use="fs", mount_point=dev.mount_point,
+                     fs_type=dev.fs_type)
+        _write_state(state)
+        _run(dev.name, ["mount", "-t", dev.fs_type, "-o", dev.options,
+                        device, dev.mount_point])
+
+
+# ---------------------------------------------------------------------------
+# up and down
+
+def _select(devices, names):
+    if not names:
+        return list(devices.values())
+    unknown = [n for n in names if n not in devices]
+    if unknown:
+        raise ConfigError("%s: not configured (configured: %s)"
+                          % (unknown[0], ", ".join(devices) or "none"))
+    return [devices[n] for n in names]
+
+
+def _is_up(state):
+    """Whether a recorded device is still fully up."""
+    if not state.get("active"):
+        return False
+    device = state.get("block_device")
+    if state.get("use") == "swap":
+        return device in _swaps()
+    return any(src == device and mp == state.get("mount_point")
+               for src, mp in _mounts())
+
+
+def bring_up(dev):
+    """Bring one configured device up; returns its state.  A device that is
+    already up is left alone; a half-done one is torn down first.  On
+    failure everything this call did is undone before the error is raised.
+    """
+    name = dev.name
+    old = read_state(name)
+    if old is not None:
+        if _is_up(old):
+            return old
+        take_down(old)
+    os.makedirs(paths.runtime_dir(), mode=0o755, exist_ok=True)
+    state = {"version": STATE_VERSION, "name": name, "server_pid": None,
+             "server_started": False, "nbd_socket": paths.nbd_socket(name),
+             "control_socket": paths.control_socket(name), "fuse_dir": None,
+             "fuse_pid": None, "use": None, "mount_point": None,
+             "active": False}
+    _write_state(state)
+    try:
+        pid = _answers(paths.control_socket(name))
+        if pid is not None:
+            if _answers(paths.nbd_socket(name)) is None:
+                raise AttachError("%s: a server answers on %s but not on %s"
+                                  % (name, paths.control_socket(name),
+                                     paths.nbd_socket(name)))
+            state.update(server_pid=pid)
+            _write_state(state)
+        else:
+            _start_server(dev, state)
+        if kernel_nbd():
+            _attach_nbd_client(dev, state)
+        else:
+            _attach_nbdfuse(dev, state)
+        _use(dev, state)
+        state.update(active=True)
+        _write_state(state)
+    except BaseException:
+        try:
+            take_down(state)
+        except ZramdError as e:
+            print("zramd: %s: while undoing a failed up: %s"
+                  % (name, e.message), file=sys.stderr)
+        raise
+    return state
+
+
+def take_down(state):
+    """Undo what ``state`` records, top layer first; removes the state
+    file last.  Raises AttachError, leaving the state in place, when the
+    swap area or file system is still in use (swapoff or umount failed)."""
+    name = state["name"]
+    device = state.get("block_device")
+    # 1. use
+    if state.get("use") == "swap" and device and device in _swaps():
+        _run(name, ["swapoff", device])
+    elif state.get("use") == "fs" and device:
+        mp = state.get("mount_point")
+        if any(src == device and m == mp for src, m in _mounts()):
+            _run(name, ["umount", mp])
+    state.update(active=False)
+    _write_state(state)
+    # 2. block device
+    fuse_dir = state.get("fuse_dir")
+    if state.get("attach") == "nbd-client" and device:
+        _run(name, ["nbd-client", "-d", device], check=False)
+    elif state.get("attach") == "nbdfuse":
+        backing = os.path.join(fuse_dir, "nbd") if fuse_dir else None
+        if device and backing and _loop_backing(device) == backing:
+            _run(name, ["losetup", "--detach", device])
+            if not _wait(lambda: _loop_backing(device) != backing, 10):
+                raise AttachError("%s: %s still bound to %s"
+                                  % (name, device, backing))
+        state.pop("block_device", None)
+        _write_state(state)
+        # 3. the FUSE file
+        if fuse_dir and _is_mounted(fuse_dir):
+            def unmounted():
+                _run(name, ["fusermount3", "-u", fuse_dir], check=False)
+                return not _is_mounted(fuse_dir)
+            if not _wait(unmounted, 10, interval=0.2):
+                raise AttachError("%s: cannot unmount %s (busy)"
+                                  % (name, fuse_dir))
+        pid = state.get("fuse_pid")
+        if pid and _alive(pid) and b"nbdfuse" in b" ".join(_cmdline(pid)):
+            if not _wait(lambda: not _alive(pid), 5):
+                _stop_process(pid)
+        if fuse_dir:
+            try:
+                os.rmdir(fuse_dir)
+            except FileNotFoundError:
+                pass
+            _unlink(fuse_dir + ".pid")
+    state.pop("block_device", None)
+    state.update(fuse_pid=None)
+    _write_state(state)
+    # 4. the server, if we started it
+    if state.get("server_started"):
+        pid = state.get("server_pid")
+        if pid and b"nbdkit" in b" ".join(_cmdline(pid)):
+            _stop_process(pid)
+        for path in (state.get("nbd_socket"), state.get("control_socket")):
+            if path and _answers(path) is None:
+                _unlink(path)
+        if state.get("server_log"):
+            _unlink(state["server_log"])
+    _unlink(paths.state_file(name))
+
+
+def up(names=None, root="/"):
+    """Bring up ``names`` (default: every configured device) as configured
+    under ``root``.  The whole configuration is read and checked first, so
+    a bad file changes nothing.  Returns the states, in order."""
+    devices = _select(config.load(root), names)
+    return [bring_up(dev) for dev in devices]
+
+
+def down(names=None, root="/"):
+    """Take down ``names`` (default: every device that is up), the last
+    brought up first.  A name that is not up is skipped.  Returns the names
+    taken down."""
+    recorded = states()
+    if names:
+        todo = [n for n in names if n in recorded]
+    else:
+        todo = list(recorded)
+    done = []
+    for name in reversed(todo):
+        take_down(recorded[name])
+        done.append(name)
+    return done
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+def add_subcommands(subparsers):
+    """Register ``up`` and ``down`` on the ``zramd`` command's subparsers."""
+    p = subparsers.add_parser(
+        "up", help="start, attach and use configured devices",
+        description="Start the server of each configured device (or use one "
+                    "already running), attach a block device and put it to "
+                    "use as swap or a mounted file system.")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="devices to bring up (default: all configured)")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_up)
+    p = subparsers.add_parser(
+        "down", help="take devices down: swapoff/umount, detach, stop",
+        description="Undo zramd up, in reverse order: swapoff or umount, "
+                    "detach the block device, unmount the FUSE file and stop "
+                    "the server zramd up started.")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="devices to take down (default: all that are up)")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_down)
+
+
+def _report(err):
+    print("zramd: %s" % err.message, file=sys.stderr)
+    return 1
+
+
+def _cmd_up(args):
+    try:
+        for state in up(args.names or None, root=args.root):
+            where = ("[SWAP]" if state.get("use") == "swap"
+                     else state.get("mount_point"))
+            print("%s: %s %s" % (state["name"], state["block_device"], where))
+    except ZramdError as e:
+        return _report(e)
+    return 0
+
+
+def _cmd_down(args):
+    try:
+        down(args.names or None, root=args.root)
+    except ZramdError as e:
+        return _report(e)
+    return 0
+
+
+def main(argv=None):
+    """``python3 -m zramd.attach up|down|serve ...`` (used by the units)."""
+    parser = argparse.ArgumentParser(prog="zramd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    p = sub.add_parser("serve", help="exec the server of one device")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    p.set_defaults(func=lambda a: serve(a.name, a.root))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ZramdError as e:
+        return _report(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -373,6 +373,7 @@ def test_silent_and_flooding_clients_do_not_block_others(served):
         assert time.monotonic() - start < 5
     finally:
         stop.set()
+        flooder.shutdown(socket.SHUT_RDWR)     # wakes its blocked sendall
         flooder.close()
         for s in silent:
             s.close()

@@ -455,10 +455,22 @@ def _is_up(state):
                for src, mp in _mounts())
 
 
-def bring_up(dev):
+def wait_server(name, timeout=START_TIMEOUT):
+    """Wait until device ``name``'s NBD and control sockets both answer
+    (the ExecStartPost of zramd@.service); returns the server's pid."""
+    nbd, control = paths.nbd_socket(name), paths.control_socket(name)
+    if not _wait(lambda: _answers(nbd) and _answers(control), timeout):
+        raise AttachError("%s: no server answers on %s and %s after %ds"
+                          % (name, nbd, control, timeout))
+    return _answers(control)
+
+
+def bring_up(dev, start_server=True):
     """Bring one configured device up; returns its state.  A device that is
     already up is left alone; a half-done one is torn down first.  On
     failure everything this call did is undone before the error is raised.
+    With ``start_server`` false a running server is required (the units:
+    zramd@NAME.service owns it).
     """
     name = dev.name
     old = read_state(name)
@@ -482,8 +494,12 @@ def bring_up(dev):
                                      paths.nbd_socket(name)))
             state.update(server_pid=pid)
             _write_state(state)
-        else:
+        elif start_server:
             _start_server(dev, state)
+        else:
+            raise AttachError("%s: no server answers on %s (is zramd@%s."
+                              "service running?)"
+                              % (name, paths.control_socket(name), name))
         if kernel_nbd():
             _attach_nbd_client(dev, state)
         else:
@@ -563,12 +579,12 @@ def take_down(state):
     _unlink(paths.state_file(name))
 
 
-def up(names=None, root="/"):
+def up(names=None, root="/", start_server=True):
     """Bring up ``names`` (default: every configured device) as configured
     under ``root``.  The whole configuration is read and checked first, so
     a bad file changes nothing.  Returns the states, in order."""
     devices = _select(config.load(root), names)
-    return [bring_up(dev) for dev in devices]
+    return [bring_up(dev, start_server) for dev in devices]
 
 
 def down(names=None, root="/"):
@@ -599,6 +615,9 @@ def add_subcommands(subparsers):
                     "use as swap or a mounted file system.")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="devices to bring up (default: all configured)")
+    p.add_argument("--no-server", dest="start_server", action="store_false",
+                   help="use the running server (zramd@NAME.service), "
+                        "never start one")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_up)
     p = subparsers.add_parser(
@@ -619,7 +638,8 @@ def _report(err):
 
 def _cmd_up(args):
     try:
-        for state in up(args.names or None, root=args.root):
+        for state in up(args.names or None, root=args.root,
+                        start_server=args.start_server):
             where = ("[SWAP]" if state.get("use") == "swap"
                      else state.get("mount_point"))
             print("%s: %s %s" % (state["name"], state["block_device"], where))
@@ -637,7 +657,7 @@ def _cmd_down(args):
 
 
 def main(argv=None):
-    """``python3 -m zramd.attach up|down|serve ...`` (used by the units)."""
+    """``python3 -m zramd.attach up|down|serve|wait ...`` (the units)."""
     parser = argparse.ArgumentParser(prog="zramd")
     sub = parser.add_subparsers(dest="command", required=True)
     add_subcommands(sub)
@@ -645,6 +665,10 @@ def main(argv=None):
     p.add_argument("name", metavar="NAME")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
     p.set_defaults(func=lambda a: serve(a.name, a.root))
+    p = sub.add_parser("wait", help="wait until one device's server answers")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--timeout", type=float, default=START_TIMEOUT)
+    p.set_defaults(func=lambda a: wait_server(a.name, a.timeout) and 0)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,72 @@
+"""Shared test set-up: import paths, skips with a stated reason, and the
+nbdkit servers of the end-to-end tests.
+
+End-to-end test modules start one real nbdkit per module on a Unix socket
+(``tests/nbdkit_server.NbdkitServer``); a test that needs a tool that is
+missing skips and says which (``require``), never silently.
+"""
+
+import os
+import shutil
+import sys
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+for _path in (REPO, TESTS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from nbdkit_server import NbdkitServer  # noqa: E402
+
+
+def require(*tools):
+    """Skip the calling test unless every program in ``tools`` is on PATH."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip("not installed: %s (scripts/test installs it)"
+                    % " ".join(missing))
+
+
+def require_module(name, package):
+    """Import ``name`` or skip, naming the Debian package that has it."""
+    return pytest.importorskip(name, reason="python module %s missing "
+                               "(apt-get install %s)" % (name, package))
+
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch):
+    """A private ``$ZRAMD_RUNTIME_DIR``, so a test never touches /run/zramd
+    where a real device may live."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    monkeypatch.setenv("ZRAMD_RUNTIME_DIR", str(runtime))
+    return runtime
+
+
+@pytest.fixture
+def nbdkit_server(tmp_path):
+    """A factory: ``nbdkit_server(size="64M", **params)`` starts a server in
+    a directory of its own under this test's tmp_path; all are stopped at
+    the end of the test."""
+    servers = []
+
+    def start(size="64M", **params):
+        directory = tmp_path / ("nbdkit%d" % len(servers))
+        server = NbdkitServer(directory, size=size, **params)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """One nbdkit (64 MiB, lz4) shared by the tests of a module."""
+    require("nbdkit")
+    server = NbdkitServer(tmp_path_factory.mktemp("nbdkit"), size="64M")
+    yield server
+    server.stop()

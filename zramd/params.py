@@ -1,0 +1,266 @@
+"""The plugin's ``key=value`` parameters: parsing, validation, and help.
+
+nbdkit hands ``plugin.py`` one ``config(key, value)`` call per argument and
+then ``config_complete()``.  ``ParamParser`` mirrors that: ``set()`` checks a
+key and the form of its value at once, ``complete()`` checks what needs all
+of them (the required ``size``; the compressor with its level and
+dictionary, built once and thrown away) and returns a frozen ``Params``.
+Nothing here starts a thread or allocates the disk: the device is built
+after nbdkit forks.
+
+Every failure is a ``ConfigError`` whose message begins with the key and
+says what is accepted, so that nbdkit refuses to start with one line such
+as ``size: '1Q' is not a size; use a number of bytes with an optional
+suffix ...``.
+
+Sizes follow ``nbdkit_parse_size()`` exactly (nbdkit-plugin(3)): a decimal
+number with at most one suffix, ``b`` (bytes), ``k`` ``m`` ``g`` ``t`` ``p``
+``e`` (powers of 1024, either case) or ``s`` (512-byte sectors).  We parse
+them in Python, not with ``nbdkit.parse_size``, so that the rules can be
+tested without nbdkit and the message can name the key.
+"""
+
+import dataclasses
+import re
+import socket
+
+from zramd import PAGE_SIZE, paths
+from zramd.errors import ConfigError
+
+# (key, placeholder, description): drives config_help, dump_plugin and the
+# README's parameter table; the order is the order users read them in.
+PARAMETERS = (
+    ("size", "SIZE", "(required) disk size: bytes, or a number with an "
+     "nbdkit size suffix (512M, 1G); a multiple of 4096"),
+    ("algorithm", "NAME", "compression algorithm (default lz4)"),
+    ("level", "N", "compression level (default: the algorithm's own)"),
+    ("dict", "FILE", "zstd dictionary file"),
+    ("mem_limit", "SIZE", "most memory the pool may use, like size; "
+     "0 = no limit (default)"),
+    ("chain_size", "N", "most frames in one zspage, 4..16 (default 8)"),
+    ("name", "NAME", "device name for the control socket and zramd "
+     "(default zramd0)"),
+    ("control", "PATH", "control socket (default "
+     "$ZRAMD_RUNTIME_DIR/NAME.sock, else /run/zramd/NAME.sock)"),
+)
+
+KEYS = tuple(key for key, _, _ in PARAMETERS)
+
+DEFAULT_ALGORITHM = "lz4"
+DEFAULT_NAME = "zramd0"
+DEFAULT_CHAIN_SIZE = 8
+CHAIN_SIZE_MIN, CHAIN_SIZE_MAX = 4, 16
+
+# nbdkit_parse_size(): strtoimax() then one suffix character.
+_SIZE_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)([bBkKmMgGtTpPeEsS]?)\Z")
+_SCALE = {"": 1, "b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20,
+          "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_INT64_MAX = (1 << 63) - 1
+_SIZE_FORMS = ("use a number of bytes with an optional suffix "
+               "k, M, G, T, P, E (powers of 1024) or s (512-byte sectors), "
+               "e.g. 1G")
+
+# Device names become file names (NAME.sock, NAME.nbd) and CLI arguments.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def help_text():
+    """nbdkit's config_help text: one ``key=<PLACEHOLDER>`` line per key."""
+    width = max(len("%s=<%s>" % (k, p)) for k, p, _ in PARAMETERS)
+    return "\n".join("%-*s %s" % (width, "%s=<%s>" % (k, p), text)
+                     for k, p, text in PARAMETERS)
+
+
+def parse_size(key, text):
+    """Bytes in ``text``, by nbdkit's size rules.
+
+    Raises ConfigError naming ``key`` when the text is not a size or the
+    size does not fit in a signed 64-bit integer.
+    """
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ConfigError("%s: %r is not a size; %s" % (key, text, _SIZE_FORMS))
+    sign, number, suffix = match.group(1), int(match.group(2)), match.group(3)
+    if sign == "-" and number:
+        raise ConfigError("%s: %r is negative; %s" % (key, text, _SIZE_FORMS))
+    suffix = suffix.lower()
+    size = number * _SCALE[suffix]
+    if number > _INT64_MAX or size > _INT64_MAX:
+        raise ConfigError("%s: %r is too large; the most is 8E - 1 "
+                          "(2^63 - 1 bytes)" % (key, text))
+    return size
+
+
+def _parse_int(key, text, accepted):
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise ConfigError("%s: %r is not a number; accepted: %s"
+                          % (key, text, accepted)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Validated plugin parameters; sizes in bytes."""
+
+    size: int
+    algorithm: str = DEFAULT_ALGORITHM
+    level: int = None
+    dict_path: str = None
+    mem_limit: int = 0
+    chain_size: int = DEFAULT_CHAIN_SIZE
+    name: str = DEFAULT_NAME
+    control: str = None
+
+    def device_kwargs(self):
+        """Keyword arguments for ``zramd.device.Device``."""
+        return dict(size=self.size, algorithm=self.algorithm,
+                    level=self.level, dict_path=self.dict_path,
+                    mem_limit=self.mem_limit, chain_size=self.chain_size)
+
+
+class ParamParser:
+    """Collects ``key=value`` pairs in nbdkit's config order.
+
+    ``set(key, value)`` raises ConfigError for an unknown key, a key given
+    twice, or a value of the wrong form; ``complete()`` returns ``Params`` or
+    raises ConfigError.
+    """
+
+    def __init__(self):
+        self._values = {}
+        self._raw = {}      # the text as given, for the "given twice" message
+
+    def set(self, key, value):
+        if key not in KEYS:
+            raise ConfigError("%s: unknown parameter; accepted: %s"
+                              % (key, ", ".join(KEYS)))
+        if key in self._values:
+            raise ConfigError("%s: given twice (%r, then %r)"
+                              % (key, self._raw[key], value))
+        self._values[key] = getattr(self, "_parse_" + key)(value)
+        self._raw[key] = value
+
+    # One parser per key: each returns the parsed value or raises.
+
+    def _parse_size(self, value):
+        size = parse_size("size", value)
+        if size == 0 or size % PAGE_SIZE:
+            raise ConfigError("size: %r is %d bytes; accepted: a positive "
+                              "multiple of %d (e.g. 64M, 1G)"
+                              % (value, size, PAGE_SIZE))
+        return size
+
+    def _parse_algorithm(self, value):
+        if not value:
+            raise ConfigError("algorithm: empty; accepted: %s"
+                              % _algorithm_names())
+        return value
+
+    def _parse_level(self, value):
+        return _parse_int("level", value, "an integer the algorithm accepts")
+
+    def _parse_dict(self, value):
+        if not value:
+            raise ConfigError("dict: empty; accepted: a readable zstd "
+                              "dictionary file")
+        return value
+
+    def _parse_mem_limit(self, value):
+        return parse_size("mem_limit", value)
+
+    def _parse_chain_size(self, value):
+        accepted = "%d..%d" % (CHAIN_SIZE_MIN, CHAIN_SIZE_MAX)
+        chain = _parse_int("chain_size", value, accepted)
+        if not CHAIN_SIZE_MIN <= chain <= CHAIN_SIZE_MAX:
+            raise ConfigError("chain_size: %d is out of range; accepted: %s"
+                              % (chain, accepted))
+        return chain
+
+    def _parse_name(self, value):
+        if not _NAME_RE.match(value):
+            raise ConfigError("name: %r is not a device name; accepted: 1 to "
+                              "64 of A-Z a-z 0-9 _ . -, not starting with "
+                              "_ . -" % value)
+        return value
+
+    def _parse_control(self, value):
+        if not value:
+            raise ConfigError("control: empty; accepted: a socket path")
+        return value
+
+    def complete(self, check_compressor=True, check_control=True):
+        """Check what needs every key and return ``Params``.
+
+        With ``check_compressor``, builds the compressor once through
+        ``zramd.compress.create`` so an unknown algorithm, a bad level or an
+        unreadable dictionary is refused now, each under its own key.  With
+        ``check_control``, refuses a control socket that another live server
+        is answering on.
+        """
+        if "size" not in self._values:
+            raise ConfigError("size: required; e.g. size=1G (a positive "
+                              "multiple of %d bytes)" % PAGE_SIZE)
+        values = dict(self._values)
+        if "dict" in values:
+            values["dict_path"] = values.pop("dict")
+        name = values.get("name", DEFAULT_NAME)
+        values.setdefault("control", paths.control_socket(name))
+        params = Params(**values)
+        if check_compressor:
+            _check_compressor(params)
+        if check_control:
+            _check_control(params.control)
+        return params
+
+
+def _algorithm_names():
+    from zramd import compress
+    return " ".join(compress.names())
+
+
+_COMPRESS_KEY_RE = re.compile(r"\A(algorithm|level|dict_path|dict): ")
+
+
+def _check_compressor(params):
+    """Build the compressor step by step so each error names its key."""
+    from zramd import compress
+
+    names = list(compress.names())
+    if params.algorithm not in names:
+        raise ConfigError("algorithm: unknown %r; accepted: %s"
+                          % (params.algorithm, " ".join(names)))
+    if params.dict_path is not None:
+        try:
+            with open(params.dict_path, "rb") as f:
+                f.read(1)
+        except OSError as err:
+            raise ConfigError("dict: cannot read %s: %s; accepted: a "
+                              "readable zstd dictionary file"
+                              % (params.dict_path, err.strerror)) from None
+
+    def build(key, **kwargs):
+        try:
+            compress.create(params.algorithm, **kwargs)
+        except ConfigError as err:
+            # compress names its own argument (algorithm, level,
+            # dict_path); say which of our keys it was instead.
+            message = _COMPRESS_KEY_RE.sub("", err.message, count=1)
+            raise ConfigError("%s: %s" % (key, message)) from None
+
+    build("algorithm")
+    if params.level is not None:
+        build("level", level=params.level)
+    if params.dict_path is not None:
+        build("dict", level=params.level, dict_path=params.dict_path)
+
+
+def _check_control(path):
+    """Refuse a control socket that a running server still answers on."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return          # absent, or stale: the control server replaces it
+    raise ConfigError("control: %s is in use by another running zramd; "
+                      "accepted: a free path (or a different name=)" % path)

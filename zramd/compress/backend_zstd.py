@@ -1,0 +1,92 @@
+"""zstd: Zstandard through python ``zstandard``, levels 1..22, default 3
+(ZSTD_CLEVEL_DEFAULT), with an optional dictionary.
+
+Parameters come from ``from_level(level, source_size=PAGE_SIZE)``, the
+table zstd keeps for inputs of 16 KiB or less, as the kernel's zram backend
+does (``zstd_get_params(level, PAGE_SIZE)`` in backend_zstd.c): a 4 KiB
+window and small hash tables, about 100 KiB of compressor state per thread
+at level 3.
+
+Every page is one frame, and the frame is cut to its minimum: the magicless
+format (saves 4 bytes), no content size (every page is PAGE_SIZE), no
+checksum (zram has none either), no dictionary id (the dictionary is fixed
+for the device's life).  What is left is a 2-byte frame header and the block
+headers: 5 bytes a page less than zstandard's default framing, 9 less than
+with its checksum.
+
+zstandard's compressor and decompressor objects are not thread-safe, so
+each thread builds its own pair on first use (``_Contexts``).  The
+dictionary is digested once at construction and its digested forms are
+shared read-only by every thread's contexts.
+
+Decompression goes through ``decompressobj``: zstandard 0.20's one-shot
+``decompress()`` wants the content size from the frame header and cannot
+read it from a magicless frame.  The stream object also tells us whether
+the frame ended and whether bytes were left over.  The decompressor refuses
+windows above one page, which bounds what a corrupt frame can expand to.
+"""
+
+import threading
+
+import zstandard
+
+from .. import PAGE_SIZE
+from ..errors import CorruptDataError
+from .base import Compressor
+
+
+class _Contexts(threading.local):
+    """This thread's compressor and decompressor (built on first use)."""
+
+    def __init__(self, params, zdict):
+        self.cctx = zstandard.ZstdCompressor(compression_params=params, dict_data=zdict)
+        self.dctx = zstandard.ZstdDecompressor(
+            dict_data=zdict, max_window_size=PAGE_SIZE,
+            format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+
+
+class Zstd(Compressor):
+    name = "zstd"
+    levels = range(1, 23)
+    default_level = 3
+    takes_dict = True
+
+    def __init__(self, level=None, dictionary=None):
+        super().__init__(level)
+        params = zstandard.ZstdCompressionParameters.from_level(
+            self.level, source_size=PAGE_SIZE, format=zstandard.FORMAT_ZSTD1_MAGICLESS,
+            write_content_size=0, write_checksum=0, write_dict_id=0)
+        zdict = None
+        if dictionary is not None:
+            # Raw content or a trained dictionary (zstd's dictionary magic
+            # tells which).  Digesting it here rejects a broken file at
+            # start-up and builds the CDict once for all threads.
+            zdict = zstandard.ZstdCompressionDict(dictionary)
+            try:
+                zdict.precompute_compress(compression_params=params)
+            except zstandard.ZstdError as e:
+                raise ValueError("not a usable zstd dictionary: %s" % e) from e
+        self._ctx = _Contexts(params, zdict)
+        # One round trip now: it builds the DDict, which zstandard does
+        # lazily on first use, before threads can race to do it, and proves
+        # the configuration works before the device serves a page.
+        zero = bytes(PAGE_SIZE)
+        try:
+            ok = self.decompress(self.compress(zero)) == zero
+        except (zstandard.ZstdError, CorruptDataError) as e:
+            raise ValueError("zstd self-test failed: %s" % e) from e
+        if not ok:
+            raise ValueError("zstd self-test failed: zero page did not round-trip")
+
+    def compress(self, page):
+        return self._ctx.cctx.compress(page)
+
+    def decompress(self, data, slot=None):
+        stream = self._ctx.dctx.decompressobj(write_size=PAGE_SIZE)
+        try:
+            out = stream.decompress(data)
+        except zstandard.ZstdError as e:
+            raise self._corrupt(slot, e) from e
+        if len(out) != PAGE_SIZE or not stream.eof or stream.unused_data:
+            raise self._stream_fault(slot, out, stream.eof, len(stream.unused_data))
+        return out

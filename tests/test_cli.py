@@ -1,0 +1,604 @@
+"""The ``zramd`` command: zramctl's table, attributes, classes, top and the
+error lines, first against in-process control servers (fast, exact
+numbers), then against a real nbdkit serving plugin.py."""
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from nbdkit_server import NbdkitServer
+from test_control import FakeDevice
+from zramd import cli, control
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = "/usr/bin/python3"
+
+
+def run(capsys, *argv):
+    """main() in-process: (exit status, stdout, stderr)."""
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_process(runtime, *argv, **kwargs):
+    env = dict(os.environ, ZRAMD_RUNTIME_DIR=str(runtime), PYTHONPATH=REPO)
+    return subprocess.run([PYTHON, "-m", "zramd.cli", *argv], env=env,
+                          capture_output=True, text=True, timeout=30,
+                          **kwargs)
+
+
+def make_stale_socket(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+
+
+# -- sizes, as util-linux prints them ---------------------------------------
+
+# Checked against mkswap (util-linux 2.38.1), whose "size = " uses the same
+# size_to_human_string rounding: e.g. 2088960 bytes -> "2 MiB".
+@pytest.mark.parametrize("nbytes, text", [
+    (0, "0B"), (512, "512B"), (1023, "1023B"), (1024, "1K"), (4096, "4K"),
+    (40960, "40K"), (1040384, "1016K"), (1044480, "1020K"), (1 << 20, "1M"),
+    (1224704, "1.2M"), (2043904, "1.9M"), (2088960, "2M"),
+    (2306867, "2.2M"), (4173824, "4M"), (8187904, "7.8M"),
+    (20475904, "19.5M"), (1023995904, "976.6M"), (1073557504, "1023.8M"),
+    (1073737728, "1024M"), (1 << 30, "1G"), (64 << 20, "64M"),
+    (3 << 40, "3T"), (1 << 60, "1E"),
+])
+def test_size_to_human(nbytes, text):
+    assert cli.size_to_human(nbytes) == text
+
+
+def test_parse_columns():
+    names = lambda spec: [c.name for c in cli.parse_columns(spec)]
+    assert names("name,Data,comp-ratio") == ["NAME", "DATA", "COMP-RATIO"]
+    assert names("LIMIT") == ["MEM-LIMIT"]
+    assert names("+migrated") == cli.DEFAULT_COLUMNS + ["MIGRATED"]
+    with pytest.raises(ValueError, match="unknown column: FOO"):
+        cli.parse_columns("name,FOO")
+
+
+# -- the table against in-process servers ----------------------------------
+
+@pytest.fixture
+def runtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZRAMD_RUNTIME_DIR", str(tmp_path))
+    servers = []
+
+    def serve(name, device=None):
+        device = device or FakeDevice()
+        server = control.ControlServer(device, tmp_path / (name + ".sock"),
+                                       name)
+        server.start()
+        servers.append(server)
+        return device
+
+    serve.path = tmp_path
+    yield serve
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def two(runtime):
+    runtime("zramd0")
+    big = runtime("zramd10")
+    big.size = 1 << 30
+    big.mem_limit = 256 << 20
+    return runtime
+
+
+NCPU = len(os.sched_getaffinity(0))
+
+TABLE = """\
+NAME    ALGORITHM DISKSIZE  DATA COMPR TOTAL STREAMS MOUNTPOINT
+zramd0  lz4            64M    3M    1M  1.5M {n:>7} 
+zramd10 lz4             1G    3M    1M  1.5M {n:>7} 
+""".format(n=NCPU)
+
+
+def test_table_default(two, capsys):
+    assert run(capsys) == (0, TABLE, "")
+    assert run(capsys, "list") == (0, TABLE, "")
+
+
+def test_table_bytes(two, capsys):
+    assert run(capsys, "-b") == (0, """\
+NAME    ALGORITHM   DISKSIZE    DATA   COMPR   TOTAL STREAMS MOUNTPOINT
+zramd0  lz4         67108864 3145728 1048576 1572864 {n:>7} 
+zramd10 lz4       1073741824 3145728 1048576 1572864 {n:>7} 
+""".format(n=NCPU), "")
+
+
+def test_table_raw_and_noheadings(two, capsys):
+    assert run(capsys, "--raw") == (0, """\
+NAME ALGORITHM DISKSIZE DATA COMPR TOTAL STREAMS MOUNTPOINT
+zramd0 lz4 64M 3M 1M 1.5M {n} 
+zramd10 lz4 1G 3M 1M 1.5M {n} 
+""".format(n=NCPU), "")
+    assert run(capsys, "-n") == (0, "".join(TABLE.splitlines(True)[1:]), "")
+    assert run(capsys, "--raw", "-n", "-b", "-o", "name,disksize") == (
+        0, "zramd0 67108864\nzramd10 1073741824\n", "")
+
+
+def test_table_output_list(two, capsys):
+    assert run(capsys, "-o", "NAME,LIMIT,mem-used,COMP-RATIO") == (0, """\
+NAME    MEM-LIMIT MEM-USED COMP-RATIO
+zramd0         0B       2M     2.0000
+zramd10      256M       2M     2.0000
+""", "")
+    assert run(capsys, "zramd10", "-o", "+MIGRATED") == (0, """\
+NAME    ALGORITHM DISKSIZE  DATA COMPR TOTAL STREAMS MOUNTPOINT MIGRATED
+zramd10 lz4             1G    3M    1M  1.5M {n:>7}                   7
+""".format(n=NCPU), "")
+
+
+def test_table_output_all(two, capsys):
+    rc, out, err = run(capsys, "--output-all")
+    assert (rc, err) == (0, "")
+    assert out == """\
+NAME    DISKSIZE  DATA COMPR ALGORITHM STREAMS ZERO-PAGES TOTAL MEM-LIMIT \
+MEM-USED MIGRATED COMP-RATIO HUGE-PAGES NOTIFY-FREE MOUNTPOINT
+zramd0       64M    3M    1M lz4       {n:>7}          5  1.5M        0B \
+      2M        7     2.0000          2           9 
+zramd10       1G    3M    1M lz4       {n:>7}          5  1.5M      256M \
+      2M        7     2.0000          2           9 
+""".format(n=NCPU)
+
+
+def test_table_json(two, capsys):
+    rc, out, err = run(capsys, "--json", "-o", "name,data,zero-pages,"
+                       "comp-ratio,mountpoint")
+    assert (rc, err) == (0, "")
+    assert out == """\
+{
+   "zramdevices": [
+      {
+         "name": "zramd0",
+         "data": "3M",
+         "zero-pages": 5,
+         "comp-ratio": 2.0,
+         "mountpoint": null
+      },{
+         "name": "zramd10",
+         "data": "3M",
+         "zero-pages": 5,
+         "comp-ratio": 2.0,
+         "mountpoint": null
+      }
+   ]
+}
+"""
+    rc, out, err = run(capsys, "--json", "-b", "zramd10")
+    assert json.loads(out) == {"zramdevices": [{
+        "name": "zramd10", "algorithm": "lz4", "disksize": 1 << 30,
+        "data": 3 << 20, "compr": 1 << 20, "total": 1536 << 10,
+        "streams": NCPU, "mountpoint": None}]}
+
+
+def test_no_devices(runtime, capsys):
+    assert run(capsys) == (0, "", "")
+    assert run(capsys, "--json") == (0, '{\n   "zramdevices": [\n   ]\n}\n',
+                                     "")
+
+
+def test_unknown_column_and_usage_errors(two, capsys):
+    assert run(capsys, "-o", "NAME,BOGUS") == (
+        1, "", "zramd: unknown column: BOGUS\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["attr"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.startswith("zramd: the following "
+                                              "arguments are required")
+
+
+# -- MOUNTPOINT --------------------------------------------------------------
+
+def test_mountpoint(runtime, tmp_path):
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "swaps").write_text(
+        "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+        "/dev/loop7                              partition\t1048572\t\t0"
+        "\t\t100\n")
+    (proc / "self" / "mounts").write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "/dev/loop3 /mnt/zram\\040data ext4 rw 0 0\n")
+    assert cli.mountpoint("zramd0", proc=str(proc)) == ""     # no state file
+    state = tmp_path / "zramd0.state.json"
+    state.write_text(json.dumps({"block_device": "/dev/loop7"}))
+    assert cli.mountpoint("zramd0", proc=str(proc)) == "[SWAP]"
+    state.write_text(json.dumps({"block_device": "/dev/loop3"}))
+    assert cli.mountpoint("zramd0", proc=str(proc)) == "/mnt/zram data"
+    state.write_text(json.dumps({"block_device": "/dev/loop4"}))
+    assert cli.mountpoint("zramd0", proc=str(proc)) == ""
+    state.write_text("{not json")
+    assert cli.mountpoint("zramd0", proc=str(proc)) == ""
+
+
+def test_mountpoint_in_table(runtime, capsys):
+    runtime("zramd0")
+    swaps = open("/proc/swaps").read().splitlines()[1:]
+    mounts = [line.split() for line in open("/proc/self/mounts")]
+    device = next((m[0] for m in mounts if m[1] == "/"
+                   and m[0].startswith("/dev/")), None)
+    if device is None:
+        pytest.skip("no block device mounted on /")
+    with open(runtime.path / "zramd0.state.json", "w") as f:
+        json.dump({"block_device": device}, f)
+    rc, out, err = run(capsys, "-o", "NAME,MOUNTPOINT", "--raw", "-n")
+    expect = "[SWAP]" if any(s.split()[0] == device for s in swaps) else "/"
+    assert out == "zramd0 %s\n" % cli._raw_escape(expect)
+
+
+# -- attr and classes --------------------------------------------------------
+
+def test_attr_reads(runtime, capsys):
+    runtime("zramd0")
+    assert run(capsys, "attr", "zramd0", "mm_stat") == (
+        0, " 3145728  1048576  1572864        0  2097152        5        7"
+           "        2        3\n", "")
+    assert run(capsys, "attr", "zramd0", "io_stat") == (
+        0, "       1        2 0        9\n", "")
+    assert run(capsys, "attr", "zramd0", "debug_stat") == (
+        0, "version: 1\n0        0\n", "")
+
+
+def test_attr_writes(runtime, capsys):
+    device = runtime("zramd0")
+    assert run(capsys, "attr", "zramd0", "mem_limit", "1G") == (0, "", "")
+    assert run(capsys, "attr", "zramd0", "mem_limit") == (0, "1073741824\n",
+                                                          "")
+    assert run(capsys, "attr", "zramd0", "mem_used_max", "0") == (0, "", "")
+    assert run(capsys, "attr", "zramd0", "compact", "1") == (0, "", "")
+    assert run(capsys, "attr", "zramd0", "idle", "all") == (0, "", "")
+    assert device.calls == [("set_mem_limit", 1 << 30),
+                            ("reset_mem_used_max",), ("compact",),
+                            ("mark_idle", None)]
+    assert run(capsys, "attr", "zramd0", "mem_used_max", "7") == (
+        1, "", "zramd: zramd0: mem_used_max: invalid value '7': accepted: 0 "
+               "(resets the peak to the current usage)\n")
+    assert run(capsys, "attr", "zramd0", "initstate", "0") == (
+        1, "", "zramd: zramd0: initstate: read-only attribute; writable: "
+               "mem_limit, mem_used_max, compact, idle\n")
+
+
+def test_classes(runtime, capsys):
+    device = runtime("zramd0")
+    assert run(capsys, "classes", "zramd0") == (0, str(device.pool_stats()),
+                                                "")
+
+
+# -- errors: one line, `zramd: NAME: reason`, status 1 ----------------------
+
+def test_missing_device(runtime, capsys):
+    assert run(capsys, "attr", "zramd9", "mm_stat") == (
+        1, "", "zramd: zramd9: no such device\n")
+    assert run(capsys, "classes", "zramd9") == (
+        1, "", "zramd: zramd9: no such device\n")
+    assert run(capsys, "zramd9") == (1, "", "zramd: zramd9: no such device\n")
+
+
+def test_stale_socket(runtime, capsys):
+    runtime("zramd0")
+    make_stale_socket(runtime.path / "zramd1.sock")
+    stale = "zramd: zramd1: stale control socket (no server listening)\n"
+    assert run(capsys, "attr", "zramd1", "disksize") == (1, "", stale)
+    rc, out, err = run(capsys, "-o", "NAME,DISKSIZE")
+    assert (rc, out, err) == (1, "NAME   DISKSIZE\nzramd0      64M\n", stale)
+
+
+def test_permission_denied(runtime):
+    runtime_dir = tempfile.mkdtemp(prefix="zramd-perm-")
+    try:
+        os.chmod(runtime_dir, 0o755)
+        server = control.ControlServer(
+            FakeDevice(), os.path.join(runtime_dir, "zramd0.sock"), "zramd0")
+        server.start()
+        try:
+            result = run_process(runtime_dir, "attr", "zramd0", "mm_stat",
+                                 cwd="/", user=65534, group=65534)
+            assert (result.returncode, result.stdout, result.stderr) == (
+                1, "", "zramd: zramd0: permission denied\n")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(runtime_dir)
+
+
+# -- top ---------------------------------------------------------------------
+
+class Busy(FakeDevice):
+    """Every look at the counters finds 100 more reads and 50 writes."""
+
+    def __init__(self):
+        super().__init__()
+        self._ticks = 0
+
+    @property
+    def num_reads(self):
+        self._ticks += 1
+        return 100 * self._ticks
+
+    @property
+    def num_writes(self):
+        return 50 * self._ticks
+
+    @num_reads.setter
+    def num_reads(self, value):
+        pass
+
+    @num_writes.setter
+    def num_writes(self, value):
+        pass
+
+
+def test_top(runtime, capsys):
+    runtime("zramd0", Busy())
+    rc, out, err = run(capsys, "top", "-n", "3", "-d", "0.05")
+    assert (rc, err) == (0, "")
+    frames = out.split("\n\n")
+    assert len(frames) == 3
+    for frame in frames:
+        lines = frame.strip("\n").split("\n")
+        assert re.fullmatch(r"zramd top - \d\d:\d\d:\d\d  devices: 1",
+                            lines[0])
+        assert lines[1].split() == ["NAME", "ALGORITHM", "DISKSIZE", "DATA",
+                                    "COMPR", "TOTAL", "RATIO", "READS/s",
+                                    "WRITES/s", "MEM-USED", "MEM-LIMIT",
+                                    "ZERO-PAGES", "HUGE-PAGES"]
+    first = frames[0].split("\n")[2].split()
+    assert first == ["zramd0", "lz4", "64M", "3M", "1M", "1.5M", "2.00", "-",
+                     "-", "2M", "0B", "5", "2"]
+    later = frames[2].split("\n")[2].split()
+    reads, writes = float(later[7]), float(later[8])
+    # 100 reads / 50 writes per ~0.05 s refresh: about 2000 and 1000 a
+    # second, surely between a fifth and twice that.
+    assert 400 < reads < 4000 and 200 < writes < 2000
+    assert abs(reads / writes - 2) < 0.1
+
+
+def test_top_missing_device(runtime, capsys):
+    assert run(capsys, "top", "-n", "1", "nosuch") == (
+        1, "", "zramd: nosuch: no such device\n")
+
+
+# -- a real nbdkit -----------------------------------------------------------
+
+nbd = pytest.importorskip("nbd")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("e2e")
+    with NbdkitServer(directory, size="64M", name="zramd0") as server:
+        server.wait_control()
+        yield server
+
+
+def cli_real(server, capsys, monkeypatch, *argv):
+    monkeypatch.setenv("ZRAMD_RUNTIME_DIR", server.directory)
+    return run(capsys, *argv)
+
+
+def test_real_fresh_table(real, capsys, monkeypatch):
+    # Module order: this runs before anything writes to the device.
+    out = lambda *a: cli_real(real, capsys, monkeypatch, *a)
+    assert out() == (0, """\
+NAME   ALGORITHM DISKSIZE  DATA COMPR TOTAL STREAMS MOUNTPOINT
+zramd0 lz4            64M    0B    0B    0B {n:>7} 
+""".format(n=NCPU), "")
+    assert out("-b") == (0, """\
+NAME   ALGORITHM DISKSIZE  DATA COMPR TOTAL STREAMS MOUNTPOINT
+zramd0 lz4       67108864     0     0     0 {n:>7} 
+""".format(n=NCPU), "")
+    assert out("--raw") == (0, """\
+NAME ALGORITHM DISKSIZE DATA COMPR TOTAL STREAMS MOUNTPOINT
+zramd0 lz4 64M 0B 0B 0B {n} 
+""".format(n=NCPU), "")
+    assert out("-n", "-o", "name,zero-pages,limit,mem-used,migrated,"
+               "comp-ratio,huge-pages,notify-free") == (
+        0, "zramd0          0        0B       0B        0                "
+           "     0           0\n", "")
+    assert out("--json", "-b") == (0, """\
+{
+   "zramdevices": [
+      {
+         "name": "zramd0",
+         "algorithm": "lz4",
+         "disksize": 67108864,
+         "data": 0,
+         "compr": 0,
+         "total": 0,
+         "streams": %d,
+         "mountpoint": null
+      }
+   ]
+}
+""" % NCPU, "")
+
+
+def test_real_fresh_attributes(real, capsys, monkeypatch):
+    from zramd import compress
+    expect = {
+        "disksize": "67108864\n",
+        "initstate": "1\n",
+        "comp_algorithm": compress.available("lz4"),
+        "mm_stat": "       0" + "        0" * 8 + "\n",
+        "io_stat": "       0        0 0        0\n",
+        "debug_stat": "version: 1\n0        0\n",
+        "mem_limit": "0\n",
+    }
+    assert re.fullmatch(r"([\w-]+ )*\[lz4\]( [\w-]+)* \n",
+                        expect["comp_algorithm"])
+    for attr, text in expect.items():
+        assert cli_real(real, capsys, monkeypatch, "attr", "zramd0",
+                        attr) == (0, text, ""), attr
+    rc, out, err = cli_real(real, capsys, monkeypatch, "classes", "zramd0")
+    lines = out.split("\n")
+    assert rc == 0 and lines[0].split()[:3] == ["class", "size", "10%"]
+    assert lines[-3] == "" and lines[-2].split()[0] == "Total"
+
+
+def mm_stat(server):
+    return [int(x) for x in control.call(server.control,
+                                         "get mm_stat")["value"].split()]
+
+
+def test_real_data_shows_in_table(real, capsys, monkeypatch):
+    h = nbd.NBD()
+    h.connect_uri(real.uri)
+    try:
+        page = (b"zramd compressible text " * 200)[:4096]
+        h.pwrite(page * 256, 0)                 # 1 MiB of data
+        h.pwrite(b"\0" * 4096 * 8, 8 << 20)     # 8 zero pages
+        h.pwrite(os.urandom(4096), 16 << 20)    # one incompressible
+        h.flush()
+    finally:
+        h.shutdown()
+    mm = mm_stat(real)
+    # Same-filled pages count in orig_data_size, as zram's pages_stored.
+    assert mm[0] == (256 + 8 + 1) * 4096 and mm[5] == 8
+    rc, out, err = cli_real(real, capsys, monkeypatch, "-o",
+                            "NAME,DISKSIZE,DATA,ZERO-PAGES,HUGE-PAGES")
+    assert (rc, out, err) == (0, """\
+NAME   DISKSIZE  DATA ZERO-PAGES HUGE-PAGES
+zramd0      64M    1M          8 {huge:>10}
+""".format(huge=mm[7]), "")
+    # Every size column agrees with mm_stat, in bytes and in human form.
+    rc, out, err = cli_real(real, capsys, monkeypatch, "--raw", "-n", "-b",
+                            "-o", "DATA,COMPR,TOTAL,MEM-LIMIT,MEM-USED")
+    now = mm_stat(real)
+    assert out.split() == [str(now[i]) for i in (0, 1, 2, 3, 4)]
+    rc, out, err = cli_real(real, capsys, monkeypatch, "--raw", "-n",
+                            "-o", "COMPR,TOTAL,COMP-RATIO")
+    assert out.split() == [cli.size_to_human(now[1]),
+                           cli.size_to_human(now[2]),
+                           "%.4f" % (now[0] / now[2])]
+
+
+def test_real_writes(real, capsys, monkeypatch):
+    out = lambda *a: cli_real(real, capsys, monkeypatch, *a)
+    assert out("attr", "zramd0", "mem_limit", "1G") == (0, "", "")
+    assert out("attr", "zramd0", "mem_limit") == (0, "1073741824\n", "")
+    assert mm_stat(real)[3] == 1 << 30
+    assert out("-n", "-o", "LIMIT") == (0, "       1G\n", "")
+    assert out("attr", "zramd0", "mem_limit", "0") == (0, "", "")
+    assert mm_stat(real)[3] == 0
+
+    # Peak, then free most of it: the peak stays until reset to current.
+    h = nbd.NBD()
+    h.connect_uri(real.uri)
+    try:
+        h.pwrite(os.urandom(4096 * 64), 32 << 20)
+        before = mm_stat(real)
+        h.trim(4096 * 64, 32 << 20)
+        h.flush()
+    finally:
+        h.shutdown()
+    deadline = time.monotonic() + 10
+    while mm_stat(real)[2] >= before[2] and time.monotonic() < deadline:
+        time.sleep(0.05)        # deferred frees land shortly
+    freed = mm_stat(real)
+    assert freed[2] < before[2] and freed[4] >= before[2]
+    assert out("attr", "zramd0", "mem_used_max", "0") == (0, "", "")
+    after = mm_stat(real)
+    assert after[4] == after[2] < before[2]
+
+    assert out("attr", "zramd0", "compact", "1") == (0, "", "")
+    assert out("attr", "zramd0", "idle", "all") == (0, "", "")
+    assert out("attr", "zramd0", "idle", "3600") == (0, "", "")
+    assert out("attr", "zramd0", "idle", "later") == (
+        1, "", "zramd: zramd0: idle: invalid value 'later': accepted: all, "
+               "or an age in seconds (slots not accessed for that long are "
+               "marked idle)\n")
+    assert out("attr", "zramd0", "mm_stat", "1") == (
+        1, "", "zramd: zramd0: mm_stat: read-only attribute; writable: "
+               "mem_limit, mem_used_max, compact, idle\n")
+
+
+def test_real_errors_as_a_process(real):
+    make_stale_socket(os.path.join(real.directory, "dead.sock"))
+    try:
+        result = run_process(real.directory, "-o", "NAME,DISKSIZE")
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1, "NAME   DISKSIZE\nzramd0      64M\n",
+            "zramd: dead: stale control socket (no server listening)\n")
+        result = run_process(real.directory, "attr", "zramd7", "disksize")
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1, "", "zramd: zramd7: no such device\n")
+    finally:
+        os.unlink(os.path.join(real.directory, "dead.sock"))
+
+
+def test_real_malformed_request(real):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(real.control)
+        reader = s.makefile("rb")
+        s.sendall(b"get\n")
+        reply = json.loads(reader.readline())
+        assert reply == {"version": 1, "ok": False, "errno": errno.EINVAL,
+                         "error": "malformed request: usage: get ATTR"}
+        s.sendall(b"x" * 20000 + b"\nget initstate\n")
+        assert "request too long" in json.loads(reader.readline())["error"]
+        assert json.loads(reader.readline())["value"] == "1\n"
+        reader.close()
+    st = os.stat(real.control)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+
+
+def test_real_silent_and_flooding_clients_do_not_stall_io(real):
+    silent = []
+    for _ in range(8):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(real.control)
+        s.sendall(b"get mm")           # half a request, then nothing
+        silent.append(s)
+    flooder = socket.socket(socket.AF_UNIX)
+    flooder.connect(real.control)
+    stop = threading.Event()
+
+    def flood():
+        try:
+            while not stop.is_set():
+                flooder.sendall(b"status\nget classes\n" * 50
+                                + b"\x01" * 16384)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    h = nbd.NBD()
+    h.connect_uri(real.uri)
+    try:
+        h.pwrite(b"\x5a" * 65536, 0)
+        start = time.monotonic()
+        for i in range(200):
+            assert h.pread(65536, 0) == b"\x5a" * 65536
+        elapsed = time.monotonic() - start
+        # Unhindered this takes well under a second on a loaded machine.
+        assert elapsed < 15
+        assert control.call(real.control, "get initstate")["value"] == "1\n"
+    finally:
+        h.shutdown()
+        stop.set()
+        flooder.shutdown(socket.SHUT_RDWR)
+        flooder.close()
+        for s in silent:
+            s.close()
+        t.join(10)
+    assert real.process.poll() is None

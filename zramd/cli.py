@@ -125,23 +125,23 @@ COLUMNS = [
     Column("STREAMS", 3, True, "count",
            "number of concurrent compress operations", "streams"),
     Column("ZERO-PAGES", 3, True, "count",
-           "empty pages with no allocated memory", "same_pages"),
+           "empty pages with no allocated memory (same_pages)", "same_pages"),
     Column("TOTAL", 5, True, "size",
            "all memory including allocator fragmentation and metadata "
            "overhead", "mem_used_total"),
     Column("MEM-LIMIT", 5, True, "size",
            "memory limit used to store compressed data", "mem_limit"),
     Column("MEM-USED", 5, True, "size",
-           "memory zram have been consumed to store compressed data",
+           "peak memory used to store compressed data (mem_used_max)",
            "mem_used_max"),
     Column("MIGRATED", 5, True, "count",
-           "number of objects migrated by compaction", "pages_compacted"),
+           "pages freed by compaction (pages_compacted)", "pages_compacted"),
     Column("COMP-RATIO", 5, True, "ratio", "compression ratio: DATA/TOTAL",
            _ratio),
     Column("HUGE-PAGES", 3, True, "count",
-           "incompressible pages stored as they are", "huge_pages"),
+           "incompressible pages stored whole (huge_pages)", "huge_pages"),
     Column("NOTIFY-FREE", 3, True, "count",
-           "pages freed by discard or trim", "notify_free"),
+           "pages freed by discard or trim (notify_free)", "notify_free"),
     Column("MOUNTPOINT", 0.10, False, "text", "where the device is mounted",
            "mountpoint"),
 ]
@@ -508,7 +508,7 @@ def build_parser():
     parser.add_argument("-V", "--version", action="version",
                         version="%s %s" % (PROG, __version__))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                parser_class=_Parser)
+                                parser_class=_Parser, prog=PROG)
 
     p = sub.add_parser(
         "list", help="list devices like zramctl (the default command)",
@@ -542,9 +542,10 @@ def build_parser():
                                      if a.show),
                            ", ".join(n for n, a in control.ATTRIBUTES.items()
                                      if a.store)))
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("attr", metavar="ATTR")
-    p.add_argument("value", metavar="VALUE", nargs="?")
+    p.add_argument("name", metavar="NAME", help="device name")
+    p.add_argument("attr", metavar="ATTR", help="attribute name")
+    p.add_argument("value", metavar="VALUE", nargs="?",
+                   help="value to write (omit to read)")
     p.set_defaults(func=cmd_attr)
 
     p = sub.add_parser("classes", help="print the pool's per-class table",

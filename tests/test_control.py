@@ -434,3 +434,35 @@ def test_internal_error_is_an_error_reply(served):
     assert reply == {"version": 1, "ok": False, "errno": errno.EIO,
                      "error": "get: internal error: RuntimeError: boom"}
     assert ask(server, "get initstate")["ok"]
+
+
+# -- the real Device, in process ----------------------------------------------
+
+def test_with_a_real_device(tmp_path):
+    from zramd.device import Device
+    device = Device(16 << 20, algorithm="lz4")
+    server = control.ControlServer(device, tmp_path / "r.sock", "r")
+    server.start()
+    try:
+        device.write(0, (b"abcdefgh" * 512) * 16)
+        device.write(1 << 20, bytes(4096))
+        for attr in ("mm_stat", "io_stat", "debug_stat"):
+            assert ask(server, "get " + attr)["value"] == \
+                str(getattr(device, attr)())
+        assert ask(server, "get comp_algorithm")["value"] == \
+            device.comp_algorithm()
+        assert ask(server, "get classes")["value"] == str(device.pool_stats())
+        status = ask(server, "status")
+        assert status["orig_data_size"] == 17 * 4096
+        assert status["same_pages"] == 1
+        assert status["num_writes"] == device.num_writes > 0
+        assert ask(server, "set mem_limit 100k")["ok"]
+        assert device.mem_limit == 100 << 10
+        assert ask(server, "set mem_limit 1")["ok"]
+        assert device.mem_limit == 4096          # rounded up to a page
+        for line in ("set mem_used_max 0", "set compact 1", "set idle all",
+                     "set idle 0"):
+            assert ask(server, line)["ok"], line
+    finally:
+        server.stop()
+        device.close()

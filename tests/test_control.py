@@ -444,7 +444,8 @@ def test_with_a_real_device(tmp_path):
     server = control.ControlServer(device, tmp_path / "r.sock", "r")
     server.start()
     try:
-        device.write(0, (b"abcdefgh" * 512) * 16)
+        # Text, not an 8-byte pattern (that would be a same-filled page).
+        device.write(0, (b"zramd control channel " * 3000)[:16 * 4096])
         device.write(1 << 20, bytes(4096))
         for attr in ("mm_stat", "io_stat", "debug_stat"):
             assert ask(server, "get " + attr)["value"] == \

@@ -126,6 +126,7 @@ def test_classes_is_the_debugfs_table(served):
 @pytest.mark.parametrize("value, limit", [
     ("1G", 1 << 30), ("512m", 512 << 20), ("4096", 4096), ("0", 0),
     ("0x1000", 4096), ("8K\n", 8192), ("3k", 3072), ("1T", 1 << 40),
+    ("010", 8), ("0X10m", 16 << 20),
 ])
 def test_mem_limit_memparse(served, value, limit):
     device, server = served
@@ -219,7 +220,7 @@ def test_attrs_lists_modes(served):
     assert attrs["idle"]["mode"] == "w"
 
 
-# -- the socket ----------------------------------------------------------------
+# -- the socket --------------------------------------------------------------
 
 def test_socket_mode_and_stop_removes_it(tmp_path):
     path = tmp_path / "d.sock"

@@ -327,7 +327,10 @@ def cmd_list(args):
     except ValueError as err:
         sys.stderr.write("%s: %s\n" % (PROG, err))
         return 1
-    names = args.devices or list_devices()
+    try:
+        names = args.devices or list_devices()
+    except OSError as err:
+        return fail(paths.runtime_dir(), err.strerror or err)
     rows, status = [], 0
     for name in names:
         try:
@@ -432,12 +435,14 @@ def cmd_top(args):
     tty = sys.stdout.isatty()
     previous = {}       # name -> (monotonic time, num_reads, num_writes)
     keys = _Keys()
-    status = 0
     try:
         iteration = 0
         while args.iterations is None or iteration < args.iterations:
             iteration += 1
-            names = [args.name] if args.name else list_devices()
+            try:
+                names = [args.name] if args.name else list_devices()
+            except OSError as err:
+                return fail(paths.runtime_dir(), err.strerror or err)
             rows = []
             for name in names:
                 try:
@@ -447,12 +452,14 @@ def cmd_top(args):
                         return fail(name, err)
                     continue        # a device went away: just drop it
                 now = time.monotonic()
+                reads = row.get("num_reads", 0)
+                writes = row.get("num_writes", 0)
                 if name in previous:
                     t0, r0, w0 = previous[name]
                     dt = max(now - t0, 1e-9)
-                    row["reads_per_s"] = max(row["num_reads"] - r0, 0) / dt
-                    row["writes_per_s"] = max(row["num_writes"] - w0, 0) / dt
-                previous[name] = (now, row["num_reads"], row["num_writes"])
+                    row["reads_per_s"] = max(reads - r0, 0) / dt
+                    row["writes_per_s"] = max(writes - w0, 0) / dt
+                previous[name] = (now, reads, writes)
                 rows.append(row)
             frame = ["%s top - %s  devices: %d\n"
                      % (PROG, time.strftime("%H:%M:%S"), len(rows))]
@@ -472,7 +479,7 @@ def cmd_top(args):
         pass
     finally:
         keys.restore()
-    return status
+    return 0
 
 
 # ---------------------------------------------------------------------------

@@ -121,36 +121,42 @@ class RemoteError(ControlError):
 # Attribute values, as the kernel parses them
 
 
-_MEMPARSE = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgGtTpPeE]?)")
+_NUMBER = r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*"
+_MEMPARSE = re.compile(r"(%s)([kmgtpe]?)" % _NUMBER, re.IGNORECASE)
 _MEMPARSE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def _strtoull(digits):
+    """simple_strtoull(digits, NULL, 0) for digits matching _NUMBER: 0x is
+    hex, a leading 0 octal, anything else decimal."""
+    if digits[:2].lower() == "0x":
+        return int(digits, 16)
+    return int(digits, 8 if digits.startswith("0") else 10)
 
 
 def memparse(text):
     """Parse a size as the kernel's memparse(): an integer (decimal, 0x hex
-    or 0 octal, like simple_strtoull base 0) with an optional K, M, G, T, P
-    or E suffix, any case, each a power of 1024.  Surrounding whitespace
-    (sysfs writes end in a newline) is ignored; anything else after the
-    number is refused, where the kernel would silently ignore it.
+    or 0 octal) with an optional K, M, G, T, P or E suffix, any case, each
+    a power of 1024.  Surrounding whitespace (sysfs writes end in a
+    newline) is ignored; anything else after the number is refused, where
+    the kernel would silently ignore it.
 
     Returns bytes; raises ValueError.
     """
     m = _MEMPARSE.fullmatch(text.strip())
     if not m:
         raise ValueError(text)
-    return int(m.group(1), 0 if m.group(1)[:2].lower() == "0x"
-               else 8 if m.group(1).startswith("0") else 10) \
-        << _MEMPARSE_SHIFT[m.group(2).lower()]
+    return _strtoull(m.group(1)) << _MEMPARSE_SHIFT[m.group(2).lower()]
 
 
 def _kstrtoull(text):
-    """An unsigned integer as kstrtoull(buf, 0) takes it (one trailing
-    newline allowed); raises ValueError."""
+    """An unsigned integer as kstrtoull(buf, 0) takes it: an optional +,
+    one trailing newline allowed; raises ValueError."""
     text = text[:-1] if text.endswith("\n") else text
-    if not re.fullmatch(r"\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text):
+    m = re.fullmatch(r"\+?(%s)" % _NUMBER, text)
+    if not m:
         raise ValueError(text)
-    text = text.lstrip("+")
-    return int(text, 16 if text[:2].lower() == "0x"
-               else 8 if text.startswith("0") else 10)
+    return _strtoull(m.group(1))
 
 
 def _store_mem_limit(device, value):

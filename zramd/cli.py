@@ -198,10 +198,7 @@ def render_table(columns, rows, in_bytes=False, raw=False, headings=True):
     widths = [_width(c, [row[i] for row in cells])
               for i, c in enumerate(columns)]
     last = len(columns) - 1
-    for row in ([c.name for c in columns] if headings else None,
-                *cells):
-        if row is None:
-            continue
+    for row in ([[c.name for c in columns]] if headings else []) + cells:
         out = []
         for i, (col, text) in enumerate(zip(columns, row)):
             if col.right:

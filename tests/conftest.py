@@ -65,8 +65,39 @@ def nbdkit_server(tmp_path):
 
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory):
-    """One nbdkit (64 MiB, lz4) shared by the tests of a module."""
+    """One nbdkit (64 MiB, lz4) shared by the tests of a module.  At the
+    end it must stop cleanly, with no Python traceback in its log."""
     require("nbdkit")
     server = NbdkitServer(tmp_path_factory.mktemp("nbdkit"), size="64M")
     yield server
-    server.stop()
+    assert server.stop() == 0, server.log()
+    assert "Traceback" not in server.log(), server.log()
+
+
+class NbdClient:
+    """A python3-libnbd connection that is always shut down, so a failing
+    test never leaves nbdkit waiting for it::
+
+        with NbdClient(server.uri) as h:
+            h.pwrite(b"...", 0)
+    """
+
+    def __init__(self, uri, strict=True):
+        nbd = require_module("nbd", "python3-libnbd")
+        self.handle = nbd.NBD()
+        self.handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        if not strict:
+            # Let requests past the end reach the server instead of being
+            # refused by libnbd itself.
+            self.handle.set_strict_mode(0)
+        self.handle.connect_uri(uri)
+
+    def __enter__(self):
+        return self.handle
+
+    def __exit__(self, *exc):
+        try:
+            self.handle.shutdown()
+        except Exception:
+            pass
+        del self.handle             # libnbd closes the connection here

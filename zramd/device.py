@@ -10,10 +10,13 @@ first written)::
     _meta[i]    u32  bits 0..12: object size in bytes (0..4096)
                      bits 13..20: flags (SAME, WB, PP_SLOT, HUGE, IDLE,
                      INCOMPRESSIBLE, two compression-priority bits)
+                     bits 21..28: id of the trained zstd dictionary
+                     the page was compressed with (0: none)
     _atime[i]   u32  last access, seconds since the device was created
 
 A slot is *allocated* when it has a handle or the SAME flag; otherwise it
-reads as zeroes (a hole).  SAME slots cost no pool memory; HUGE slots hold
+reads as zeroes (a hole).  A WB slot's handle is its block number on the
+backing device (zramd.writeback).  SAME slots cost no pool memory; HUGE slots hold
 the raw page (4096 bytes) because it did not compress below the pool's
 huge_class_size.
 
@@ -37,7 +40,8 @@ from array import array
 from . import PAGE_SIZE, PAGE_SHIFT
 from . import compress
 from .errors import ConfigError, InvalidRequestError, NoSpaceError, ZramdError
-from .stats import DebugStat, IoStat, MmStat
+from .stats import BdStat, DebugStat, IoStat, MmStat
+from .writeback import BackingDev
 from .zsmalloc import Pool
 
 # ---- slot flags (zram_drv.h enum zram_pageflags), above the size bits ----
@@ -51,6 +55,15 @@ IDLE = 1 << (ZRAM_FLAG_SHIFT + 4)           # not accessed since idle marking
 INCOMPRESSIBLE = 1 << (ZRAM_FLAG_SHIFT + 5)  # no algorithm could compress it
 COMP_PRIORITY_SHIFT = ZRAM_FLAG_SHIFT + 6   # 2 bits: which algorithm
 COMP_PRIORITY_MASK = 3 << COMP_PRIORITY_SHIFT
+# zramd's own: which primary dictionary compressed the page (0: none).
+DICT_SHIFT = ZRAM_FLAG_SHIFT + 8
+MAX_DICTS = 256
+DICT_MASK = (MAX_DICTS - 1) << DICT_SHIFT
+MAX_PRIORITIES = 4          # the primary and three secondary algorithms
+
+# Post-processing selections, as zram's recompress and writeback "type=".
+PP_TYPES = {"idle": IDLE, "huge": HUGE, "huge_idle": HUGE | IDLE,
+            "incompressible": INCOMPRESSIBLE}
 
 # Stripes of slot locks: enough that two cores rarely meet, few enough to
 # keep the per-stripe counter rows small.
@@ -87,7 +100,7 @@ class Device:
     """
 
     def __init__(self, size, algorithm="lz4", level=None, dict_path=None,
-                 mem_limit=0, chain_size=8):
+                 mem_limit=0, chain_size=8, backing_dev=None):
         if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
             raise ConfigError("size: %r; accepted: a positive multiple of %d"
                               " bytes" % (size, PAGE_SIZE))
@@ -99,8 +112,20 @@ class Device:
         self._compressor = compress.create(algorithm, level=level,
                                            dict_path=dict_path)
         self.algorithm = self._compressor.name
+        self._level = level
         # Indexed by a slot's compression-priority bits; 0 is the primary.
-        self._compressors = [self._compressor]
+        self._compressors = [self._compressor] + [None] * (MAX_PRIORITIES - 1)
+        # The primary compressor by dictionary id; writers use _primary,
+        # an (id, compressor) pair replaced whole when a dictionary is
+        # trained, and pages keep the id they were compressed with.
+        self._dict_comps = {0: self._compressor}
+        self._primary = (0, self._compressor)
+        self._dict_refs = array("q", bytes(8 * N_STRIPES * MAX_DICTS))
+        self._backing = BackingDev(backing_dev) if backing_dev else None
+        self.writeback_limit_enable = False
+        self._writeback_limit = 0
+        self._wb_lock = threading.Lock()
+        self._dict_lock = threading.Lock()
         try:
             self.pool = Pool(chain_size=chain_size)
         except ValueError as err:
@@ -166,7 +191,14 @@ class Device:
             self._count(stripe, C_SAME_PAGES, -1)
             self._count(stripe, C_PAGES_STORED, -1)
             handle = 0
+        elif meta & WB:
+            self._backing.free_block(handle)
+            self._count(stripe, C_PAGES_STORED, -1)
+            handle = 0
         elif handle:
+            if meta & DICT_MASK:
+                self._dict_refs[stripe * MAX_DICTS
+                                + ((meta & DICT_MASK) >> DICT_SHIFT)] -= 1
             if meta & HUGE:
                 self._count(stripe, C_HUGE_PAGES, -1)
             self._count(stripe, C_COMPR_SIZE, -(meta & SIZE_MASK))
@@ -198,8 +230,9 @@ class Device:
 
     # ---- per-sector I/O ----------------------------------------------------
 
-    def _read_sector(self, index, lo, hi, out, dst):
-        """Copy bytes ``lo..hi`` of sector ``index`` into ``out[dst:]``."""
+    def _read_sector(self, index, lo, hi, out, dst, touch=True):
+        """Copy bytes ``lo..hi`` of sector ``index`` into ``out[dst:]``;
+        ``touch``: count it as an access (atime, IDLE, num_reads)."""
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
             meta = self._meta[index]
@@ -209,27 +242,41 @@ class Device:
                 out[dst:dst + hi - lo] = page[lo:hi]
             elif not handle:
                 out[dst:dst + hi - lo] = ZERO_PAGE[lo:hi]
+            elif meta & WB:
+                page = self._backing.read_page(handle, index)
+                out[dst:dst + hi - lo] = page[lo:hi]
             else:
                 view = self.pool.obj_read_begin(handle, self._local_copy())
                 try:
                     if meta & HUGE:
                         out[dst:dst + hi - lo] = view[lo:hi]
                     else:
-                        comp = self._compressors[
-                            (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT]
-                        page = comp.decompress(view, slot=index)
+                        page = self._decompressor(meta).decompress(
+                            view, slot=index)
                         out[dst:dst + hi - lo] = page[lo:hi] \
                             if (lo or hi != PAGE_SIZE) else page
                 finally:
                     self.pool.obj_read_end(handle, view)
-            if meta & IDLE:
-                self._meta[index] = meta & ~IDLE
-            self._atime[index] = self._now()
-            self._count(stripe, C_NUM_READS)
+            if touch:
+                if meta & IDLE:
+                    self._meta[index] = meta & ~IDLE
+                self._atime[index] = self._now()
+                self._count(stripe, C_NUM_READS)
+
+    def _decompressor(self, meta):
+        """The compressor that made a (non-huge) slot's object."""
+        prio = (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
+        if prio:
+            return self._compressors[prio]
+        return self._dict_comps[(meta & DICT_MASK) >> DICT_SHIFT]
 
     def _write_sector(self, index, page):
         """Store a full 4 KiB ``page`` (bytes-like) in slot ``index``."""
         page = bytes(page)
+        while not self._try_write_sector(index, page):
+            pass    # the dictionary we used was retired meanwhile: again
+
+    def _try_write_sector(self, index, page):
         head = page[:8]
         handle = 0
         if page == head * (PAGE_SIZE // 8):
@@ -237,9 +284,10 @@ class Device:
             meta = SAME
             size = 0
         else:
-            data = self._compressor.compress(page)
+            dict_id, comp = self._primary
+            data = comp.compress(page)
             size = len(data)
-            meta = 0
+            meta = dict_id << DICT_SHIFT
             if size >= self._huge_class_size:
                 data, size, meta = page, PAGE_SIZE, HUGE
             handle = self.pool.malloc(size)
@@ -256,6 +304,16 @@ class Device:
             meta |= size
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
+            dict_id = (meta & DICT_MASK) >> DICT_SHIFT
+            if dict_id:
+                if dict_id not in self._dict_comps:
+                    retired = True
+                else:
+                    retired = False
+                    self._dict_refs[stripe * MAX_DICTS + dict_id] += 1
+                if retired:
+                    self.pool.free(handle)
+                    return False
             old = self._slot_clear_locked(index, stripe)
             self._meta[index] = meta
             self._handle[index] = handle if handle else fill
@@ -271,6 +329,7 @@ class Device:
             self._count(stripe, C_NUM_WRITES)
         if old:
             self.pool.free(old)
+        return True
 
     def _patch_sector(self, index, lo, data):
         """Read-modify-write: replace bytes from ``lo`` of sector ``index``
@@ -425,6 +484,325 @@ class Device:
                         marked += 1
         return marked
 
+    # ---- post-processing: recompression, writeback, dictionaries --------
+    #
+    # As zram's recompress and writeback: candidate slots are chosen by
+    # flags, marked PP_SLOT and copied out under the slot lock; the
+    # expensive part (compression, backing-device I/O) runs unlocked; the
+    # new contents replace the old only if the slot did not change
+    # meanwhile (any write, discard or read changes its meta word).
+
+    def _pp_take(self, index, need, skip):
+        """Under slot ``index``'s lock: if it holds a pool object, has every
+        flag in ``need`` and none in ``skip``, mark it PP_SLOT and return
+        (meta, handle, page bytes); else None."""
+        stripe = index & STRIPE_MASK
+        with self._stripe_locks[stripe]:
+            meta = self._meta[index]
+            handle = self._handle[index]
+            if (not handle or meta & (SAME | WB | PP_SLOT | skip)
+                    or meta & need != need):
+                return None
+            page = bytearray(PAGE_SIZE)
+            view = self.pool.obj_read_begin(handle, self._local_copy())
+            try:
+                if meta & HUGE:
+                    page[:] = view
+                else:
+                    page[:] = self._decompressor(meta).decompress(view,
+                                                                 slot=index)
+            finally:
+                self.pool.obj_read_end(handle, view)
+            meta |= PP_SLOT
+            self._meta[index] = meta
+            return meta, handle, bytes(page)
+
+    def _pp_put(self, index, taken, new_meta=None, new_handle=0, size=0):
+        """Finish post-processing slot ``index`` taken as ``taken``: with
+        no ``new_meta`` only drop PP_SLOT (the page stays as it was);
+        otherwise, if the slot is unchanged, replace its contents and free
+        the old object.  Returns True when the replacement happened."""
+        meta, handle, _ = taken
+        if new_meta is None:
+            self._pp_flag(index, taken)
+            return False
+        stripe = index & STRIPE_MASK
+        with self._stripe_locks[stripe]:
+            if self._meta[index] != meta or self._handle[index] != handle:
+                return False
+            old = self._slot_clear_locked(index, stripe)
+            self._meta[index] = new_meta | size
+            self._handle[index] = new_handle
+            self._count(stripe, C_PAGES_STORED)
+            if not new_meta & WB:
+                self._count(stripe, C_COMPR_SIZE, size)
+        if old:
+            self.pool.free(old)
+        return True
+
+    def _pp_candidates(self, pp_type, pages):
+        """Slot indices for a post-processing pass: ``pages`` (an iterable
+        of indices) or the whole disk; ``pp_type`` must name PP_TYPES or
+        be None (every slot)."""
+        if pp_type is not None and pp_type not in PP_TYPES:
+            raise InvalidRequestError("type: %r; accepted: %s" % (
+                pp_type, " ".join(PP_TYPES)))
+        if pages is None:
+            return range(self.nr_pages)
+        for index in pages:
+            if not 0 <= index < self.nr_pages:
+                raise InvalidRequestError(
+                    "page_index: %r; accepted: 0..%d" % (index,
+                                                         self.nr_pages - 1))
+        return pages
+
+    def set_recomp_algorithm(self, algorithm, priority=1, level=None):
+        """Set the secondary algorithm of ``priority`` (1..3), as writing
+        ``algo=NAME priority=N`` to recomp_algorithm."""
+        if not isinstance(priority, int) or not 0 < priority < MAX_PRIORITIES:
+            raise InvalidRequestError("priority: %r; accepted: 1..%d"
+                                      % (priority, MAX_PRIORITIES - 1))
+        self._compressors[priority] = compress.create(algorithm, level=level)
+
+    def recomp_algorithm(self):
+        """The kernel's recomp_algorithm text: ``#N: `` and the algorithm
+        list for each configured secondary priority."""
+        return "".join("#%d: %s" % (prio, compress.available(comp.name))
+                       for prio, comp in enumerate(self._compressors)
+                       if prio and comp is not None)
+
+    def recompress(self, pp_type=None, threshold=0, max_pages=0,
+                   algorithm=None, priority=None, pages=None):
+        """Re-compress stored pages with the secondary algorithms, as
+        zram's recompress: keep a result only if it lands in a smaller
+        pool size class (and under ``threshold`` when given), remember the
+        priority in the slot, flag INCOMPRESSIBLE when even the last
+        algorithm failed.  Returns the number of pages recompressed."""
+        active = [p for p in range(1, MAX_PRIORITIES)
+                  if self._compressors[p] is not None]
+        if not active:
+            raise InvalidRequestError("recompress: no recomp_algorithm set")
+        if algorithm is not None or priority is not None:
+            chosen = [p for p in active
+                      if (algorithm is None or self._compressors[p].name
+                          == algorithm)
+                      and (priority is None or p == priority)]
+            if not chosen:
+                raise InvalidRequestError(
+                    "recompress: algo=%s priority=%s; accepted: %s" % (
+                        algorithm, priority, " ".join(
+                            "algo=%s priority=%d"
+                            % (self._compressors[p].name, p) for p in active)))
+            prio_min, prio_max = chosen[0], chosen[0] + 1
+        else:
+            prio_min, prio_max = 1, active[-1] + 1
+        if not isinstance(threshold, int) or not 0 <= threshold <= PAGE_SIZE:
+            raise InvalidRequestError("threshold: %r; accepted: 0..%d"
+                                      % (threshold, PAGE_SIZE))
+        need = PP_TYPES[pp_type] if pp_type else 0
+        done = 0
+        budget = max_pages
+        for index in self._pp_candidates(pp_type, pages):
+            if max_pages and budget <= 0:
+                break
+            meta = self._meta[index]
+            prio = (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
+            if (prio + 1 >= prio_max or meta & need != need
+                    or meta & (SAME | WB | INCOMPRESSIBLE)):
+                continue
+            taken = self._pp_take(index, need, INCOMPRESSIBLE)
+            if taken is None:
+                continue
+            old_size = taken[0] & SIZE_MASK
+            if threshold and old_size < threshold:
+                self._pp_put(index, taken)
+                continue
+            budget -= 1
+            old_class = self.pool.lookup_class_index(old_size)
+            result = None
+            for p in range(max(prio_min, prio + 1), prio_max):
+                comp = self._compressors[p]
+                if comp is None:
+                    continue
+                data = comp.compress(taken[2])
+                n = len(data)
+                if (n >= self._huge_class_size
+                        or self.pool.lookup_class_index(n) >= old_class
+                        or (threshold and n >= threshold)):
+                    continue
+                result = p, data
+                break
+            # As zram, a page looked at is no longer idle, whatever the
+            # outcome, so another pass does not pick it again.
+            if result is None:
+                last = prio_max > active[-1]
+                self._pp_flag(index, taken,
+                              INCOMPRESSIBLE if last else 0, IDLE)
+                continue
+            p, data = result
+            handle = self.pool.malloc(len(data))
+            self.pool.obj_write(handle, data)
+            if self._pp_put(index, taken, p << COMP_PRIORITY_SHIFT,
+                            handle, len(data)):
+                done += 1
+            else:
+                self.pool.free(handle)
+        return done
+
+    def _pp_flag(self, index, taken, set_flags=0, clear_flags=0):
+        """Leave an unchanged slot's contents as they are: drop PP_SLOT and
+        ``clear_flags``, set ``set_flags``."""
+        meta, handle, _ = taken
+        stripe = index & STRIPE_MASK
+        with self._stripe_locks[stripe]:
+            if self._meta[index] == meta and self._handle[index] == handle:
+                self._meta[index] = (meta & ~(PP_SLOT | clear_flags)) \
+                    | set_flags
+
+    @property
+    def backing_dev(self):
+        """The backing device's path, or None."""
+        return self._backing.path if self._backing else None
+
+    def set_backing_dev(self, path):
+        """Use ``path`` for writeback; allowed while no page is on the
+        current backing device (as zram allows it only before init)."""
+        if self._backing is not None and self._backing.bd_count:
+            raise InvalidRequestError("backing_dev: %s holds %d pages;"
+                                      " accepted: only while it holds none"
+                                      % (self._backing.path,
+                                         self._backing.bd_count))
+        new = BackingDev(path)
+        old, self._backing = self._backing, new
+        if old is not None:
+            old.close()
+
+    @property
+    def writeback_limit(self):
+        """Pages writeback may still write while the limit is enabled."""
+        return self._writeback_limit
+
+    def set_writeback_limit(self, pages):
+        if not isinstance(pages, int) or pages < 0:
+            raise InvalidRequestError("writeback_limit: %r; accepted: pages"
+                                      " >= 0" % (pages,))
+        with self._wb_lock:
+            self._writeback_limit = pages
+
+    def _take_writeback_budget(self):
+        with self._wb_lock:
+            if not self.writeback_limit_enable:
+                return True
+            if self._writeback_limit <= 0:
+                return False
+            self._writeback_limit -= 1
+            return True
+
+    def writeback(self, pp_type="idle", pages=None, max_pages=0):
+        """Move selected pages to the backing device (flag WB, pool memory
+        freed), as zram's writeback; ``pages`` limits it to those slot
+        indices, ``max_pages`` (0: no bound) to that many pages.  Returns
+        the number of pages written back."""
+        if self._backing is None:
+            raise InvalidRequestError("writeback: no backing_dev set")
+        need = PP_TYPES[pp_type] if pp_type else 0
+        done = 0
+        for index in self._pp_candidates(pp_type, pages):
+            if max_pages and done >= max_pages:
+                break
+            meta = self._meta[index]
+            if not self._handle[index] or meta & need != need \
+                    or meta & (SAME | WB):
+                continue
+            if not self._take_writeback_budget():
+                break
+            taken = self._pp_take(index, need, 0)
+            if taken is None:
+                continue
+            try:
+                blk = self._backing.alloc_block()
+                self._backing.write_page(blk, taken[2])
+            except ZramdError:
+                self._pp_put(index, taken)
+                raise
+            if self._pp_put(index, taken, WB, blk):
+                done += 1
+            else:
+                self._backing.free_block(blk)
+        return done
+
+    def bd_stat(self):
+        """The kernel's bd_stat; zeroes without a backing device."""
+        if self._backing is None:
+            return BdStat(0, 0, 0)
+        return self._backing.stat()
+
+    def train_dictionary(self, dict_size=16384, max_samples=4096):
+        """Train a zstd dictionary on up to ``max_samples`` stored pages and
+        make it the primary compressor's from now on, without stopping
+        I/O.  Stored pages keep the dictionary they were compressed with;
+        dictionaries no page uses any more are retired.  Returns the new
+        dictionary's id."""
+        if self.algorithm != "zstd":
+            raise InvalidRequestError("train_dictionary: algorithm %s;"
+                                      " accepted: zstd" % self.algorithm)
+        import zstandard
+        samples = []
+        for index in range(self.nr_pages):
+            if len(samples) >= max_samples:
+                break
+            meta = self._meta[index]
+            if not self._handle[index] or meta & (SAME | WB):
+                continue
+            page = bytearray(PAGE_SIZE)
+            try:
+                self._read_sector(index, 0, PAGE_SIZE, page, 0, touch=False)
+            except ZramdError:
+                continue
+            samples.append(bytes(page))
+        if len(samples) < 16:
+            raise InvalidRequestError("train_dictionary: %d stored pages;"
+                                      " accepted: at least 16" % len(samples))
+        try:
+            trained = zstandard.train_dictionary(dict_size, samples)
+        except zstandard.ZstdError as e:
+            raise InvalidRequestError("train_dictionary: %s" % e) from None
+        comp = compress.create("zstd", level=self._level,
+                               dictionary=trained.as_bytes())
+        with self._dict_lock:
+            self._retire_dictionaries()
+            free_ids = [i for i in range(1, MAX_DICTS)
+                        if i not in self._dict_comps]
+            if not free_ids:
+                raise InvalidRequestError("train_dictionary: %d dictionaries"
+                                          " in use" % (MAX_DICTS - 1))
+            dict_id = free_ids[0]
+            self._dict_comps[dict_id] = comp
+            self._primary = (dict_id, comp)
+        return dict_id
+
+    def _retire_dictionaries(self):
+        """Forget dictionaries that are not current and no page uses.  All
+        stripe locks are held while deciding, so a writer that compressed
+        with a retired one sees that under its slot lock and starts over."""
+        for lock in self._stripe_locks:
+            lock.acquire()
+        try:
+            current = self._primary[0]
+            for dict_id in list(self._dict_comps):
+                if dict_id in (0, current):
+                    continue
+                if not sum(self._dict_refs[dict_id::MAX_DICTS]):
+                    del self._dict_comps[dict_id]
+        finally:
+            for lock in self._stripe_locks:
+                lock.release()
+
+    def dictionary_id(self):
+        """The id of the dictionary new pages are compressed with (0:
+        none)."""
+        return self._primary[0]
+
     # ---- stats -----------------------------------------------------------
 
     @property
@@ -469,6 +847,8 @@ class Device:
     def close(self):
         """Flush deferred frees, return every frame, unmap the table."""
         self.pool.close()
+        if self._backing is not None:
+            self._backing.close()
         for view in (self._handle, self._meta, self._atime):
             view.release()
         for region in (self._handle_map, self._meta_map, self._atime_map):

@@ -111,3 +111,31 @@ class PoolStats:
                        sum(c.pages_used for c in self.classes), "",
                        sum(c.freeable for c in self.classes)))
         return "".join(out)
+
+
+@dataclass(frozen=True)
+class BdStat:
+    """/sys/block/zramN/bd_stat, in 4 KiB pages."""
+
+    bd_count: int
+    bd_reads: int
+    bd_writes: int
+
+    def __str__(self):
+        # "%8llu %8llu %8llu\n"
+        return "%8d %8d %8d\n" % (self.bd_count, self.bd_reads, self.bd_writes)
+
+
+@dataclass(frozen=True)
+class PolicyStat:
+    """zramd's own: what the post-processing policy has done.  Columns as
+    named, one line, in the kernel's ``%8llu`` style; only ever grows."""
+
+    runs: int
+    idle_marked: int
+    recompressed: int
+    written_back: int
+    errors: int
+
+    def __str__(self):
+        return " ".join("%8d" % getattr(self, f.name) for f in fields(self)) + "\n"

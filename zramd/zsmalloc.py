@@ -351,6 +351,12 @@ class Pool:
             self._size[handle] = size
         return handle
 
+    def lookup_class_index(self, size):
+        """Index of the (merged) size class an object of ``size`` bytes is
+        stored in (zs_lookup_class_index): lets a caller tell whether a
+        smaller object would really take less room."""
+        return self._class_for[size].index
+
     def obj_size(self, handle):
         """The size ``handle`` was allocated with."""
         return self._size[handle]

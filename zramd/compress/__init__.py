@@ -47,15 +47,17 @@ def available(active):
     return "".join("[%s] " % n if n == active else n + " " for n in _BACKENDS) + "\n"
 
 
-def create(name, level=None, dict_path=None):
+def create(name, level=None, dict_path=None, dictionary=None):
     """A Compressor for backend ``name`` with ``level`` (None: the backend's
     default) and, for backends that take one, the dictionary file
-    ``dict_path``, read now.  Raises ConfigError for an unknown name, a
-    level the backend does not accept, or a dictionary that is not accepted,
-    not readable or not usable."""
+    ``dict_path``, read now, or the ``dictionary`` bytes themselves (one
+    trained at run time).  Raises ConfigError for an unknown name, a level
+    the backend does not accept, or a dictionary that is not accepted, not
+    readable or not usable."""
     cls = _backend(name)
     level = _check_level(cls, level)
-    dictionary = None
+    if dictionary is not None and not cls.takes_dict:
+        raise ConfigError("dictionary: %s takes no dictionary" % name)
     if dict_path is not None:
         if not cls.takes_dict:
             accepted = " ".join(n for n, c in _BACKENDS.items() if c.takes_dict)

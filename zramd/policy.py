@@ -1,0 +1,108 @@
+"""The post-processing policy: zram's manual triggers, run on a schedule.
+
+Kernel zram leaves idle marking, recompression and writeback to whoever
+writes to sysfs; zram-generator's users ask for a scheduler (its issues
+#164 and #178).  This is one: every ``interval`` seconds a worker thread
+
+1. marks slots idle that were not accessed for ``idle_age`` seconds
+   (``echo AGE > idle``), then
+2. recompresses pages of ``recompress_type`` with the secondary algorithms
+   (``echo type=idle max_pages=N > recompress``), if any are set, then
+3. writes pages of ``writeback_type`` back to the backing device
+   (``echo idle > writeback``), if there is one.
+
+Each pass is bounded by ``max_pages`` per step so it never holds the
+device busy for long.  What it did is counted in a PolicyStat (the
+``policy_stat`` control attribute); a failed step is counted in ``errors``
+and the next pass tries again.
+"""
+
+import threading
+import time
+
+from .errors import ConfigError, ZramdError
+from .stats import PolicyStat
+
+PP_TYPES = ("idle", "huge", "huge_idle", "incompressible")
+
+
+class Policy:
+    """A schedule of post-processing passes over ``device``."""
+
+    def __init__(self, device, interval, idle_age=3600,
+                 recompress_type=None, writeback_type=None, max_pages=0):
+        for key, value in (("policy_interval", interval),
+                           ("policy_idle_age", idle_age),
+                           ("policy_max_pages", max_pages)):
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError("%s: %r; accepted: an integer >= 0"
+                                  % (key, value))
+        for key, value in (("policy_recompress", recompress_type),
+                           ("policy_writeback", writeback_type)):
+            if value is not None and value not in PP_TYPES:
+                raise ConfigError("%s: %r; accepted: %s" % (
+                    key, value, " ".join(PP_TYPES)))
+        self.device = device
+        self.interval = interval
+        self.idle_age = idle_age
+        self.recompress_type = recompress_type
+        self.writeback_type = writeback_type
+        self.max_pages = max_pages
+        self._lock = threading.Lock()
+        self._counts = dict(runs=0, idle_marked=0, recompressed=0,
+                            written_back=0, errors=0)
+        self._stop = threading.Event()
+        self._thread = None
+
+    def run_once(self):
+        """One pass: idle marking, recompression, writeback."""
+        dev = self.device
+        marked = recompressed = written = errors = 0
+        try:
+            marked = dev.mark_idle(self.idle_age)
+        except ZramdError:
+            errors += 1
+        if self.recompress_type and dev.recomp_algorithm():
+            try:
+                recompressed = dev.recompress(self.recompress_type,
+                                              max_pages=self.max_pages)
+            except ZramdError:
+                errors += 1
+        if self.writeback_type and dev.backing_dev:
+            try:
+                written = dev.writeback(self.writeback_type,
+                                        max_pages=self.max_pages)
+            except ZramdError:
+                errors += 1
+        with self._lock:
+            c = self._counts
+            c["runs"] += 1
+            c["idle_marked"] += marked
+            c["recompressed"] += recompressed
+            c["written_back"] += written
+            c["errors"] += errors
+
+    def stat(self):
+        with self._lock:
+            return PolicyStat(**self._counts)
+
+    def start(self):
+        """Start the worker (after nbdkit forks); no-op when interval is 0."""
+        if self.interval and self._thread is None:
+            self._thread = threading.Thread(target=self._loop,
+                                            name="zramd-policy", daemon=True)
+            self._thread.start()
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            started = time.monotonic()
+            self.run_once()
+            # A pass longer than the interval does not pile up passes.
+            if time.monotonic() - started > self.interval:
+                self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

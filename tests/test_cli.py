@@ -272,7 +272,9 @@ def test_attr_writes(runtime, capsys):
                "(resets the peak to the current usage)\n")
     assert run(capsys, "attr", "zramd0", "initstate", "0") == (
         1, "", "zramd: zramd0: initstate: read-only attribute; writable: "
-               "mem_limit, mem_used_max, compact, idle\n")
+               "mem_limit, mem_used_max, compact, idle, "
+               "recomp_algorithm, recompress, backing_dev, writeback, "
+               "writeback_limit, writeback_limit_enable, train_dict\n")
 
 
 def test_classes(runtime, capsys):
@@ -526,7 +528,9 @@ def test_real_writes(real, capsys, monkeypatch):
                "marked idle)\n")
     assert out("attr", "zramd0", "mm_stat", "1") == (
         1, "", "zramd: zramd0: mm_stat: read-only attribute; writable: "
-               "mem_limit, mem_used_max, compact, idle\n")
+               "mem_limit, mem_used_max, compact, idle, "
+               "recomp_algorithm, recompress, backing_dev, writeback, "
+               "writeback_limit, writeback_limit_enable, train_dict\n")
 
 
 def test_real_errors_as_a_process(real):

@@ -181,8 +181,10 @@ def test_read_only_and_write_only(served):
     device, server = served
     reply = ask(server, "set disksize 1G")
     assert reply["errno"] == errno.EINVAL
-    assert reply["error"] == ("disksize: read-only attribute; writable: "
-                              "mem_limit, mem_used_max, compact, idle")
+    assert reply["error"] == (
+        "disksize: read-only attribute; writable: mem_limit, mem_used_max, "
+        "compact, idle, recomp_algorithm, recompress, backing_dev, "
+        "writeback, writeback_limit, writeback_limit_enable, train_dict")
     reply = ask(server, "get compact")
     assert reply["error"].startswith("compact: write-only attribute")
     reply = ask(server, "get nosuch")

@@ -198,6 +198,123 @@ def _store_idle(device, value):
     device.mark_idle(age)
 
 
+def _keyvals(attr, value, keys):
+    """Parse ``key=value`` words, as zram's recompress and writeback take
+    them; a key may repeat (page_index).  Returns a list of pairs."""
+    pairs = []
+    for word in value.split():
+        key, sep, val = word.partition("=")
+        if not sep or key not in keys or not val:
+            raise InvalidRequestError(
+                "%s: invalid argument %r: accepted: %s" % (
+                    attr, word, " ".join(k + "=" for k in keys)))
+        pairs.append((key, val))
+    return pairs
+
+
+def _number(attr, key, text):
+    try:
+        return _kstrtoull(text)
+    except ValueError:
+        raise InvalidRequestError("%s: %s=%r: accepted: a number"
+                                  % (attr, key, text)) from None
+
+
+def _store_recomp_algorithm(device, value):
+    # "algo=zstd priority=1 [level=N]", as zram's recomp_algorithm_store.
+    opts = dict(_keyvals("recomp_algorithm", value,
+                         ("algo", "priority", "level")))
+    if "algo" not in opts:
+        raise InvalidRequestError("recomp_algorithm: algo= missing: accepted:"
+                                  " algo=NAME [priority=1..3] [level=N]")
+    level = opts.get("level")
+    device.set_recomp_algorithm(
+        opts["algo"],
+        _number("recomp_algorithm", "priority", opts.get("priority", "1")),
+        None if level is None else _number("recomp_algorithm", "level",
+                                           level))
+
+
+def _store_recompress(device, value):
+    # "type=idle|huge|huge_idle threshold=N max_pages=N algo=X priority=N"
+    kw = {}
+    for key, val in _keyvals("recompress", value, (
+            "type", "threshold", "max_pages", "algo", "priority")):
+        if key == "type":
+            kw["pp_type"] = val
+        elif key == "algo":
+            kw["algorithm"] = val
+        else:
+            kw[key] = _number("recompress", key, val)
+    device.recompress(**kw)
+
+
+def _page_indexes(text):
+    lo, sep, hi = text.partition("-")
+    try:
+        first, last = _kstrtoull(lo), _kstrtoull(hi)
+    except ValueError:
+        first = last = -1
+    if not sep or last < first:
+        raise InvalidRequestError("writeback: page_indexes=%r: accepted:"
+                                  " FIRST-LAST" % text)
+    return range(first, last + 1)
+
+
+def _store_writeback(device, value):
+    # "idle" | "huge" | "huge_idle" | "incompressible", or key=value words:
+    # type=, page_index=N, page_indexes=FIRST-LAST (inclusive), repeatable.
+    words = value.split()
+    if len(words) == 1 and "=" not in words[0]:
+        device.writeback(words[0])
+        return
+    pp_type, pages = None, []
+    for key, val in _keyvals("writeback", value,
+                             ("type", "page_index", "page_indexes")):
+        if key == "type":
+            pp_type = val
+        elif key == "page_index":
+            pages.append(_number("writeback", key, val))
+        else:
+            pages.extend(_page_indexes(val))
+    device.writeback(pp_type, pages=pages or None)
+
+
+def _store_backing_dev(device, value):
+    device.set_backing_dev(value.strip())
+
+
+def _store_writeback_limit(device, value):
+    try:
+        device.set_writeback_limit(_kstrtoull(value))
+    except ValueError:
+        raise InvalidRequestError("writeback_limit: invalid value %r:"
+                                  " accepted: pages (4 KiB)" % value) from None
+
+
+def _store_writeback_limit_enable(device, value):
+    if value.strip() not in ("0", "1"):
+        raise InvalidRequestError("writeback_limit_enable: invalid value %r:"
+                                  " accepted: 0 or 1" % value)
+    device.writeback_limit_enable = value.strip() == "1"
+
+
+def _store_train_dict(device, value):
+    # zramd's own: "[size=BYTES] [samples=PAGES]".
+    opts = dict(_keyvals("train_dict", value, ("size", "samples")))
+    device.train_dictionary(
+        dict_size=_number("train_dict", "size", opts.get("size", "16384")),
+        max_samples=_number("train_dict", "samples",
+                            opts.get("samples", "4096")))
+
+
+def _show_policy_stat(device):
+    policy = getattr(device, "policy", None)
+    if policy is None:
+        return "%8d %8d %8d %8d %8d\n" % (0, 0, 0, 0, 0)
+    return str(policy.stat())
+
+
 class Attribute:
     """One sysfs-like file: ``show(device) -> str`` for readable ones,
     ``store(device, value)`` and an ``accepts`` text for writable ones."""
@@ -251,6 +368,47 @@ ATTRIBUTES = {
     "classes": Attribute(
         show=lambda d: str(d.pool_stats()),
         help="the pool's per-class table"),
+    "recomp_algorithm": Attribute(
+        show=lambda d: d.recomp_algorithm(),
+        store=_store_recomp_algorithm,
+        accepts="algo=NAME [priority=1..3] [level=N]",
+        help="secondary compression algorithms by priority"),
+    "recompress": Attribute(
+        store=_store_recompress,
+        accepts="[type=idle|huge|huge_idle] [threshold=N] [max_pages=N]"
+                " [algo=NAME | priority=N]",
+        help="re-compress stored pages with the secondary algorithms"),
+    "backing_dev": Attribute(
+        show=lambda d: "%s\n" % (d.backing_dev or "none"),
+        store=_store_backing_dev,
+        accepts="a writable file or block device",
+        help="where writeback puts pages"),
+    "writeback": Attribute(
+        store=_store_writeback,
+        accepts="idle, huge, huge_idle, incompressible, or [type=T]"
+                " page_index=N / page_indexes=FIRST-LAST",
+        help="move pages to the backing device"),
+    "writeback_limit": Attribute(
+        show=lambda d: "%d\n" % d.writeback_limit,
+        store=_store_writeback_limit, accepts="pages (4 KiB)",
+        help="pages writeback may still write while the limit is enabled"),
+    "writeback_limit_enable": Attribute(
+        show=lambda d: "%d\n" % d.writeback_limit_enable,
+        store=_store_writeback_limit_enable, accepts="0 or 1",
+        help="whether writeback_limit applies"),
+    "bd_stat": Attribute(
+        show=lambda d: str(d.bd_stat()),
+        help="backing device pages: count, reads, writes"),
+    "train_dict": Attribute(
+        store=_store_train_dict, accepts="[size=BYTES] [samples=PAGES]",
+        help="zramd: train a zstd dictionary on stored pages, use it"),
+    "dict_id": Attribute(
+        show=lambda d: "%d\n" % d.dictionary_id(),
+        help="zramd: id of the dictionary new pages use (0: none)"),
+    "policy_stat": Attribute(
+        show=_show_policy_stat,
+        help="zramd: policy runs, idle marked, recompressed, written"
+             " back, errors"),
 }
 
 

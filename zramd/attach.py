@@ -142,6 +142,14 @@ def _cmdline(pid):
         return []
 
 
+def _runs(pid, program, marker):
+    """Whether ``pid`` is ``program`` with ``marker`` in its arguments (not
+    some other process that got the pid since)."""
+    argv = _cmdline(pid)
+    return (bool(argv) and os.path.basename(argv[0]) == program.encode()
+            and any(marker and marker.encode() in a for a in argv[1:]))
+
+
 def _wait(predicate, timeout, interval=0.05):
     deadline = time.monotonic() + timeout
     while True:
@@ -364,12 +372,11 @@ def _attach_nbdfuse(dev, state):
     pidfile = fuse_dir + ".pid"
     os.makedirs(fuse_dir, mode=0o700, exist_ok=True)
     _unlink(pidfile)
-    log_path = state.get("server_log") or os.path.join(runtime,
-                                                        dev.name + ".log")
+    log_path = fuse_dir + ".log"
     argv = ["nbdfuse", "--pidfile", pidfile,
             "--connections", str(FUSE_CONNECTIONS),
             os.path.join(fuse_dir, "nbd"), "--unix", paths.nbd_socket(dev.name)]
-    state.update(attach="nbdfuse", fuse_dir=fuse_dir)
+    state.update(attach="nbdfuse", fuse_dir=fuse_dir, fuse_log=log_path)
     _write_state(state)
     with open(log_path, "ab") as log:
         try:
@@ -554,7 +561,7 @@ def take_down(state):
                 raise AttachError("%s: cannot unmount %s (busy)"
                                   % (name, fuse_dir))
         pid = state.get("fuse_pid")
-        if pid and _alive(pid) and b"nbdfuse" in b" ".join(_cmdline(pid)):
+        if pid and _alive(pid) and _runs(pid, "nbdfuse", fuse_dir):
             if not _wait(lambda: not _alive(pid), 5):
                 _stop_process(pid)
         if fuse_dir:
@@ -563,13 +570,15 @@ def take_down(state):
             except FileNotFoundError:
                 pass
             _unlink(fuse_dir + ".pid")
+        if state.get("fuse_log"):
+            _unlink(state["fuse_log"])
     state.pop("block_device", None)
     state.update(fuse_pid=None)
     _write_state(state)
     # 4. the server, if we started it
     if state.get("server_started"):
         pid = state.get("server_pid")
-        if pid and b"nbdkit" in b" ".join(_cmdline(pid)):
+        if pid and _runs(pid, "nbdkit", state.get("nbd_socket")):
             _stop_process(pid)
         for path in (state.get("nbd_socket"), state.get("control_socket")):
             if path and _answers(path) is None:

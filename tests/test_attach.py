@@ -1,0 +1,367 @@
+"""``zramd up`` / ``zramd down`` round trips as root on the nbdfuse path:
+swap and an ext4 mount, each leaving nothing behind (no process, loop
+device, FUSE mount or socket); an already running server is used and left
+running; a failing bring-up is unwound; a bad configuration changes
+nothing.  Configuration comes from a root-prefixed tree, the runtime
+directory is per test ($ZRAMD_RUNTIME_DIR)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nbdkit_server import NbdkitServer
+from zramd import attach, control
+from zramd.errors import ConfigError, ZramdError
+
+MiB = 1 << 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _missing():
+    if os.geteuid() != 0:
+        return "needs root (losetup, mount, swapon)"
+    if not os.path.exists("/dev/fuse"):
+        return "needs FUSE (/dev/fuse missing)"
+    if not os.path.exists("/dev/loop-control"):
+        return "needs loop devices (/dev/loop-control missing)"
+    if attach.kernel_nbd():
+        return "the kernel has nbd: zramd up would use nbd-client, not nbdfuse"
+    for tool in ("nbdkit", "nbdfuse", "fusermount3", "losetup", "mkswap",
+                 "swapon", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            return "needs %s" % tool
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None,
+                                reason=_missing() or "")
+
+
+# ---------------------------------------------------------------------------
+# What is left behind
+
+def _processes_mentioning(text):
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open("/proc/%s/stat" % pid) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            found.append("process %s: %s" % (pid, cmd.strip()))
+    return found
+
+
+def _loops_backed_under(directory):
+    found = []
+    for dev in os.listdir("/sys/block"):
+        try:
+            with open("/sys/block/%s/loop/backing_file" % dev) as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing.startswith(directory):
+            found.append("loop /dev/%s -> %s" % (dev, backing))
+    return found
+
+
+def _mounts_under(*directories):
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            if any(mp == d or mp.startswith(d + "/") for d in directories):
+                found.append("mount %s" % mp)
+    return found
+
+
+def leftovers(run_dir, *mount_points):
+    left = _processes_mentioning(run_dir)
+    left += _loops_backed_under(run_dir)
+    left += _mounts_under(run_dir, *mount_points)
+    if os.path.isdir(run_dir):
+        left += ["file %s" % e for e in sorted(os.listdir(run_dir))]
+    return left
+
+
+def _force_cleanup(run_dir, mount_points):
+    """Whatever a failed test left: swapoff, umount, losetup -d, fusermount,
+    kill.  Best effort, never raises."""
+    for line in _loops_backed_under(run_dir):
+        dev = line.split()[1]
+        subprocess.run(["swapoff", dev], capture_output=True)
+    for mp in mount_points:
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    for line in _loops_backed_under(run_dir):
+        subprocess.run(["losetup", "-d", line.split()[1]], capture_output=True)
+    time.sleep(0.2)
+    for line in _mounts_under(run_dir):
+        subprocess.run(["fusermount3", "-u", "-z", line.split()[1]],
+                       capture_output=True)
+    for line in _processes_mentioning(run_dir):
+        pid = int(line.split()[1].rstrip(":"))
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+
+class Env:
+    def __init__(self, tmp_path):
+        self.root = str(tmp_path / "root")
+        self.run = str(tmp_path / "run")
+        self.mnt = str(tmp_path / "mnt")
+        os.makedirs(os.path.join(self.root, "proc"))
+        os.makedirs(os.path.join(self.root, "etc/zramd"))
+        with open(os.path.join(self.root, "proc/meminfo"), "w") as f:
+            f.write("MemTotal:        1048576 kB\n")      # ram = 1024 MiB
+
+    def configure(self, text):
+        with open(os.path.join(self.root, "etc/zramd/zramd.conf"), "w") as f:
+            f.write(text)
+
+    def state(self, name):
+        with open(os.path.join(self.run, name + ".state.json")) as f:
+            return json.load(f)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    e = Env(tmp_path)
+    monkeypatch.setenv("ZRAMD_RUNTIME_DIR", e.run)
+    yield e
+    try:
+        attach.down()
+    except Exception:
+        pass
+    left = leftovers(e.run, e.mnt)
+    if left:
+        _force_cleanup(e.run, [e.mnt])
+
+
+def swap_entry(device):
+    with open("/proc/swaps") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[0] == device:
+                return {"size": int(fields[2]) * 1024,
+                        "priority": int(fields[4])}
+    return None
+
+
+def status_of(name):
+    return control.call(os.path.join(os.environ["ZRAMD_RUNTIME_DIR"],
+                                     name + ".sock"), "status")
+
+
+def cmdline(pid):
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        return f.read().split(b"\0")
+
+
+# ---------------------------------------------------------------------------
+# Round trips
+
+def test_swap_round_trip(env):
+    env.configure("[zswap]\nzram-size = ram / 16\nswap-priority = 42\n"
+                  "compression-algorithm = zstd(level=1)\n")
+    (state,) = attach.up(root=env.root)
+    dev = state["block_device"]
+    assert dev.startswith("/dev/loop")
+    # The state file is what the CLI reads.
+    on_disk = env.state("zswap")
+    assert on_disk["block_device"] == dev and on_disk["use"] == "swap"
+    assert on_disk["active"] is True and on_disk["mount_point"] is None
+    assert on_disk["fuse_dir"] == os.path.join(env.run, "zswap.fuse")
+    # swapon with the configured priority, on the whole 64 MiB.
+    entry = swap_entry(dev)
+    assert entry is not None, open("/proc/swaps").read()
+    assert entry["priority"] == 42
+    assert 63 * MiB <= entry["size"] < 64 * MiB      # less the header page
+    # The loop device: on the FUSE file, direct I/O, 4 KiB sectors.
+    base = os.path.basename(dev)
+    with open("/sys/block/%s/loop/backing_file" % base) as f:
+        assert f.read().strip() == os.path.join(env.run, "zswap.fuse", "nbd")
+    with open("/sys/block/%s/loop/dio" % base) as f:
+        assert f.read().strip() == "1"
+    with open("/sys/block/%s/queue/logical_block_size" % base) as f:
+        assert f.read().strip() == "4096"
+    # The server: ours, locked (--swap), few threads, configured size.
+    pid = on_disk["server_pid"]
+    argv = cmdline(pid)
+    assert argv[0].endswith(b"nbdkit") and b"--swap" in argv
+    with open("/proc/%d/status" % pid) as f:
+        st = dict(line.split(":", 1) for line in f)
+    assert int(st["VmLck"].split()[0]) > 0
+    status = status_of("zswap")
+    assert status["disksize"] == 64 * MiB and status["algorithm"] == "zstd"
+    assert status["num_writes"] > 0                   # mkswap's header
+    # up again: nothing changes.
+    (again,) = attach.up(["zswap"], root=env.root)
+    assert again["block_device"] == dev and again["server_pid"] == pid
+    # down: nothing left.
+    assert attach.down(["zswap"]) == ["zswap"]
+    assert swap_entry(dev) is None
+    assert leftovers(env.run) == []
+
+
+def test_ext4_round_trip(env):
+    mnt = os.path.join(env.mnt, "scratch")
+    env.configure("[zdisk]\nzram-size = 96\nfs-type = ext4\n"
+                  "mount-point = %s\noptions = discard,noatime\n" % mnt)
+    (state,) = attach.up(["zdisk"], root=env.root)
+    dev = state["block_device"]
+    assert env.state("zdisk")["use"] == "fs"
+    assert env.state("zdisk")["mount_point"] == mnt
+    found = [line.split() for line in open("/proc/self/mounts")
+             if line.split()[1] == mnt]
+    assert len(found) == 1
+    src, _, fstype, opts = found[0][:4]
+    assert (src, fstype) == (dev, "ext4")
+    assert "discard" in opts.split(",") and "noatime" in opts.split(",")
+    assert b"--swap" not in cmdline(state["server_pid"])
+    # The file system works and its data reaches the plugin.
+    data = os.urandom(3 * MiB)
+    with open(os.path.join(mnt, "f"), "wb") as f:
+        f.write(data)
+    os.sync()
+    assert open(os.path.join(mnt, "f"), "rb").read() == data
+    assert status_of("zdisk")["orig_data_size"] >= 3 * MiB
+    attach.down()
+    assert not os.path.ismount(mnt)
+    assert leftovers(env.run, mnt) == []
+
+
+def test_cli_up_down_several_devices(env):
+    mnt = os.path.join(env.mnt, "d")
+    env.configure("[za]\nzram-size = 32\n"
+                  "[zb]\nzram-size = 32\nfs-type=ext2\nmount-point=%s\n" % mnt)
+    run = dict(os.environ, PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-m", "zramd.attach", "up",
+                        "--root", env.root], env=run, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("za: /dev/loop") and lines[0].endswith(" [SWAP]")
+    assert lines[1].startswith("zb: /dev/loop") and lines[1].endswith(" " + mnt)
+    assert sorted(attach.states()) == ["za", "zb"]
+    r = subprocess.run([sys.executable, "-m", "zramd.attach", "down"],
+                       env=run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert leftovers(env.run, mnt) == []
+
+
+def test_uses_a_running_server_and_leaves_it(env):
+    env.configure("[zrun]\nzram-size = 32\n")
+    with NbdkitServer(env.run, size="32M", name="zrun") as srv:
+        srv.wait_control()
+        (state,) = attach.up(root=env.root, start_server=False)
+        assert state["server_started"] is False
+        assert state["server_pid"] == srv.process.pid      # SO_PEERCRED
+        assert swap_entry(state["block_device"]) is not None
+        attach.down()
+        # Our layers are gone, the server still serves.
+        assert srv.process.poll() is None
+        assert status_of("zrun")["disksize"] == 32 * MiB
+        assert _loops_backed_under(env.run) == []
+        assert _mounts_under(env.run) == []
+    os.unlink(os.path.join(env.run, "nbdkit.log"))
+    for leftover in ("zrun.nbd", "zrun.sock"):
+        p = os.path.join(env.run, leftover)
+        if os.path.exists(p):
+            os.unlink(p)
+    assert leftovers(env.run) == []
+
+
+def test_no_server_refused_without_one(env):
+    env.configure("[zns]\nzram-size = 32\n")
+    with pytest.raises(ZramdError) as exc:
+        attach.up(root=env.root, start_server=False)
+    assert "zns: no server answers" in exc.value.message
+    assert leftovers(env.run) == []
+
+
+def test_failed_up_is_unwound(env):
+    mnt = os.path.join(env.mnt, "bad")
+    env.configure("[zbad]\nzram-size = 32\nfs-type = nosuchfs\n"
+                  "mount-point = %s\n" % mnt)
+    with pytest.raises(ZramdError) as exc:
+        attach.up(root=env.root)
+    assert exc.value.message.startswith("zbad: mkfs -t nosuchfs")
+    # The server, nbdfuse and the loop device it got that far with: gone.
+    assert leftovers(env.run, mnt) == []
+
+
+def test_bad_config_changes_nothing(env):
+    env.configure("[zok]\nzram-size = 32\n[zbroken]\nzram-size = ram /\n")
+    with pytest.raises(ConfigError) as exc:
+        attach.up(root=env.root)
+    assert "zramd.conf:4: [zbroken] zram-size" in exc.value.message
+    assert not os.path.exists(env.run) or leftovers(env.run) == []
+    with pytest.raises(ConfigError) as exc:
+        attach.up(["nosuch"], root=env.root)
+
+
+def test_unknown_name_and_idle_down(env):
+    env.configure("[zone]\nzram-size = 32\n")
+    with pytest.raises(ConfigError) as exc:
+        attach.up(["ztwo"], root=env.root)
+    assert exc.value.message == "ztwo: not configured (configured: zone)"
+    assert attach.down(["zone"]) == []
+    assert attach.down() == []
+
+
+def test_down_refuses_busy_mount_and_keeps_state(env):
+    mnt = os.path.join(env.mnt, "busy")
+    env.configure("[zbusy]\nzram-size = 32\nfs-type = ext4\n"
+                  "mount-point = %s\n" % mnt)
+    attach.up(root=env.root)
+    holder = open(os.path.join(mnt, "held"), "w")
+    try:
+        with pytest.raises(ZramdError) as exc:
+            attach.down(["zbusy"])
+        assert exc.value.message.startswith("zbusy: umount")
+        # Nothing under the busy file system was torn down.
+        assert os.path.ismount(mnt)
+        assert env.state("zbusy")["block_device"].startswith("/dev/loop")
+        assert attach.states()["zbusy"]["use"] == "fs"
+    finally:
+        holder.close()
+    assert attach.down(["zbusy"]) == ["zbusy"]
+    assert leftovers(env.run, mnt) == []
+
+
+def test_stale_state_is_cleared_by_up(env):
+    # A state file left by a crashed zramd (its pids long gone, reused by
+    # something else: our own pid here) is undone without harm, then the
+    # device comes up.
+    env.configure("[zstale]\nzram-size = 32\n")
+    os.makedirs(env.run)
+    stale = {"version": 1, "name": "zstale", "server_pid": os.getpid(),
+             "server_started": True, "attach": "nbdfuse",
+             "nbd_socket": os.path.join(env.run, "zstale.nbd"),
+             "control_socket": os.path.join(env.run, "zstale.sock"),
+             "fuse_dir": os.path.join(env.run, "zstale.fuse"),
+             "fuse_pid": os.getpid(), "block_device": "/dev/loop999",
+             "use": "swap", "mount_point": None, "active": True}
+    with open(os.path.join(env.run, "zstale.state.json"), "w") as f:
+        json.dump(stale, f)
+    (state,) = attach.up(root=env.root)
+    assert state["server_pid"] != os.getpid()
+    assert swap_entry(state["block_device"]) is not None
+    attach.down()
+    assert leftovers(env.run) == []

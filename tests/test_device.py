@@ -1,0 +1,775 @@
+"""Tests for zramd.device.Device, written from its specification.
+
+The model is a bytearray of the disk plus, per sector, whether it is
+*stored* (written since the last whole-sector discard or write-zeroes) or a
+hole.  What a stored sector costs follows from its contents alone, as in
+zram_write_page(): one 8-byte value repeated is a same-filled page (no pool
+memory, counted in same_pages); otherwise its compressed length, computed
+here with the same backend, or 4096 if that length reaches the pool's
+huge_class_size (a HUGE page, stored raw).  So after every operation:
+
+    orig_data_size  = 4096 x stored sectors (same-filled included)
+    compr_data_size = sum of stored object sizes (huge count 4096)
+    same_pages, huge_pages = counts of such sectors
+    mem_used_total  = 4096 x pool pages;  mem_used_max >= it, the peak
+    notify_free     = whole sectors discarded or write-zeroed
+
+Two corners the spec leaves open are accepted either way and settled by
+extents(): zeroing part of a hole, and zeroing part of a stored sector so
+that all of it becomes zero, may leave a hole or a stored zero page.
+"""
+
+import errno
+import os
+import random
+import threading
+import time
+
+import lz4.block
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize,
+                                 invariant, precondition, rule)
+
+from zramd import compress
+from zramd.device import Device
+from zramd.errors import InvalidRequestError, NoSpaceError, ZramdError
+
+PAGE = 4096
+# zs_huge_class_size() for chain sizes 4, 8 and 16 (see test_zsmalloc.py,
+# which derives them from the kernel's formulas).
+HUGE_CLASS_SIZE = {4: 3257, 8: 3625, 16: 3833}
+
+
+# --------------------------------------------------------------------------
+# Page contents.
+
+def same_filled(page):
+    """page_same_filled(): one 8-byte word repeated over the page."""
+    return page == page[:8] * (PAGE // 8)
+
+
+def random_bytes(seed, n):
+    return random.Random(seed).randbytes(n)
+
+
+def text_bytes(seed, n):
+    r = random.Random(seed)
+    words = [b"zram", b"sector", b"pool", b"class", b"frame", b"handle",
+             b"compress", b"%d" % seed, b"\n"]
+    out = bytearray()
+    while len(out) < n:
+        out += r.choice(words) + b" "
+    return bytes(out[:n])
+
+
+def pattern_at(offset, n, word):
+    """Bytes for disk range [offset, offset+n) that make every whole sector
+    inside it the 8-byte word repeated."""
+    start = offset % 8
+    reps = (start + n) // 8 + 2
+    return (word * reps)[start:start + n]
+
+
+def partly_random(seed, n, noise):
+    """Compresses to about `noise` bytes per sector: near the huge line."""
+    r = random.Random(seed)
+    out = bytearray(n)
+    for base in range(0, n, PAGE):
+        k = min(noise, n - base)
+        out[base:base + k] = r.randbytes(k)
+    return bytes(out)
+
+
+class Costs:
+    """What a sector of given contents costs, from the spec's rules."""
+
+    def __init__(self, algorithm, chain_size=8, level=None):
+        self.comp = compress.create(algorithm, level=level)
+        self.huge_class_size = HUGE_CLASS_SIZE[chain_size]
+        self.cache = {}
+
+    def classify(self, page):
+        """-> ("same", 0) | ("huge", 4096) | ("obj", compressed length)"""
+        page = bytes(page)
+        got = self.cache.get(page)
+        if got is None:
+            if same_filled(page):
+                got = ("same", 0)
+            else:
+                n = len(self.comp.compress(page))
+                got = ("huge", PAGE) if n >= self.huge_class_size else (
+                    "obj", n)
+            if len(self.cache) > 4096:
+                self.cache.clear()
+            self.cache[page] = got
+        return got
+
+
+class Model:
+    """Disk bytes and per-sector state; expected counters."""
+
+    HOLE, STORED, EITHER = "hole", "stored", "either"
+
+    def __init__(self, size, costs):
+        self.size = size
+        self.data = bytearray(size)
+        self.state = [self.HOLE] * (size // PAGE)
+        self.costs = costs
+        self.notify_free = 0
+        self.huge_since = 0
+        self.failed_writes = 0
+
+    def page(self, i):
+        return bytes(self.data[i * PAGE:(i + 1) * PAGE])
+
+    def _stored(self, i):
+        kind, _ = self.costs.classify(self.page(i))
+        if kind == "huge":
+            self.huge_since += 1
+        self.state[i] = self.STORED
+
+    def write(self, offset, data):
+        self.data[offset:offset + len(data)] = data
+        for i in range(offset // PAGE, (offset + len(data) - 1) // PAGE + 1):
+            self._stored(i)
+
+    def zero(self, offset, length):
+        """discard / write_zeroes: whole sectors freed, partial zeroed."""
+        self.data[offset:offset + length] = bytes(length)
+        end = offset + length
+        for i in range(offset // PAGE, (end - 1) // PAGE + 1):
+            lo, hi = i * PAGE, (i + 1) * PAGE
+            if offset <= lo and hi <= end:
+                self.state[i] = self.HOLE
+                self.notify_free += 1
+            elif self.state[i] == self.HOLE:
+                self.state[i] = self.EITHER
+            elif self.page(i) == bytes(PAGE):
+                self.state[i] = self.EITHER
+            else:
+                self._stored(i)
+
+    def settle(self, dev):
+        """Resolve EITHER sectors from the device's extents()."""
+        if self.EITHER not in self.state:
+            return
+        kinds = sector_kinds(dev, self.size)
+        for i, s in enumerate(self.state):
+            if s == self.EITHER:
+                assert kinds[i] in ("hole", "zero"), (i, kinds[i])
+                self.state[i] = self.HOLE if kinds[i] == "hole" else (
+                    self.STORED)
+
+    def expected(self):
+        orig = compr = same = huge = 0
+        for i, s in enumerate(self.state):
+            if s != self.STORED:
+                continue
+            orig += PAGE
+            kind, n = self.costs.classify(self.page(i))
+            compr += n
+            same += kind == "same"
+            huge += kind == "huge"
+        return dict(orig_data_size=orig, compr_data_size=compr,
+                    same_pages=same, huge_pages=huge,
+                    huge_pages_since=self.huge_since)
+
+
+def sector_kinds(dev, size):
+    kinds = [None] * (size // PAGE)
+    pos = 0
+    for off, length, kind in dev.extents(0, size):
+        assert off == pos and length > 0 and off % PAGE == 0 \
+            and length % PAGE == 0, (off, length, kind)
+        assert kind in ("hole", "zero", "data")
+        for i in range(off // PAGE, (off + length) // PAGE):
+            kinds[i] = kind
+        pos = off + length
+    assert pos == size
+    return kinds
+
+
+def pool_pages(dev):
+    return dev.pool_stats().total_pages
+
+
+def check_mem(dev, m):
+    """mem_used_total = 4096 x pool pages, read while the drain worker may
+    be freeing: exact whenever the pool held still around the reading."""
+    for _ in range(50):
+        a = pool_pages(dev)
+        m = dev.mm_stat()
+        b = pool_pages(dev)
+        if a == b:
+            assert m.mem_used_total == PAGE * a
+            break
+        time.sleep(0.001)
+    else:
+        pytest.fail("pool pages never held still")
+    assert m.mem_used_max >= m.mem_used_total
+    return m
+
+
+def check_stats(dev, model, prev_max=0):
+    model.settle(dev)
+    m = dev.mm_stat()
+    want = model.expected()
+    got = {k: getattr(m, k) for k in want}
+    assert got == want
+    m = check_mem(dev, m)
+    assert m.mem_used_max >= prev_max
+    assert m.pages_compacted == dev.pool_stats().pages_compacted
+    assert m.mem_limit == dev.mem_limit
+    io = dev.io_stat()
+    assert (io.failed_reads, io.failed_writes, io.notify_free) == (
+        0, model.failed_writes, model.notify_free)
+    kinds = sector_kinds(dev, model.size)
+    for i, s in enumerate(model.state):
+        if s == model.HOLE:
+            assert kinds[i] == "hole", i
+        elif model.page(i) == bytes(PAGE):
+            assert kinds[i] == "zero", i
+        else:
+            assert kinds[i] == "data", i
+    return m
+
+
+def wait_pages(dev, at_most, timeout=10.0):
+    """Wait for deferred frees: until the pool holds at most `at_most`
+    frames; returns what it holds."""
+    deadline = time.monotonic() + timeout
+    while pool_pages(dev) > at_most and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pool_pages(dev)
+
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def dev():
+    d = Device(64 * PAGE)
+    yield d
+    d.close()
+
+
+# --------------------------------------------------------------------------
+# Out-of-range requests: EINVAL, nothing changed.
+
+SIZE_SMALL = 16 * PAGE
+BAD_RANGES = [(-1, 1), (SIZE_SMALL, 1), (SIZE_SMALL - 1, 2), (0, SIZE_SMALL + 1),
+              (SIZE_SMALL + PAGE, PAGE), (-PAGE, PAGE), (1 << 62, 1)]
+
+
+@pytest.mark.parametrize("offset,length", BAD_RANGES)
+@pytest.mark.parametrize("op", ["read", "read_into", "write", "discard",
+                                "write_zeroes"])
+def test_out_of_range(op, offset, length):
+    d = Device(SIZE_SMALL)
+    try:
+        d.write(0, random_bytes(1, SIZE_SMALL))
+        before = (d.read(0, SIZE_SMALL), str(d.mm_stat()), str(d.io_stat()))
+        with pytest.raises(InvalidRequestError) as e:
+            if op == "read":
+                d.read(offset, length)
+            elif op == "read_into":
+                d.read_into(offset, bytearray(length))
+            elif op == "write":
+                d.write(offset, b"\x55" * length)
+            else:
+                getattr(d, op)(offset, length)
+        assert e.value.errno == errno.EINVAL
+        assert isinstance(e.value, ZramdError)
+        after = (d.read(0, SIZE_SMALL), str(d.mm_stat()), str(d.io_stat()))
+        assert after == before
+    finally:
+        d.close()
+
+
+def test_whole_disk_and_last_byte(dev):
+    size = dev.size
+    dev.write(size - 1, b"\x01")
+    assert dev.read(size - 1, 1) == b"\x01"
+    data = random_bytes(2, size)
+    dev.write(0, data)
+    assert dev.read(0, size) == data
+    buf = bytearray(size)
+    dev.read_into(0, buf)
+    assert buf == data
+    view = memoryview(bytearray(PAGE + 3))
+    dev.read_into(PAGE - 1, view)
+    assert bytes(view) == data[PAGE - 1:2 * PAGE + 2]
+    dev.discard(0, size)
+    assert dev.read(0, size) == bytes(size)
+    dev.flush()
+
+
+def test_config_errors():
+    for bad in (0, -PAGE, PAGE + 1):
+        with pytest.raises(ZramdError):
+            Device(bad)
+    with pytest.raises(ZramdError):
+        Device(PAGE, algorithm="no-such-algorithm")
+
+
+# --------------------------------------------------------------------------
+# Golden text.
+
+def golden_page(i):
+    s = b"".join(b"zramd golden page %d line %04d\n" % (i, j)
+                 for j in range(200))
+    return s[:PAGE]
+
+
+def test_golden_stat_lines():
+    # lz4 (LZ4_compress_default) sizes, as the kernel would store them:
+    # golden_page(4), (5): 723 bytes -> class 736 (2 frames, 11 objects);
+    # half-random page: 2034 -> class 2048 (1 frame, 2 objects);
+    # random page: huge, one frame.
+    rnd = random.Random(1234).randbytes(PAGE)
+    half = random.Random(99).randbytes(2000) + bytes(PAGE - 2000)
+    for page, n in ((golden_page(4), 723), (golden_page(5), 723),
+                    (half, 2034)):
+        assert len(lz4.block.compress(page, mode="default",
+                                      store_size=False)) == n
+    d = Device(2 << 20)
+    try:
+        d.write(0 * PAGE, bytes(PAGE))                 # same (zero)
+        d.write(1 * PAGE, b"\xab" * PAGE)              # same
+        d.write(2 * PAGE, b"01234567" * (PAGE // 8))   # same
+        d.write(3 * PAGE, rnd)                         # huge
+        d.write(4 * PAGE, golden_page(4))
+        d.write(5 * PAGE, golden_page(5))
+        d.write(6 * PAGE, half)
+        assert str(d.mm_stat()) == (
+            "   28672     7576    16384        0    16384        3"
+            "        0        1        1\n")
+        assert str(d.io_stat()) == "       0        0 0        0\n"
+        assert str(d.debug_stat()) == "version: 1\n0        0\n"
+        # Sector 5 shares its zspage with sector 4, so freeing it (deferred)
+        # frees no frame; sectors 9 and 10 were never written.
+        d.discard(5 * PAGE, PAGE)
+        d.write_zeroes(9 * PAGE, 2 * PAGE)
+        assert str(d.mm_stat()) == (
+            "   24576     6853    16384        0    16384        3"
+            "        0        1        1\n")
+        assert str(d.io_stat()) == "       0        0 0        3\n"
+        assert str(d.debug_stat()) == "version: 1\n0        0\n"
+        # The huge page replaced by a same-filled one: huge_pages drops,
+        # huge_pages_since keeps the history; its frame goes back.
+        d.write(3 * PAGE, b"\xff" * PAGE)
+        assert wait_pages(d, 3) == 3
+        assert str(d.mm_stat()) == (
+            "   24576     2757    12288        0    16384        4"
+            "        0        0        1\n")
+        d.reset_mem_used_max()
+        assert d.mm_stat().mem_used_max == 12288
+        assert d.read(0, 7 * PAGE) == (
+            bytes(PAGE) + b"\xab" * PAGE + b"01234567" * (PAGE // 8)
+            + b"\xff" * PAGE + golden_page(4) + bytes(PAGE) + half)
+    finally:
+        d.close()
+
+
+def test_golden_enospc():
+    d = Device(1 << 20, mem_limit=2 * PAGE)
+    try:
+        assert d.mem_limit == 2 * PAGE
+        d.write(0, random_bytes(1, PAGE))
+        d.write(PAGE, random_bytes(2, PAGE))
+        with pytest.raises(NoSpaceError) as e:
+            d.write(2 * PAGE, random_bytes(3, PAGE))
+        assert e.value.errno == errno.ENOSPC
+        assert str(d.io_stat()) == "       0        1 0        0\n"
+        m = d.mm_stat()
+        assert (m.orig_data_size, m.compr_data_size, m.mem_used_total,
+                m.mem_limit, m.huge_pages) == (8192, 8192, 8192, 8192, 2)
+        # The kernel counts the failed allocation in the peak; a pool that
+        # refuses before allocating would not.
+        assert m.mem_used_max in (8192, 12288)
+        line = str(m)
+        assert line.startswith("    8192     8192     8192     8192 ")
+        assert line.endswith("        0        0        2        2\n")
+    finally:
+        d.close()
+
+
+# --------------------------------------------------------------------------
+# ENOSPC with mem_limit.
+
+def test_mem_limit_enospc_keeps_old_content():
+    limit = 16
+    d = Device(1 << 20, mem_limit=limit * PAGE)
+    try:
+        huge = [random_bytes(100 + i, PAGE) for i in range(limit)]
+        for i, page in enumerate(huge):
+            d.write(i * PAGE, page)
+        assert pool_pages(d) == limit
+        # Same-filled pages cost nothing: still accepted at the limit.
+        d.write(20 * PAGE, b"\x5a" * PAGE)
+        before = str(d.mm_stat())
+        failed = 0
+        # A new page, a page over a same-filled one, a partial write into a
+        # hole: each needs a frame the limit does not allow.
+        for off, data in ((30 * PAGE, random_bytes(7, PAGE)),
+                          (20 * PAGE, random_bytes(8, PAGE)),
+                          (40 * PAGE + 10, random_bytes(9, 3000)),
+                          (50 * PAGE - 100, random_bytes(10, PAGE + 200))):
+            with pytest.raises(NoSpaceError) as e:
+                d.write(off, data)
+            failed += 1
+            assert e.value.errno == errno.ENOSPC
+            assert d.io_stat().failed_writes == failed
+        assert d.read(30 * PAGE, PAGE) == bytes(PAGE)
+        assert d.read(20 * PAGE, PAGE) == b"\x5a" * PAGE
+        assert d.read(40 * PAGE, PAGE) == bytes(PAGE)
+        assert d.read(49 * PAGE, 2 * PAGE) == bytes(2 * PAGE)
+        m = d.mm_stat()
+        assert str(m).split()[:4] == before.split()[:4]
+        assert m.same_pages == 1 and m.huge_pages == limit
+        for i, page in enumerate(huge):
+            assert d.read(i * PAGE, PAGE) == page
+        # Overwriting a stored page at the limit either fails leaving the
+        # old page (zram allocates before it frees) or succeeds.
+        try:
+            d.write(0, random_bytes(11, PAGE))
+        except NoSpaceError:
+            failed += 1
+            assert d.read(0, PAGE) == huge[0]
+        else:
+            assert d.read(0, PAGE) == random_bytes(11, PAGE)
+        assert d.io_stat().failed_writes == failed
+        # Room again after a discard (once the deferred free has run), and
+        # after raising the limit.
+        d.discard(PAGE, PAGE)
+        assert wait_pages(d, limit - 1) == limit - 1
+        d.write(30 * PAGE, random_bytes(7, PAGE))
+        assert d.read(30 * PAGE, PAGE) == random_bytes(7, PAGE)
+        with pytest.raises(NoSpaceError):
+            d.write(31 * PAGE, random_bytes(12, PAGE))
+        d.set_mem_limit((limit + 4) * PAGE)
+        assert d.mem_limit == (limit + 4) * PAGE
+        assert d.mm_stat().mem_limit == (limit + 4) * PAGE
+        d.write(31 * PAGE, random_bytes(12, PAGE))
+        assert d.read(31 * PAGE, PAGE) == random_bytes(12, PAGE)
+        assert pool_pages(d) <= limit + 4
+        assert d.io_stat().failed_reads == 0
+    finally:
+        d.close()
+
+
+# --------------------------------------------------------------------------
+# mem_used_max is the peak.
+
+def test_mem_used_max_is_peak():
+    d = Device(1 << 20)
+    try:
+        for i in range(40):
+            d.write(i * PAGE, random_bytes(i, PAGE) if i % 3 else
+                    text_bytes(i, PAGE))
+            m = d.mm_stat()
+            assert m.mem_used_max == m.mem_used_total == PAGE * pool_pages(d)
+        peak = d.mm_stat().mem_used_max
+        d.discard(0, 40 * PAGE)
+        assert wait_pages(d, 0) == 0
+        m = d.mm_stat()
+        assert (m.mem_used_total, m.mem_used_max) == (0, peak)
+        assert (m.orig_data_size, m.compr_data_size) == (0, 0)
+        assert d.io_stat().notify_free == 40
+        d.reset_mem_used_max()
+        assert d.mm_stat().mem_used_max == 0
+    finally:
+        d.close()
+
+
+# --------------------------------------------------------------------------
+# Every backend round-trips through the device.
+
+@pytest.mark.parametrize("algorithm", compress.names())
+def test_backend_round_trip(algorithm):
+    size = 48 * PAGE
+    d = Device(size, algorithm=algorithm)
+    model = Model(size, Costs(algorithm))
+    try:
+        assert d.algorithm == algorithm
+        assert "[%s]" % algorithm in d.comp_algorithm()
+        writes = [
+            (0, bytes(PAGE)),
+            (PAGE, b"\x11" * PAGE),
+            (2 * PAGE, text_bytes(1, 5 * PAGE)),
+            (7 * PAGE, random_bytes(2, 3 * PAGE)),
+            (10 * PAGE + 123, text_bytes(3, 7000)),
+            (15 * PAGE - 5, random_bytes(4, 10)),
+            (16 * PAGE, partly_random(5, 4 * PAGE, 3500)),
+            (20 * PAGE, partly_random(6, 4 * PAGE, 3700)),
+            (24 * PAGE, pattern_at(24 * PAGE, 3 * PAGE, b"ABCDEFGH")),
+            (2 * PAGE + 1000, random_bytes(7, 2000)),
+        ]
+        for off, data in writes:
+            d.write(off, data)
+            model.write(off, data)
+            assert d.read(off, len(data)) == data
+            check_stats(d, model)
+        assert d.read(0, size) == model.data
+        d.discard(PAGE, 3 * PAGE)
+        model.zero(PAGE, 3 * PAGE)
+        d.write_zeroes(7 * PAGE + 100, 2 * PAGE)
+        model.zero(7 * PAGE + 100, 2 * PAGE)
+        assert d.read(0, size) == model.data
+        check_stats(d, model)
+        assert d.io_stat().failed_reads == 0
+    finally:
+        d.close()
+
+
+def page_compressing_to(comp, target):
+    """A page whose compressed length is exactly target, or None."""
+    for noise in range(target - 150, target + 40):
+        for seed in range(6):
+            page = partly_random(seed, PAGE, noise)
+            if len(comp.compress(page)) == target:
+                return page
+    return None
+
+
+@pytest.mark.parametrize("chain", [4, 8, 16])
+@pytest.mark.parametrize("algorithm", ["lz4", "deflate"])
+def test_huge_threshold_is_inclusive(algorithm, chain):
+    # huge iff compressed length >= huge_class_size, as zram_write_page.
+    limit = HUGE_CLASS_SIZE[chain]
+    comp = compress.create(algorithm)
+    below = page_compressing_to(comp, limit - 1)
+    at = page_compressing_to(comp, limit)
+    assert below is not None and at is not None
+    d = Device(8 * PAGE, algorithm=algorithm, chain_size=chain)
+    try:
+        d.write(0, below)
+        m = d.mm_stat()
+        assert (m.compr_data_size, m.huge_pages, m.huge_pages_since) == (
+            limit - 1, 0, 0)
+        d.write(PAGE, at)
+        m = d.mm_stat()
+        assert (m.compr_data_size, m.huge_pages, m.huge_pages_since) == (
+            limit - 1 + PAGE, 1, 1)
+        assert d.read(0, 2 * PAGE) == below + at
+    finally:
+        d.close()
+
+
+# --------------------------------------------------------------------------
+# The state machine.
+
+DEV_SECTORS = 24
+DEV_SIZE = DEV_SECTORS * PAGE
+
+
+@st.composite
+def ranges(draw, max_len=3 * PAGE + 300):
+    if draw(st.booleans()):
+        first = draw(st.integers(0, DEV_SECTORS - 1))
+        n = draw(st.integers(1, min(3, DEV_SECTORS - first)))
+        return first * PAGE, n * PAGE
+    offset = draw(st.integers(0, DEV_SIZE - 1))
+    length = draw(st.integers(1, min(max_len, DEV_SIZE - offset)))
+    return offset, length
+
+
+def make_data(kind, seed, offset, length):
+    if kind == "random":
+        return random_bytes(seed, length)
+    if kind == "zero":
+        return bytes(length)
+    if kind == "same":
+        return pattern_at(offset, length, random_bytes(seed, 8))
+    if kind == "text":
+        return text_bytes(seed, length)
+    if kind == "near_huge":
+        return partly_random(seed, length, 3400 + seed % 400)
+    raise AssertionError(kind)
+
+
+class DeviceMachine(RuleBasedStateMachine):
+
+    def __init__(self):
+        super().__init__()
+        self.dev = None
+
+    @initialize(algorithm=st.sampled_from(["lz4", "lz4", "zstd", "deflate"]),
+                chain=st.sampled_from([8, 8, 4, 16]))
+    def start(self, algorithm, chain):
+        self.dev = Device(DEV_SIZE, algorithm=algorithm, chain_size=chain)
+        self.model = Model(DEV_SIZE, Costs(algorithm, chain))
+        self.peak = 0
+
+    def teardown(self):
+        if self.dev is not None:
+            self.dev.close()
+
+    @rule(r=ranges(), kind=st.sampled_from(
+        ["random", "zero", "same", "text", "near_huge"]),
+        seed=st.integers(0, 1 << 16))
+    def write(self, r, kind, seed):
+        offset, length = r
+        data = make_data(kind, seed, offset, length)
+        self.dev.write(offset, data)
+        self.model.write(offset, data)
+
+    @rule(r=ranges(max_len=DEV_SIZE))
+    def read(self, r):
+        offset, length = r
+        assert self.dev.read(offset, length) == \
+            self.model.data[offset:offset + length]
+
+    @rule(r=ranges())
+    def read_into(self, r):
+        offset, length = r
+        buf = bytearray(b"\xee" * length)
+        self.dev.read_into(offset, buf)
+        assert buf == self.model.data[offset:offset + length]
+
+    @rule(r=ranges())
+    def discard(self, r):
+        self.dev.discard(*r)
+        self.model.zero(*r)
+
+    @rule(r=ranges())
+    def write_zeroes(self, r):
+        self.dev.write_zeroes(*r)
+        self.model.zero(*r)
+
+    @rule()
+    def flush(self):
+        self.dev.flush()
+
+    @rule()
+    def compact(self):
+        before = self.dev.mm_stat().pages_compacted
+        self.dev.compact()
+        assert self.dev.mm_stat().pages_compacted >= before
+
+    @invariant()
+    def stats_and_contents(self):
+        if self.dev is None:
+            return
+        m = check_stats(self.dev, self.model, self.peak)
+        self.peak = max(self.peak, m.mem_used_total, m.mem_used_max)
+        assert self.dev.read(0, DEV_SIZE) == self.model.data
+        assert str(self.dev.debug_stat()).startswith("version: 1\n0 ")
+
+
+DeviceMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+TestDeviceMachine = DeviceMachine.TestCase
+
+
+# --------------------------------------------------------------------------
+# Threads on distinct regions.
+
+def test_threads_distinct_regions():
+    n_threads, sectors = 4, 32
+    size = n_threads * sectors * PAGE
+    d = Device(size)
+    costs = Costs("lz4")
+    models = [None] * n_threads
+    errors = []
+
+    def worker(t):
+        try:
+            rng = random.Random(t)
+            base = t * sectors * PAGE
+            m = Model(sectors * PAGE, costs)
+            for step in range(1000):
+                off = rng.randrange(sectors * PAGE)
+                length = rng.randint(1, min(3 * PAGE, sectors * PAGE - off))
+                if rng.random() < 0.3:
+                    off -= off % PAGE
+                    length = min(PAGE * rng.randint(1, 3), sectors * PAGE - off)
+                op = rng.random()
+                if op < 0.5:
+                    kind = rng.choice(["random", "zero", "same", "text",
+                                       "near_huge"])
+                    data = make_data(kind, rng.randrange(1 << 16), off, length)
+                    d.write(base + off, data)
+                    m.write(off, data)
+                elif op < 0.75:
+                    got = d.read(base + off, length)
+                    if got != m.data[off:off + length]:
+                        raise AssertionError("thread %d: read %d+%d differs"
+                                             % (t, off, length))
+                elif op < 0.9:
+                    d.discard(base + off, length)
+                    m.zero(off, length)
+                else:
+                    d.write_zeroes(base + off, length)
+                    m.zero(off, length)
+            if d.read(base, sectors * PAGE) != m.data:
+                raise AssertionError("thread %d: region differs" % t)
+            models[t] = m
+        except BaseException as e:          # noqa: B902 -- report any
+            errors.append((t, e))
+
+    done = threading.Event()
+
+    def compactor():
+        try:
+            while not done.is_set():
+                d.compact()
+                time.sleep(0.005)
+        except BaseException as e:          # noqa: B902
+            errors.append(("compactor", e))
+
+    threads = [threading.Thread(target=worker, args=(t,))
+               for t in range(n_threads)]
+    comp = threading.Thread(target=compactor)
+    try:
+        comp.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        done.set()
+        comp.join(30)
+        assert not errors, errors
+        # One model for the whole disk, from the regions.
+        whole = Model(size, costs)
+        for t, m in enumerate(models):
+            base = t * sectors
+            whole.data[base * PAGE:(base + sectors) * PAGE] = m.data
+            whole.state[base:base + sectors] = m.state
+            whole.notify_free += m.notify_free
+            whole.huge_since += m.huge_since
+        assert d.read(0, size) == whole.data
+        check_stats(d, whole)
+    finally:
+        done.set()
+        d.close()
+
+
+# --------------------------------------------------------------------------
+# An untouched big device costs almost nothing.
+
+def test_untouched_64g_device_is_cheap():
+    start = rss_bytes()
+    d = Device(64 << 30)
+    try:
+        assert d.size == 64 << 30
+        assert rss_bytes() - start < 8 << 20
+        # A few sectors far apart, and reads of holes.
+        for off in (0, 17 << 30, (64 << 30) - PAGE):
+            d.write(off, random_bytes(off & 0xFFFF, PAGE))
+            assert d.read(off, PAGE) == random_bytes(off & 0xFFFF, PAGE)
+        assert d.read(32 << 30, 1 << 20) == bytes(1 << 20)
+        d.discard(1 << 30, 64 << 20)
+        m = d.mm_stat()
+        assert m.orig_data_size == 3 * PAGE and m.huge_pages == 3
+        assert d.io_stat().notify_free == (64 << 20) // PAGE
+        assert rss_bytes() - start < 16 << 20
+    finally:
+        d.close()

@@ -36,6 +36,7 @@ import mmap
 import threading
 import time
 from array import array
+from collections import namedtuple
 
 from . import PAGE_SIZE, PAGE_SHIFT
 from . import compress
@@ -82,6 +83,8 @@ C_NUM_WRITES = 7        # sectors written
 N_COUNTERS = 8
 
 ZERO_PAGE = bytes(PAGE_SIZE)
+
+SlotInfo = namedtuple("SlotInfo", "flags size priority dict_id")
 
 
 def _slot_array(count, itemsize, typecode):
@@ -227,6 +230,16 @@ class Device:
     def slot_flags(self, index):
         """The flag bits of slot ``index`` (see the module constants)."""
         return self._meta[index] & ~SIZE_MASK
+
+    def slot_info(self, index):
+        """SlotInfo(flags, size, priority, dict_id) of slot ``index``: what
+        the stats are made of, for checks and tools."""
+        meta = self._meta[index]
+        return SlotInfo(
+            flags=meta & ~(SIZE_MASK | COMP_PRIORITY_MASK | DICT_MASK),
+            size=meta & SIZE_MASK,
+            priority=(meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT,
+            dict_id=(meta & DICT_MASK) >> DICT_SHIFT)
 
     # ---- per-sector I/O ----------------------------------------------------
 
@@ -599,10 +612,11 @@ class Device:
         if not isinstance(threshold, int) or not 0 <= threshold <= PAGE_SIZE:
             raise InvalidRequestError("threshold: %r; accepted: 0..%d"
                                       % (threshold, PAGE_SIZE))
+        candidates = self._pp_candidates(pp_type, pages)
         need = PP_TYPES[pp_type] if pp_type else 0
         done = 0
         budget = max_pages
-        for index in self._pp_candidates(pp_type, pages):
+        for index in candidates:
             if max_pages and budget <= 0:
                 break
             meta = self._meta[index]
@@ -705,9 +719,10 @@ class Device:
         the number of pages written back."""
         if self._backing is None:
             raise InvalidRequestError("writeback: no backing_dev set")
+        candidates = self._pp_candidates(pp_type, pages)
         need = PP_TYPES[pp_type] if pp_type else 0
         done = 0
-        for index in self._pp_candidates(pp_type, pages):
+        for index in candidates:
             if max_pages and done >= max_pages:
                 break
             meta = self._meta[index]
@@ -797,6 +812,11 @@ class Device:
         finally:
             for lock in self._stripe_locks:
                 lock.release()
+
+    def dictionary_ids(self):
+        """Ids of the dictionaries kept: the current one and those stored
+        pages still use (0: no dictionary)."""
+        return sorted(self._dict_comps)
 
     def dictionary_id(self):
         """The id of the dictionary new pages are compressed with (0:

@@ -152,6 +152,12 @@ def env(tmp_path, monkeypatch):
         _force_cleanup(e.run, [e.mnt])
 
 
+def _can_lower_oom_score():
+    r = subprocess.run(["sh", "-c", "echo -1 > /proc/self/oom_score_adj"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
 def swap_entry(device):
     with open("/proc/swaps") as f:
         for line in f.readlines()[1:]:
@@ -206,6 +212,13 @@ def test_swap_round_trip(env):
     with open("/proc/%d/status" % pid) as f:
         st = dict(line.split(":", 1) for line in f)
     assert int(st["VmLck"].split()[0]) > 0
+    assert int(st["Threads"]) <= 16
+    with open("/proc/%d/oom_score_adj" % pid) as f:
+        # Lowering needs CAP_SYS_RESOURCE, which some containers withhold.
+        assert int(f.read()) == (attach.SERVER_OOM_SCORE_ADJ
+                                 if _can_lower_oom_score() else 0)
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        assert b"MALLOC_ARENA_MAX=2" in f.read().split(b"\0")
     status = status_of("zswap")
     assert status["disksize"] == 64 * MiB and status["algorithm"] == "zstd"
     assert status["num_writes"] > 0                   # mkswap's header
@@ -365,3 +378,16 @@ def test_stale_state_is_cleared_by_up(env):
     assert swap_entry(state["block_device"]) is not None
     attach.down()
     assert leftovers(env.run) == []
+
+
+def test_add_subcommands_parses():
+    import argparse
+    parser = argparse.ArgumentParser(prog="zramd")
+    sub = parser.add_subparsers(dest="command")
+    attach.add_subcommands(sub)
+    a = parser.parse_args(["up", "zramd0", "scratch", "--no-server"])
+    assert (a.command, a.names, a.start_server) == ("up", ["zramd0", "scratch"],
+                                                    False)
+    assert a.func is attach._cmd_up
+    a = parser.parse_args(["down"])
+    assert (a.command, a.names, a.func) == ("down", [], attach._cmd_down)

@@ -287,6 +287,21 @@ def limit_stack():
     resource.setrlimit(resource.RLIMIT_STACK, (size, hard))
 
 
+#: The server holds the disk: far down the OOM killer's list (the units
+#: set the same OOMScoreAdjust=).
+SERVER_OOM_SCORE_ADJ = -900
+
+
+def _server_preexec():
+    """In the server's child before exec: small stacks, OOM protection."""
+    limit_stack()
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(SERVER_OOM_SCORE_ADJ))
+    except OSError:
+        pass                # not root: the default score
+
+
 def serve(name, root="/"):
     """Replace this process by the server of device ``name`` (the
     ExecStart of zramd@.service: same PID, so systemd watches nbdkit)."""
@@ -311,7 +326,7 @@ def _start_server(dev, state):
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT,
                                     env=server_environment(),
-                                    preexec_fn=limit_stack,
+                                    preexec_fn=_server_preexec,
                                     start_new_session=True)
         except FileNotFoundError:
             raise AttachError("%s: nbdkit: not installed" % dev.name) from None

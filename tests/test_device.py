@@ -20,7 +20,6 @@ that all of it becomes zero, may leave a hole or a stored zero page.
 """
 
 import errno
-import os
 import random
 import threading
 import time
@@ -29,7 +28,7 @@ import lz4.block
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize,
-                                 invariant, precondition, rule)
+                                 invariant, rule)
 
 from zramd import compress
 from zramd.device import Device
@@ -263,8 +262,9 @@ def dev():
 # Out-of-range requests: EINVAL, nothing changed.
 
 SIZE_SMALL = 16 * PAGE
-BAD_RANGES = [(-1, 1), (SIZE_SMALL, 1), (SIZE_SMALL - 1, 2), (0, SIZE_SMALL + 1),
-              (SIZE_SMALL + PAGE, PAGE), (-PAGE, PAGE), (1 << 62, 1)]
+BAD_RANGES = [(-1, 1), (SIZE_SMALL, 1), (SIZE_SMALL - 1, 2),
+              (0, SIZE_SMALL + 1), (SIZE_SMALL + PAGE, PAGE), (-PAGE, PAGE),
+              (1 << 62, 1)]
 
 
 @pytest.mark.parametrize("offset,length", BAD_RANGES)
@@ -690,7 +690,8 @@ def test_threads_distinct_regions():
                 length = rng.randint(1, min(3 * PAGE, sectors * PAGE - off))
                 if rng.random() < 0.3:
                     off -= off % PAGE
-                    length = min(PAGE * rng.randint(1, 3), sectors * PAGE - off)
+                    length = min(PAGE * rng.randint(1, 3),
+                                 sectors * PAGE - off)
                 op = rng.random()
                 if op < 0.5:
                     kind = rng.choice(["random", "zero", "same", "text",

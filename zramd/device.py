@@ -761,14 +761,17 @@ class Device:
         if self.algorithm != "zstd":
             raise InvalidRequestError("train_dictionary: algorithm %s;"
                                       " accepted: zstd" % self.algorithm)
+        import random
         import zstandard
+        # Samples spread over the whole disk, not its first pages: what
+        # the dictionary learns should be what the device holds.
+        stored = [i for i in range(self.nr_pages) if self._handle[i]
+                  and not self._meta[i] & (SAME | WB | HUGE)]
+        if len(stored) > max_samples:
+            stored = sorted(random.Random(len(stored)).sample(stored,
+                                                              max_samples))
         samples = []
-        for index in range(self.nr_pages):
-            if len(samples) >= max_samples:
-                break
-            meta = self._meta[index]
-            if not self._handle[index] or meta & (SAME | WB):
-                continue
+        for index in stored:
             page = bytearray(PAGE_SIZE)
             try:
                 self._read_sector(index, 0, PAGE_SIZE, page, 0, touch=False)

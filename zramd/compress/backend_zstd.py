@@ -38,10 +38,10 @@ from .base import Compressor
 class _Contexts(threading.local):
     """This thread's compressor and decompressor (built on first use)."""
 
-    def __init__(self, params, zdict):
+    def __init__(self, params, zdict, window):
         self.cctx = zstandard.ZstdCompressor(compression_params=params, dict_data=zdict)
         self.dctx = zstandard.ZstdDecompressor(
-            dict_data=zdict, max_window_size=PAGE_SIZE,
+            dict_data=zdict, max_window_size=max(window, PAGE_SIZE),
             format=zstandard.FORMAT_ZSTD1_MAGICLESS)
 
 
@@ -53,8 +53,13 @@ class Zstd(Compressor):
 
     def __init__(self, level=None, dictionary=None):
         super().__init__(level)
+        # With a dictionary the window must reach back into it: zstd's
+        # parameter table for (page, dictionary) sizes widens it, as
+        # ZSTD_getCParams(level, srcSize, dictSize) does for a CDict.
         params = zstandard.ZstdCompressionParameters.from_level(
-            self.level, source_size=PAGE_SIZE, format=zstandard.FORMAT_ZSTD1_MAGICLESS,
+            self.level, source_size=PAGE_SIZE,
+            dict_size=len(dictionary) if dictionary else 0,
+            format=zstandard.FORMAT_ZSTD1_MAGICLESS,
             write_content_size=0, write_checksum=0, write_dict_id=0)
         zdict = None
         if dictionary is not None:
@@ -66,7 +71,7 @@ class Zstd(Compressor):
                 zdict.precompute_compress(compression_params=params)
             except zstandard.ZstdError as e:
                 raise ValueError("not a usable zstd dictionary: %s" % e) from e
-        self._ctx = _Contexts(params, zdict)
+        self._ctx = _Contexts(params, zdict, 1 << params.window_log)
         # One round trip now: it builds the DDict, which zstandard does
         # lazily on first use, before threads can race to do it, and proves
         # the configuration works before the device serves a page.

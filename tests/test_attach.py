@@ -391,3 +391,100 @@ def test_add_subcommands_parses():
     assert a.func is attach._cmd_up
     a = parser.parse_args(["down"])
     assert (a.command, a.names, a.func) == ("down", [], attach._cmd_down)
+
+
+def test_the_units_command_sequence(env):
+    # What systemd does with zramd@NAME and zramd-attach@NAME, minus
+    # systemd: serve (exec nbdkit, same pid), wait, up --no-server, down,
+    # then stopping the server (SIGTERM to the main pid).
+    env.configure("[zunit]\nzram-size = 32\n")
+    os.makedirs(env.run)
+    run = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "zramd.attach"]
+    server = subprocess.Popen(cmd + ["serve", "--root", env.root, "zunit"],
+                              env=run, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        r = subprocess.run(cmd + ["wait", "--timeout", "30", "zunit"],
+                           env=run, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, (r.stderr, server.poll())
+        argv = cmdline(server.pid)            # exec'd: same pid, nbdkit now
+        assert argv[0] == b"nbdkit" and b"--swap" in argv
+        assert b"--foreground" in argv
+        r = subprocess.run(cmd + ["up", "--no-server", "--root", env.root,
+                                  "zunit"], env=run, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        state = env.state("zunit")
+        assert state["server_pid"] == server.pid
+        assert state["server_started"] is False
+        assert swap_entry(state["block_device"]) is not None
+        r = subprocess.run(cmd + ["down", "zunit"], env=run,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert server.poll() is None          # the unit's server still runs
+        assert _loops_backed_under(env.run) == [] == _mounts_under(env.run)
+    finally:
+        server.terminate()
+        server.wait(20)
+    for leftover in ("zunit.nbd", "zunit.sock"):
+        p = os.path.join(env.run, leftover)
+        if os.path.exists(p):
+            os.unlink(p)
+    assert leftovers(env.run) == []
+
+
+WORKLOAD = """\
+import hashlib, os, random, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+chunks = [bytearray(random.Random(i).randbytes(2048) * 512)
+          for i in range(int(sys.argv[2]))]
+print("filled", flush=True)
+sys.stdin.readline()
+ok = all(c == random.Random(i).randbytes(2048) * 512
+         for i, c in enumerate(chunks))
+print("ok" if ok else "corrupt", flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK),
+                    reason="needs the cgroup v1 memory controller, writable")
+def test_swap_from_up_takes_pages_and_down_gives_them_back(env):
+    env.configure("[zpress]\nzram-size = 128\nswap-priority = 32767\n")
+    (state,) = attach.up(root=env.root)
+    dev = state["block_device"]
+    cgroup = "/sys/fs/cgroup/memory/zramd-attach-test-%d" % os.getpid()
+    os.mkdir(cgroup)
+    proc = None
+    try:
+        with open(os.path.join(cgroup, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(32 * MiB))
+        proc = subprocess.Popen([sys.executable, "-c", WORKLOAD, cgroup, "96"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "filled"
+        with open("/proc/swaps") as f:
+            used = [int(l.split()[3]) * 1024 for l in f
+                    if l.split()[0] == dev]
+        assert used and used[0] >= 48 * MiB, used
+        # The pool holds it compressed: each 4 KiB page is one random 2 KiB
+        # twice over, so about half.
+        st = status_of("zpress")
+        assert st["orig_data_size"] >= 48 * MiB
+        assert st["mem_used_total"] < st["orig_data_size"] * 0.6
+        out, _ = proc.communicate("check\n", timeout=120)
+        assert out.strip() == "ok"
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for _ in range(50):
+            try:
+                os.rmdir(cgroup)
+                break
+            except OSError:
+                time.sleep(0.1)
+    attach.down()
+    assert leftovers(env.run) == []

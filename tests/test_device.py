@@ -21,6 +21,7 @@ that all of it becomes zero, may leave a hole or a stored zero page.
 
 import errno
 import random
+import sys
 import threading
 import time
 
@@ -729,6 +730,10 @@ def test_threads_distinct_regions():
     threads = [threading.Thread(target=worker, args=(t,))
                for t in range(n_threads)]
     comp = threading.Thread(target=compactor)
+    # Switch threads as often as the interpreter can, so that unlocked
+    # sequences in the device and the pool actually interleave.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
     try:
         comp.start()
         for t in threads:
@@ -737,6 +742,7 @@ def test_threads_distinct_regions():
             t.join(120)
         done.set()
         comp.join(30)
+        sys.setswitchinterval(interval)
         assert not errors, errors
         # One model for the whole disk, from the regions.
         whole = Model(size, costs)
@@ -749,6 +755,7 @@ def test_threads_distinct_regions():
         assert d.read(0, size) == whole.data
         check_stats(d, whole)
     finally:
+        sys.setswitchinterval(interval)
         done.set()
         d.close()
 

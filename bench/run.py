@@ -11,6 +11,7 @@ issue 7, and writes docs/benchmarks.md and docs/benchmarks.png
 
     /usr/bin/python3 bench/run.py [--size 256M] [--quick]
                                   [--systems zramd-lz4,nbdkit-zstd,...]
+                                  [--json results.json] [--no-docs]
 
 Needs nbdkit (memory and python plugins), nbdcopy (libnbd-bin), fio with
 its nbd engine, and matplotlib (python3-matplotlib) for the plot.  The
@@ -21,6 +22,7 @@ returned its data intact, 1 otherwise (targets do not affect it).
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -192,6 +194,9 @@ def main(argv=None):
                     help="plot output (default docs/benchmarks.png)")
     ap.add_argument("--no-docs", action="store_true",
                     help="print the table only; write neither file")
+    ap.add_argument("--json", metavar="PATH",
+                    help="also write the raw results as JSON (for "
+                         "before/after comparisons)")
     ap.add_argument("--no-plot", action="store_true",
                     help="skip the plot (matplotlib not needed)")
     args = ap.parse_args(argv)
@@ -257,6 +262,10 @@ def main(argv=None):
         with open(args.md, "w") as f:
             f.write(report.markdown(results, targets, info, header, png_name))
         log("wrote %s%s" % (args.md, " and " + plot_path if plot_path else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results, "targets": targets},
+                      f, indent=1, default=str)
     bad = [r for r in results if r.get("error") or r.get("verified") is False]
     return 1 if bad else 0
 

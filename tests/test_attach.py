@@ -300,6 +300,20 @@ def test_uses_a_running_server_and_leaves_it(env):
     assert leftovers(env.run) == []
 
 
+def test_running_server_of_another_size_is_refused(env):
+    env.configure("[zsize]\nzram-size = 64\n")
+    with NbdkitServer(env.run, size="32M", name="zsize") as srv:
+        srv.wait_control()
+        with pytest.raises(ZramdError) as exc:
+            attach.up(root=env.root)
+        assert exc.value.message == (
+            "zsize: the running server's disk is %d bytes, zramd.conf says %d "
+            "(stop that server, or change zram-size)" % (32 * MiB, 64 * MiB))
+        assert srv.process.poll() is None
+        assert _loops_backed_under(env.run) == [] == _mounts_under(env.run)
+        assert not os.path.exists(os.path.join(env.run, "zsize.state.json"))
+
+
 def test_no_server_refused_without_one(env):
     env.configure("[zns]\nzram-size = 32\n")
     with pytest.raises(ZramdError) as exc:

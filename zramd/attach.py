@@ -33,13 +33,12 @@ with the device name: ``zramd0: swapon: ...``.
 """
 
 import argparse
-import errno
 import json
 import os
+import re
 import resource
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -186,7 +185,8 @@ def _mounts():
 
 
 def _unescape(s):
-    return s.encode().decode("unicode_escape") if "\\" in s else s
+    """Undo the kernel's octal escapes (space, tab, newline, backslash)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
 def _is_mounted(path):
@@ -477,6 +477,23 @@ def _is_up(state):
                for src, mp in _mounts())
 
 
+def _check_server(dev):
+    """A running server must serve the configured size: refuse to put a
+    different disk to use than zramd.conf describes."""
+    from zramd import control
+    try:
+        status = control.call(paths.control_socket(dev.name), "status")
+    except ZramdError as e:
+        raise AttachError("%s: %s: %s" % (dev.name,
+                                          paths.control_socket(dev.name),
+                                          e.message)) from None
+    if status.get("disksize") != dev.size:
+        raise AttachError(
+            "%s: the running server's disk is %s bytes, zramd.conf says %d "
+            "(stop that server, or change zram-size)"
+            % (dev.name, status.get("disksize"), dev.size))
+
+
 def wait_server(name, timeout=START_TIMEOUT):
     """Wait until device ``name``'s NBD and control sockets both answer
     (the ExecStartPost of zramd@.service); returns the server's pid."""
@@ -516,6 +533,7 @@ def bring_up(dev, start_server=True):
                                      paths.nbd_socket(name)))
             state.update(server_pid=pid)
             _write_state(state)
+            _check_server(dev)
         elif start_server:
             _start_server(dev, state)
         else:

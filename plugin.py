@@ -44,6 +44,8 @@ for _dir in ("/usr/local/lib/python%d.%d/dist-packages" % sys.version_info[:2],
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 from zramd import params as _params  # noqa: E402
+from zramd.control import ControlServer  # noqa: E402
+from zramd.device import Device  # noqa: E402
 from zramd.errors import ConfigError, ZramdError  # noqa: E402
 
 API_VERSION = 2
@@ -106,8 +108,6 @@ def thread_model():
 
 def after_fork():
     global _device, _control
-    from zramd.control import ControlServer
-    from zramd.device import Device
     _device = Device(**_config.device_kwargs())
     _control = ControlServer(_device, _config.control, _config.name)
     _control.start()

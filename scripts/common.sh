@@ -12,7 +12,7 @@ PYTHON=/usr/bin/python3
 RUNTIME_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
     python3-lz4 python3-zstandard python3-pip python3-setuptools
-    qemu-utils fio fuse3 e2fsprogs util-linux kmod
+    qemu-utils fio fuse3 e2fsprogs util-linux mount kmod
 )
 # What the test suite needs on top.
 TEST_PACKAGES=(python3-pytest python3-hypothesis python3-pytest-timeout)

@@ -39,6 +39,7 @@ import re
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -60,6 +61,11 @@ SERVER_STACK = 1 << 20
 SERVER_MALLOC_ARENAS = 2
 
 START_TIMEOUT = 30.0
+#: What an NBD server sends first (NBDMAGIC, then IHAVEOPT), and what a
+#: probe sends back to leave (the NBD protocol, "newstyle negotiation").
+NBD_GREETING = b"NBDMAGIC" + b"IHAVEOPT"
+NBD_FLAG_C_FIXED_NEWSTYLE = 1
+NBD_OPT_ABORT = 2
 STOP_TIMEOUT = 10.0
 
 #: Where plugin.py is looked for, after $ZRAMD_PLUGIN and the source tree.
@@ -113,8 +119,42 @@ def _answers(path):
             s.connect(path)
         except OSError:
             return None
-        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        return int.from_bytes(creds[:4], sys.byteorder)
+        return _peer_pid(s)
+
+
+def _peer_pid(sock):
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[:4], sys.byteorder)
+
+
+def _nbd_answers(path):
+    """Whether an NBD server answers on ``path``: it sends the newstyle
+    greeting, and we leave politely with NBD_OPT_ABORT (so nbdkit has no
+    broken handshake to log).  Returns the server's pid or None."""
+    if not os.path.exists(path):
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(path)
+            greeting = b""
+            while len(greeting) < 18:        # magic, IHAVEOPT, flags
+                chunk = s.recv(18 - len(greeting))
+                if not chunk:
+                    return None
+                greeting += chunk
+            if greeting[:16] != NBD_GREETING:
+                return None
+            pid = _peer_pid(s)
+            s.sendall(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE)
+                      + NBD_GREETING[8:] + struct.pack(">II", NBD_OPT_ABORT, 0))
+            try:
+                s.recv(64)                   # the ack (optional per spec)
+            except OSError:
+                pass
+            return pid
+        except OSError:
+            return None
 
 
 def _alive(pid):
@@ -337,8 +377,8 @@ def _start_server(dev, state):
         if proc.poll() is not None:
             raise AttachError("%s: nbdkit exited with status %d: %s"
                               % (dev.name, proc.returncode, _tail(log_path)))
-        return (_answers(nbd) is not None
-                and _answers(control) is not None)
+        return (_answers(control) is not None
+                and _nbd_answers(nbd) is not None)
     if not _wait(ready, START_TIMEOUT):
         raise AttachError("%s: nbdkit not ready after %ds: %s"
                           % (dev.name, START_TIMEOUT, _tail(log_path)))
@@ -498,7 +538,7 @@ def wait_server(name, timeout=START_TIMEOUT):
     """Wait until device ``name``'s NBD and control sockets both answer
     (the ExecStartPost of zramd@.service); returns the server's pid."""
     nbd, control = paths.nbd_socket(name), paths.control_socket(name)
-    if not _wait(lambda: _answers(nbd) and _answers(control), timeout):
+    if not _wait(lambda: _answers(control) and _nbd_answers(nbd), timeout):
         raise AttachError("%s: no server answers on %s and %s after %ds"
                           % (name, nbd, control, timeout))
     return _answers(control)
@@ -527,7 +567,7 @@ def bring_up(dev, start_server=True):
     try:
         pid = _answers(paths.control_socket(name))
         if pid is not None:
-            if _answers(paths.nbd_socket(name)) is None:
+            if _nbd_answers(paths.nbd_socket(name)) is None:
                 raise AttachError("%s: a server answers on %s but not on %s"
                                   % (name, paths.control_socket(name),
                                      paths.nbd_socket(name)))

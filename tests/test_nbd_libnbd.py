@@ -7,7 +7,6 @@ band of the disk so that they do not see each other's data.
 """
 
 import errno
-import os
 import random
 import signal
 import subprocess

@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -280,15 +279,3 @@ def test_enospc_past_mem_limit_reaches_the_client(nbdkit_server):
     assert h.pread(16, 32 << 20) == bytes(16)
     h.shutdown()
 
-
-def test_plugin_keeps_to_python_api_2_glue():
-    """Every can_* callback returns the literal True (nbdkit compares with
-    Py_True), thread model parallel, and callbacks are thin glue."""
-    source = open(PLUGIN).read()
-    assert "API_VERSION = 2" in source
-    for name in ("can_write", "can_flush", "can_trim", "can_zero",
-                 "can_fast_zero", "can_multi_conn", "can_extents"):
-        body = source.split("def %s(h):\n" % name, 1)[1].split("\n\n", 1)[0]
-        assert body.strip() == "return True", name
-    assert "return nbdkit.THREAD_MODEL_PARALLEL" in source
-    assert sys.version_info[:2] >= (3, 9)

@@ -19,10 +19,10 @@ MiB = 1 << 20
 CORPUS_MIN = 72 * MiB
 
 
-def run(*args, ok=(0,), timeout=300):
+def run(*args, ok=(0,), timeout=300, cwd=None):
     """Run a client; return it, asserting its exit status is in ``ok``."""
     done = subprocess.run(list(args), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
     assert done.returncode in ok, "%s exited %d:\n%s\n%s" % (
         args[0], done.returncode, done.stdout[-3000:], done.stderr[-3000:])
     return done
@@ -181,7 +181,7 @@ def test_fio_verify_several_connections(server, tmp_path):
         "--rw=randwrite", "--bsrange=4k-64k", "--size=16M", "--numjobs=4",
         "--offset_increment=16M", "--iodepth=8", "--verify=crc32c",
         "--do_verify=1", "--verify_fatal=1", "--group_reporting=0",
-        "--output-format=json", "--output=" + str(output))
+        "--output-format=json", "--output=" + str(output), cwd=tmp_path)
     jobs = json.loads(output.read_text())["jobs"]
     assert len(jobs) == 4
     for job in jobs:
@@ -206,7 +206,7 @@ def test_fio_mixed_read_write_with_trim(server, tmp_path):
         "--name=read", "--offset=32M", "--rw=randread", "--bsrange=512-128k",
         "--time_based", "--runtime=2",
         "--name=trim", "--offset=32M", "--rw=randtrim", "--bs=64k",
-        "--time_based", "--runtime=2")
+        "--time_based", "--runtime=2", cwd=tmp_path)
     jobs = {job["jobname"]: job for job in
             json.loads(output.read_text())["jobs"]}
     assert all(job["error"] == 0 for job in jobs.values()), jobs

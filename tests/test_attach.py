@@ -280,7 +280,8 @@ def test_cli_up_down_several_devices(env):
 
 def test_uses_a_running_server_and_leaves_it(env):
     env.configure("[zrun]\nzram-size = 32\n")
-    with NbdkitServer(env.run, size="32M", name="zrun") as srv:
+    with NbdkitServer(env.run, size="32M", name="zrun",
+                      extra_args=("--swap",)) as srv:
         srv.wait_control()
         # The NBD probe speaks NBD: the greeting, then NBD_OPT_ABORT.
         # (NbdkitServer's own readiness probe, connection 1, leaves an
@@ -320,6 +321,27 @@ def test_running_server_of_another_size_is_refused(env):
         assert srv.process.poll() is None
         assert _loops_backed_under(env.run) == [] == _mounts_under(env.run)
         assert not os.path.exists(os.path.join(env.run, "zsize.state.json"))
+
+
+def test_unlocked_server_refused_for_swap(env):
+    # A server that may itself be swapped out must not back swap...
+    env.configure("[zlk]\nzram-size = 32\n")
+    with NbdkitServer(env.run, size="32M", name="zlk") as srv:
+        srv.wait_control()
+        with pytest.raises(ZramdError) as exc:
+            attach.up(root=env.root)
+        assert exc.value.message == (
+            "zlk: the running server (pid %d) is not locked in memory and "
+            "cannot back swap (run nbdkit with --swap, as zramd@zlk.service "
+            "does)" % srv.process.pid)
+        assert _loops_backed_under(env.run) == []
+        # ... but may back a file system.
+        mnt = os.path.join(env.mnt, "lk")
+        env.configure("[zlk]\nzram-size = 32\nmount-point = %s\n" % mnt)
+        (state,) = attach.up(root=env.root)
+        assert state["use"] == "fs" and os.path.ismount(mnt)
+        attach.down()
+        assert not os.path.ismount(mnt)
 
 
 def test_no_server_refused_without_one(env):

@@ -517,9 +517,22 @@ def _is_up(state):
                for src, mp in _mounts())
 
 
-def _check_server(dev):
-    """A running server must serve the configured size: refuse to put a
-    different disk to use than zramd.conf describes."""
+def _locked_bytes(pid):
+    """VmLck of ``pid`` in bytes (0 when unknown)."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _check_server(dev, pid):
+    """A running server must serve the configured size, and a server for
+    swap must be locked in memory (nbdkit --swap): refuse to put anything
+    else to use."""
     from zramd import control
     try:
         status = control.call(paths.control_socket(dev.name), "status")
@@ -532,6 +545,11 @@ def _check_server(dev):
             "%s: the running server's disk is %s bytes, zramd.conf says %d "
             "(stop that server, or change zram-size)"
             % (dev.name, status.get("disksize"), dev.size))
+    if dev.is_swap and not _locked_bytes(pid):
+        raise AttachError(
+            "%s: the running server (pid %d) is not locked in memory and "
+            "cannot back swap (run nbdkit with --swap, as zramd@%s.service "
+            "does)" % (dev.name, pid, dev.name))
 
 
 def wait_server(name, timeout=START_TIMEOUT):
@@ -573,7 +591,7 @@ def bring_up(dev, start_server=True):
                                      paths.nbd_socket(name)))
             state.update(server_pid=pid)
             _write_state(state)
-            _check_server(dev)
+            _check_server(dev, pid)
         elif start_server:
             _start_server(dev, state)
         else:

@@ -23,6 +23,8 @@ Locking: one short lock around the free stack and the chunk list.  The
 madvise call happens outside it, before the frame is published as free.
 """
 
+import ctypes
+import ctypes.util
 import mmap
 import threading
 from array import array
@@ -33,6 +35,20 @@ CHUNK_SHIFT = 13                      # 8192 frames = 32 MiB per mmap chunk
 CHUNK_FRAMES = 1 << CHUNK_SHIFT
 CHUNK_MASK = CHUNK_FRAMES - 1
 CHUNK_BYTES = CHUNK_FRAMES * PAGE_SIZE
+# After this many frames (32 MiB) are given back since the high mark, the
+# heap that held their bookkeeping (zspage records, handle-table growth) is
+# trimmed too, so RSS follows the pool down, not only the frames.
+TRIM_FRAMES = 8192
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):      # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 class Arena:
@@ -49,6 +65,7 @@ class Arena:
         self.views = []               # one memoryview per chunk, same index
         self._free = array("I")       # free frame numbers, used as a stack
         self.frames_in_use = 0
+        self._high_mark = 0           # frames in use at the last peak/trim
 
     def _grow(self):
         # Private, not the default shared mapping: MADV_DONTNEED only gives
@@ -68,6 +85,8 @@ class Arena:
                 self._grow()
             frames = [self._free.pop() for _ in range(n)]
             self.frames_in_use += n
+            if self.frames_in_use > self._high_mark:
+                self._high_mark = self.frames_in_use
         return frames
 
     def free(self, frames):
@@ -80,6 +99,14 @@ class Arena:
         with self._lock:
             self._free.extend(frames)
             self.frames_in_use -= len(frames)
+            trim = (self.frames_in_use + TRIM_FRAMES <= self._high_mark
+                    or (self.frames_in_use == 0 and self._high_mark))
+            if trim:
+                self._high_mark = self.frames_in_use
+        if trim and _malloc_trim is not None:
+            # glibc gives back free heap pages anywhere in the heap, not
+            # only at its top (malloc_trim(3)); a few ms per 32 MiB freed.
+            _malloc_trim(0)
 
     def locate(self, frame):
         """(chunk memoryview, byte offset) of ``frame``."""

@@ -193,15 +193,15 @@ class Pool:
         # Handle table; handle 0 is never handed out.
         self._loc = array("Q", [0])
         self._size = array("H", [0])
-        self._free_handles = array("Q")
+        self._free_handles = array("I")
         self._zspages = []
-        self._free_zspage_ids = array("Q")
+        self._free_zspage_ids = array("I")
         self._table_lock = threading.Lock()
         self._compact_lock = threading.Lock()
         self.pages_compacted = 0
         # Deferred free queue and its worker (started on first use, so a
         # pool made before nbdkit forks still gets a live worker).
-        self._dq = []
+        self._dq = array("Q")        # fixed-size items, no int objects
         self._dq_lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._dq_wake = threading.Event()
@@ -268,7 +268,7 @@ class Pool:
         """Forget an empty zspage (class lock held); returns its frames,
         which the caller hands to the arena after dropping the lock."""
         cls = zs.cls
-        del cls.groups[zs.group][zs.id]
+        self._group_remove(cls, zs)
         cls.obj_allocated -= cls.objs_per_zspage
         self._zspages[zs.id] = None
         self._free_zspage_ids.append(zs.id)
@@ -278,9 +278,19 @@ class Pool:
     def _regroup(self, cls, zs):
         group = cls.fullness_of(zs.inuse)
         if group != zs.group:
-            del cls.groups[zs.group][zs.id]
+            self._group_remove(cls, zs)
             cls.groups[group][zs.id] = zs
             zs.group = group
+
+    @staticmethod
+    def _group_remove(cls, zs):
+        """Take ``zs`` out of its fullness group.  A dict keeps its table
+        when emptied, so an emptied group gets a fresh one: after a big
+        free the tables that indexed thousands of zspages are gone too."""
+        group = cls.groups[zs.group]
+        del group[zs.id]
+        if not group:
+            cls.groups[zs.group] = {}
 
     def _take_obj(self, zs, handle):
         """Hand out a free object of ``zs`` to ``handle`` (class lock held);
@@ -509,7 +519,7 @@ class Pool:
         """Free every queued handle before returning."""
         with self._drain_lock:
             with self._dq_lock:
-                batch, self._dq = self._dq, []
+                batch, self._dq = self._dq, array("Q")
             for handle in batch:
                 self.free(handle)
 

@@ -129,6 +129,18 @@ class Env:
         with open(os.path.join(self.root, "proc/meminfo"), "w") as f:
             f.write("MemTotal:        1048576 kB\n")      # ram = 1024 MiB
 
+    def cgroups(self):
+        try:
+            return {e for e in os.listdir(attach.CGROUP_V1_MEMORY)
+                    if e.startswith("zramd-")}
+        except FileNotFoundError:
+            return set()
+
+    def left(self, *mount_points):
+        """leftovers() plus cgroups zramd made during the test."""
+        return leftovers(self.run, *mount_points) + sorted(
+            "cgroup %s" % c for c in self.cgroups() - self.cgroups_before)
+
     def configure(self, text):
         with open(os.path.join(self.root, "etc/zramd/zramd.conf"), "w") as f:
             f.write(text)
@@ -141,6 +153,7 @@ class Env:
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     e = Env(tmp_path)
+    e.cgroups_before = e.cgroups()
     monkeypatch.setenv("ZRAMD_RUNTIME_DIR", e.run)
     yield e
     try:
@@ -150,6 +163,11 @@ def env(tmp_path, monkeypatch):
     left = leftovers(e.run, e.mnt)
     if left:
         _force_cleanup(e.run, [e.mnt])
+    for c in e.cgroups() - e.cgroups_before:
+        try:
+            os.rmdir(os.path.join(attach.CGROUP_V1_MEMORY, c))
+        except OSError:
+            pass
 
 
 def _can_lower_oom_score():
@@ -213,6 +231,15 @@ def test_swap_round_trip(env):
         st = dict(line.split(":", 1) for line in f)
     assert int(st["VmLck"].split()[0]) > 0
     assert int(st["Threads"]) <= 16
+    # nbdfuse, which cannot be locked, runs with memory.swappiness 0.
+    if os.path.exists(os.path.join(attach.CGROUP_V1_MEMORY,
+                                   "memory.swappiness")):
+        with open("/proc/%d/cgroup" % on_disk["fuse_pid"]) as f:
+            group = [l.split(":", 2)[2].strip() for l in f
+                     if l.split(":")[1] == "memory"][0]
+        assert group == "/" + os.path.basename(on_disk["memory_cgroup"])
+        with open(on_disk["memory_cgroup"] + "/memory.swappiness") as f:
+            assert f.read().strip() == "0"
     with open("/proc/%d/oom_score_adj" % pid) as f:
         # Lowering needs CAP_SYS_RESOURCE, which some containers withhold.
         assert int(f.read()) == (attach.SERVER_OOM_SCORE_ADJ
@@ -228,7 +255,7 @@ def test_swap_round_trip(env):
     # down: nothing left.
     assert attach.down(["zswap"]) == ["zswap"]
     assert swap_entry(dev) is None
-    assert leftovers(env.run) == []
+    assert env.left() == []
 
 
 def test_ext4_round_trip(env):
@@ -255,7 +282,7 @@ def test_ext4_round_trip(env):
     assert status_of("zdisk")["orig_data_size"] >= 3 * MiB
     attach.down()
     assert not os.path.ismount(mnt)
-    assert leftovers(env.run, mnt) == []
+    assert env.left(mnt) == []
 
 
 def test_cli_up_down_several_devices(env):
@@ -275,7 +302,7 @@ def test_cli_up_down_several_devices(env):
     r = subprocess.run([sys.executable, "-m", "zramd.attach", "down"],
                        env=run, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert leftovers(env.run, mnt) == []
+    assert env.left(mnt) == []
 
 
 def test_uses_a_running_server_and_leaves_it(env):
@@ -306,7 +333,7 @@ def test_uses_a_running_server_and_leaves_it(env):
         p = os.path.join(env.run, leftover)
         if os.path.exists(p):
             os.unlink(p)
-    assert leftovers(env.run) == []
+    assert env.left() == []
 
 
 def test_running_server_of_another_size_is_refused(env):
@@ -349,7 +376,7 @@ def test_no_server_refused_without_one(env):
     with pytest.raises(ZramdError) as exc:
         attach.up(root=env.root, start_server=False)
     assert "zns: no server answers" in exc.value.message
-    assert leftovers(env.run) == []
+    assert env.left() == []
 
 
 def test_failed_up_is_unwound(env):
@@ -360,7 +387,7 @@ def test_failed_up_is_unwound(env):
         attach.up(root=env.root)
     assert exc.value.message.startswith("zbad: mkfs -t nosuchfs")
     # The server, nbdfuse and the loop device it got that far with: gone.
-    assert leftovers(env.run, mnt) == []
+    assert env.left(mnt) == []
 
 
 def test_bad_config_changes_nothing(env):
@@ -368,7 +395,7 @@ def test_bad_config_changes_nothing(env):
     with pytest.raises(ConfigError) as exc:
         attach.up(root=env.root)
     assert "zramd.conf:4: [zbroken] zram-size" in exc.value.message
-    assert not os.path.exists(env.run) or leftovers(env.run) == []
+    assert not os.path.exists(env.run) or env.left() == []
     with pytest.raises(ConfigError) as exc:
         attach.up(["nosuch"], root=env.root)
 
@@ -399,7 +426,7 @@ def test_down_refuses_busy_mount_and_keeps_state(env):
     finally:
         holder.close()
     assert attach.down(["zbusy"]) == ["zbusy"]
-    assert leftovers(env.run, mnt) == []
+    assert env.left(mnt) == []
 
 
 def test_stale_state_is_cleared_by_up(env):
@@ -421,7 +448,7 @@ def test_stale_state_is_cleared_by_up(env):
     assert state["server_pid"] != os.getpid()
     assert swap_entry(state["block_device"]) is not None
     attach.down()
-    assert leftovers(env.run) == []
+    assert env.left() == []
 
 
 def test_add_subcommands_parses():
@@ -476,7 +503,7 @@ def test_the_units_command_sequence(env):
         p = os.path.join(env.run, leftover)
         if os.path.exists(p):
             os.unlink(p)
-    assert leftovers(env.run) == []
+    assert env.left() == []
 
 
 WORKLOAD = """\
@@ -531,4 +558,4 @@ def test_swap_from_up_takes_pages_and_down_gives_them_back(env):
             except OSError:
                 time.sleep(0.1)
     attach.down()
-    assert leftovers(env.run) == []
+    assert env.left() == []

@@ -433,10 +433,18 @@ def _attach_nbdfuse(dev, state):
             os.path.join(fuse_dir, "nbd"), "--unix", paths.nbd_socket(dev.name)]
     state.update(attach="nbdfuse", fuse_dir=fuse_dir, fuse_log=log_path)
     _write_state(state)
+    preexec = None
+    if dev.is_swap:
+        cgroup = _make_noswap_cgroup(dev.name)
+        if cgroup:
+            state.update(memory_cgroup=cgroup)
+            _write_state(state)
+            preexec = lambda: _join_cgroup(cgroup)     # noqa: E731
     with open(log_path, "ab") as log:
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=preexec,
                                     start_new_session=True)
         except FileNotFoundError:
             raise AttachError("%s: nbdfuse: not installed" % dev.name) from None
@@ -457,6 +465,54 @@ def _attach_nbdfuse(dev, state):
                           os.path.join(fuse_dir, "nbd")])
     state.update(block_device=out.stdout.strip())
     _write_state(state)
+
+
+# nbdfuse cannot be locked in memory like nbdkit (it has no --swap, and
+# mlockall does not survive exec).  With the cgroup v1 memory controller,
+# it runs in a group of its own with memory.swappiness 0: reclaim then
+# leaves its anonymous pages alone unless nothing else is left (under
+# systemd with cgroup v2, the units' MemorySwapMax=0 does it instead).
+CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
+
+
+def _make_noswap_cgroup(name):
+    """Create ``CGROUP_V1_MEMORY/zramd-NAME-PID`` with swappiness 0; returns
+    its path, or None where there is no (writable) cgroup v1 memory
+    controller."""
+    if not os.path.exists(os.path.join(CGROUP_V1_MEMORY, "memory.swappiness")):
+        return None
+    path = os.path.join(CGROUP_V1_MEMORY, "zramd-%s-%d" % (name, os.getpid()))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.swappiness"), "w") as f:
+            f.write("0")
+    except OSError:
+        _remove_cgroup(path)
+        return None
+    return path
+
+
+def _join_cgroup(path):
+    """In the child before exec: move into ``path`` so that every page it
+    touches from now on is charged there."""
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
+        pass                # left where it was: still works, less guarded
+
+
+def _remove_cgroup(path, timeout=5.0):
+    """rmdir a (soon) empty cgroup; False if it stays busy."""
+    def gone():
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+    return _wait(gone, timeout)
 
 
 def _loop_backing(device):
@@ -663,6 +719,9 @@ def take_down(state):
             _unlink(fuse_dir + ".pid")
         if state.get("fuse_log"):
             _unlink(state["fuse_log"])
+    if state.get("memory_cgroup"):
+        _remove_cgroup(state["memory_cgroup"])
+        state.pop("memory_cgroup")
     state.pop("block_device", None)
     state.update(fuse_pid=None)
     _write_state(state)

@@ -571,14 +571,10 @@ def build_parser():
                    help="stop after N refreshes")
     p.set_defaults(func=cmd_top)
 
-    # --- `zramd up` / `zramd down` -----------------------------------------
-    # Provided by zramd/attach.py: attach.add_subcommands(sub) adds its
-    # parsers to `sub`, each with set_defaults(func=callable(args) -> int)
-    # like the ones above.  Wired by the lead at integration time:
-    #
-    #     from zramd import attach
-    #     attach.add_subcommands(sub)
-    # -----------------------------------------------------------------------
+    # `zramd up` / `zramd down`: zramd/attach.py adds its parsers, each
+    # with set_defaults(func=callable(args) -> int) like the ones above.
+    from zramd import attach
+    attach.add_subcommands(sub)
 
     parser.commands = sub.choices       # also holds what attach adds
     return parser

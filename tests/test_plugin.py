@@ -138,18 +138,37 @@ def venv_first_on_path(tmp_path, python):
     return dict(os.environ, PATH="%s:%s" % (venv / "bin", os.environ["PATH"]))
 
 
-def first_python_on_path_is_not_debians():
+def other_python3_on_path():
+    """Why the first python3 on PATH cannot stand in for a foreign
+    interpreter there, or None if it can: it must not be Debian's own, and
+    it must be the same minor version as nbdkit's libpython (with another
+    one nbdkit's interpreter cannot even start, whatever the plugin does;
+    scripts/quickstart puts /usr/bin first for that)."""
     import shutil
     found = shutil.which("python3")
-    return found and os.path.realpath(found) != os.path.realpath(
-        "/usr/bin/python3")
+    if not found or os.path.realpath(found) == os.path.realpath(
+            "/usr/bin/python3"):
+        return "the first python3 on PATH is Debian's own"
+    theirs = subprocess.run([found, "-c", "import sys; print('%d.%d' % "
+                             "sys.version_info[:2])"], capture_output=True,
+                            text=True, timeout=60).stdout.strip()
+    ours = subprocess.run(["/usr/bin/python3", "-c", "import sys; print("
+                           "'%d.%d' % sys.version_info[:2])"],
+                          capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+    if theirs != ours:
+        return "the first python3 on PATH is %s, nbdkit embeds %s" % (
+            theirs, ours)
+    return None
+
+
+_OTHER_PYTHON3 = other_python3_on_path()
 
 
 @pytest.mark.parametrize("python", [
     "/usr/bin/python3",
     pytest.param("python3", marks=pytest.mark.skipif(
-        not first_python_on_path_is_not_debians(),
-        reason="the first python3 on PATH is Debian's own")),
+        _OTHER_PYTHON3 is not None, reason=_OTHER_PYTHON3 or "")),
 ])
 def test_serves_with_a_venv_python3_first_on_path(tmp_path, python):
     """nbdkit's embedded Python takes its prefix from the first python3 on

@@ -7,7 +7,7 @@ down top to bottom::
     use        swapon /dev/loopN            mount /dev/loopN /mount/point
                  (after mkswap)               (after mkfs -t TYPE)
     block dev  losetup --direct-io=on --sector-size 4096 RUN/NAME.fuse/nbd
-               (or nbd-client -unix RUN/NAME.nbd /dev/nbdN with the kernel's nbd)
+               (nbd-client -unix RUN/NAME.nbd /dev/nbdN with the kernel's nbd)
     file       nbdfuse RUN/NAME.fuse/nbd --unix RUN/NAME.nbd
     server     nbdkit -f [--swap] -U RUN/NAME.nbd python plugin.py size=...
 
@@ -26,7 +26,9 @@ nbdkit runs in the foreground with ``--swap`` (mlockall(MCL_CURRENT |
 MCL_FUTURE); it would be lost if nbdkit forked).  Everything mapped is then
 resident, thread stacks included, so the server is started with few threads
 (``--threads``), a bounded number of malloc arenas and small stacks; see
-docs/operations.md for the measured VmLck.
+docs/operations.md for the measured VmLck.  nbdfuse cannot be locked; for
+swap it runs in a cgroup v1 memory group with swappiness 0 where there is
+one.  A running server is used for swap only if it is locked (VmLck > 0).
 
 Errors are ZramdError (ConfigError for configuration) whose message starts
 with the device name: ``zramd0: swapon: ...``.
@@ -147,7 +149,8 @@ def _nbd_answers(path):
                 return None
             pid = _peer_pid(s)
             s.sendall(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE)
-                      + NBD_GREETING[8:] + struct.pack(">II", NBD_OPT_ABORT, 0))
+                      + NBD_GREETING[8:]
+                      + struct.pack(">II", NBD_OPT_ABORT, 0))
             try:
                 s.recv(64)                   # the ack (optional per spec)
             except OSError:
@@ -430,7 +433,8 @@ def _attach_nbdfuse(dev, state):
     log_path = fuse_dir + ".log"
     argv = ["nbdfuse", "--pidfile", pidfile,
             "--connections", str(FUSE_CONNECTIONS),
-            os.path.join(fuse_dir, "nbd"), "--unix", paths.nbd_socket(dev.name)]
+            os.path.join(fuse_dir, "nbd"),
+            "--unix", paths.nbd_socket(dev.name)]
     state.update(attach="nbdfuse", fuse_dir=fuse_dir, fuse_log=log_path)
     _write_state(state)
     preexec = None
@@ -447,7 +451,8 @@ def _attach_nbdfuse(dev, state):
                                     preexec_fn=preexec,
                                     start_new_session=True)
         except FileNotFoundError:
-            raise AttachError("%s: nbdfuse: not installed" % dev.name) from None
+            raise AttachError("%s: nbdfuse: not installed"
+                              % dev.name) from None
     state.update(fuse_pid=proc.pid)
     _write_state(state)
 

@@ -14,7 +14,8 @@ is one section named for it; every key is optional::
 
 Files are read from four directories, lowest precedence first::
 
-    ROOT/usr/lib/zramd/  <  ROOT/usr/local/lib/zramd/  <  ROOT/etc/zramd/  <  ROOT/run/zramd/
+    ROOT/usr/lib/zramd/ < ROOT/usr/local/lib/zramd/ < ROOT/etc/zramd/
+                        < ROOT/run/zramd/
 
 Of the main files ``zramd.conf`` only the one in the highest-precedence
 directory is read: ``/etc/zramd/zramd.conf`` replaces the vendor's file
@@ -52,7 +53,8 @@ import re
 from zramd.errors import ConfigError
 
 #: Configuration directories below the root, lowest precedence first.
-SEARCH_DIRS = ("usr/lib/zramd", "usr/local/lib/zramd", "etc/zramd", "run/zramd")
+SEARCH_DIRS = ("usr/lib/zramd", "usr/local/lib/zramd", "etc/zramd",
+               "run/zramd")
 MAIN_FILE = "zramd.conf"
 DROPIN_DIR = "zramd.conf.d"
 

@@ -99,9 +99,12 @@ def test_defaults(runtime_dir):
                               dict_path=None, mem_limit=0, chain_size=8,
                               name="zramd0",
                               control=str(runtime_dir / "zramd0.sock"))
-    assert p.device_kwargs() == dict(size=G, algorithm="lz4", level=None,
-                                     dict_path=None, mem_limit=0,
-                                     chain_size=8)
+    kwargs = p.device_kwargs()
+    assert {key: kwargs[key] for key in ("size", "algorithm", "level",
+                                         "dict_path", "mem_limit",
+                                         "chain_size")} == dict(
+        size=G, algorithm="lz4", level=None, dict_path=None, mem_limit=0,
+        chain_size=8)
 
 
 def test_every_key(runtime_dir, tmp_path):
@@ -123,8 +126,10 @@ def test_default_control_follows_name(runtime_dir):
 
 def test_unknown_key_lists_the_accepted_ones():
     message = refused("size=1G", "sise=2G")
-    assert message == ("sise: unknown parameter; accepted: size, algorithm, "
-                       "level, dict, mem_limit, chain_size, name, control")
+    assert message == ("sise: unknown parameter; accepted: "
+                       + ", ".join(params.KEYS))
+    assert params.KEYS[:8] == ("size", "algorithm", "level", "dict",
+                               "mem_limit", "chain_size", "name", "control")
 
 
 def test_key_given_twice():

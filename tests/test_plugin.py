@@ -15,6 +15,7 @@ import pytest
 import nbdkit_server
 from conftest import REPO, require, require_module
 from nbdkit_server import NbdkitServer
+from zramd import params
 
 PLUGIN = os.path.join(REPO, "plugin.py")
 
@@ -84,8 +85,9 @@ def test_dump_plugin_lists_every_parameter():
     keys = [line.split("=", 1)[0][len("zramd_param_"):]
             for line in run.stdout.splitlines()
             if line.startswith("zramd_param_")]
-    assert keys == ["size", "algorithm", "level", "dict", "mem_limit",
-                    "chain_size", "name", "control"]
+    assert keys == list(params.KEYS)
+    assert keys[:8] == ["size", "algorithm", "level", "dict", "mem_limit",
+                        "chain_size", "name", "control"]
     assert "thread_model=parallel" in run.stdout.splitlines()
 
 

@@ -376,6 +376,13 @@ def test_no_server_refused_without_one(env):
     with pytest.raises(ZramdError) as exc:
         attach.up(root=env.root, start_server=False)
     assert "zns: no server answers" in exc.value.message
+    # The command says it zramctl's way: "zramd: NAME: reason", status 1.
+    r = subprocess.run([sys.executable, "-m", "zramd.attach", "up",
+                        "--no-server", "--root", env.root, "zns"],
+                       env=dict(os.environ, PYTHONPATH=REPO),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("zramd: zns: no server answers on ")
     assert env.left() == []
 
 

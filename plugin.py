@@ -45,7 +45,6 @@ import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 from zramd import params as _params  # noqa: E402
 from zramd.control import ControlServer  # noqa: E402
-from zramd.device import Device  # noqa: E402
 from zramd.errors import ConfigError, ZramdError  # noqa: E402
 
 API_VERSION = 2
@@ -108,7 +107,7 @@ def thread_model():
 
 def after_fork():
     global _device, _control
-    _device = Device(**_config.device_kwargs())
+    _device = _config.build_device()
     _control = ControlServer(_device, _config.control, _config.name)
     _control.start()
 

@@ -6,6 +6,7 @@ post-processing interleaved with I/O: no byte lost, and the stats
 identities extended to the backing device and compression priorities.
 """
 
+import errno
 import os
 import random
 
@@ -18,7 +19,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
 from zramd import PAGE_SIZE, control
 from zramd.device import (COMP_PRIORITY_MASK, HUGE, IDLE, INCOMPRESSIBLE,
                           SAME, WB, Device)
-from zramd.errors import InvalidRequestError
+from zramd.errors import InvalidRequestError, ZramdError
 from zramd.policy import Policy
 from zramd.stats import BdStat, PolicyStat
 
@@ -414,11 +415,13 @@ def test_control_attributes(backing, tmp_path):
             ("recompress", "type=cold", "type"),
             ("recompress", "colour=1", "recompress: invalid argument"),
             ("recomp_algorithm", "priority=1", "algo= missing"),
+            ("recomp_algorithm", "algo=zstd priority=4", "accepted: 1..3"),
             ("writeback", "page_indexes=9-3", "page_indexes"),
             ("writeback_limit_enable", "2", "accepted: 0 or 1"),
             ("train_dict", "size=4096", "accepted: zstd")):
-        with pytest.raises(InvalidRequestError, match=message):
+        with pytest.raises(ZramdError, match=message) as info:
             store(dev, name, value)
+        assert info.value.errno == errno.EINVAL
     assert show(dev, "dict_id") == "0\n"
     other = tmp_path / "other.img"
     other.write_bytes(bytes(4 * PAGE_SIZE))
@@ -436,3 +439,53 @@ def test_backing_dev_errors(tmp_path):
     small.write_bytes(b"x")
     with pytest.raises(ConfigError, match="at least"):
         Device(SIZE, backing_dev=str(small))
+
+
+# -- plugin parameters -------------------------------------------------------
+
+def parse_params(*pairs):
+    from zramd.params import ParamParser
+    parser = ParamParser()
+    for pair in pairs:
+        parser.set(*pair.split("=", 1))
+    return parser.complete(check_control=False)
+
+
+def test_post_processing_parameters(tmp_path):
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(bytes(1 << 20))
+    p = parse_params("size=64M", "backing_dev=%s" % backing,
+                     "recomp_algorithm=zstd,algo=deflate priority=3 level=9",
+                     "policy_interval=60", "policy_idle_age=600",
+                     "policy_recompress=idle",
+                     "policy_writeback=incompressible",
+                     "policy_max_pages=1000")
+    assert p.recomp_algorithm == (("zstd", 1, None), ("deflate", 3, 9))
+    assert p.device_kwargs()["backing_dev"] == str(backing)
+    assert p.policy_kwargs() == dict(interval=60, idle_age=600,
+                                     recompress_type="idle",
+                                     writeback_type="incompressible",
+                                     max_pages=1000)
+    device = p.build_device()
+    try:
+        assert device.recomp_algorithm() == (
+            "#1: lz4 lz4hc [zstd] deflate \n#3: lz4 lz4hc zstd [deflate] \n")
+        assert device.backing_dev == str(backing)
+        assert device.policy is not None and device.policy.interval == 60
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("backing_dev=/nonexistent/x", "backing_dev: /nonexistent/x: No such"),
+    ("recomp_algorithm=brotli", "recomp_algorithm: algorithm: unknown"),
+    ("recomp_algorithm=algo=zstd priority=5", "priority 5; accepted: 1..3"),
+    ("recomp_algorithm=a,b,c,d", "1 to 3"),
+    ("policy_interval=-1", "policy_interval: -1; accepted"),
+    ("policy_recompress=incompressible", "policy_recompress: 'incompress"),
+    ("policy_writeback=cold", "policy_writeback: 'cold'; accepted: idle"),
+])
+def test_post_processing_parameter_errors(arg, message):
+    from zramd.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        parse_params("size=64M", arg)

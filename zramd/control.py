@@ -57,6 +57,7 @@ import threading
 from dataclasses import asdict
 
 from zramd.errors import InvalidRequestError, ZramdError
+from zramd.params import parse_recomp_spec
 
 PROTOCOL_VERSION = 1
 
@@ -222,17 +223,8 @@ def _number(attr, key, text):
 
 def _store_recomp_algorithm(device, value):
     # "algo=zstd priority=1 [level=N]", as zram's recomp_algorithm_store.
-    opts = dict(_keyvals("recomp_algorithm", value,
-                         ("algo", "priority", "level")))
-    if "algo" not in opts:
-        raise InvalidRequestError("recomp_algorithm: algo= missing: accepted:"
-                                  " algo=NAME [priority=1..3] [level=N]")
-    level = opts.get("level")
-    device.set_recomp_algorithm(
-        opts["algo"],
-        _number("recomp_algorithm", "priority", opts.get("priority", "1")),
-        None if level is None else _number("recomp_algorithm", "level",
-                                           level))
+    algorithm, priority, level = parse_recomp_spec("recomp_algorithm", value)
+    device.set_recomp_algorithm(algorithm, priority, level)
 
 
 def _store_recompress(device, value):

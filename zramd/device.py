@@ -147,6 +147,7 @@ class Device:
         self._max_lock = threading.Lock()
         self._max_used_pages = 0
         self._tls = threading.local()
+        self.policy = None          # a zramd.policy.Policy, if scheduled
         self.set_mem_limit(mem_limit)
 
     # ---- small helpers -------------------------------------------------
@@ -868,7 +869,10 @@ class Device:
         return self.pool.stats()
 
     def close(self):
-        """Flush deferred frees, return every frame, unmap the table."""
+        """Stop the policy, flush deferred frees, return every frame,
+        unmap the table."""
+        if self.policy is not None:
+            self.policy.stop()
         self.pool.close()
         if self._backing is not None:
             self._backing.close()

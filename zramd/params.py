@@ -24,7 +24,7 @@ import dataclasses
 import re
 import socket
 
-from zramd import PAGE_SIZE, paths
+from zramd import PAGE_SIZE, compress, paths
 from zramd.errors import ConfigError
 
 # (key, placeholder, description): drives config_help, dump_plugin and the
@@ -42,6 +42,18 @@ PARAMETERS = (
      "(default zramd0)"),
     ("control", "PATH", "control socket (default "
      "$ZRAMD_RUNTIME_DIR/NAME.sock, else /run/zramd/NAME.sock)"),
+    ("backing_dev", "FILE", "file or block device for writeback"),
+    ("recomp_algorithm", "SPECS", "secondary algorithms, comma-separated: "
+     "NAME or 'algo=NAME priority=1..3 level=N' (priority: position)"),
+    ("policy_interval", "SECONDS", "run idle marking, recompression and "
+     "writeback every SECONDS (default 0: never)"),
+    ("policy_idle_age", "SECONDS", "pages not accessed for this long are "
+     "idle (default 3600)"),
+    ("policy_recompress", "TYPE", "idle|huge|huge_idle: what the policy "
+     "recompresses (default: nothing)"),
+    ("policy_writeback", "TYPE", "idle|huge|huge_idle|incompressible: what "
+     "the policy writes back (default: nothing)"),
+    ("policy_max_pages", "N", "most pages per policy step (default 0: all)"),
 )
 
 KEYS = tuple(key for key, _, _ in PARAMETERS)
@@ -111,12 +123,71 @@ class Params:
     chain_size: int = DEFAULT_CHAIN_SIZE
     name: str = DEFAULT_NAME
     control: str = None
+    backing_dev: str = None
+    recomp_algorithm: tuple = ()      # of (algorithm, priority, level)
+    policy_interval: int = 0
+    policy_idle_age: int = 3600
+    policy_recompress: str = None
+    policy_writeback: str = None
+    policy_max_pages: int = 0
 
     def device_kwargs(self):
         """Keyword arguments for ``zramd.device.Device``."""
         return dict(size=self.size, algorithm=self.algorithm,
                     level=self.level, dict_path=self.dict_path,
-                    mem_limit=self.mem_limit, chain_size=self.chain_size)
+                    mem_limit=self.mem_limit, chain_size=self.chain_size,
+                    backing_dev=self.backing_dev)
+
+    def build_device(self):
+        """The Device these parameters describe, with its secondary
+        algorithms set and its policy running.  Starts threads: call it
+        after nbdkit forks."""
+        from zramd.device import Device
+        from zramd.policy import Policy
+        device = Device(**self.device_kwargs())
+        for algorithm, priority, level in self.recomp_algorithm:
+            device.set_recomp_algorithm(algorithm, priority, level)
+        if self.policy_interval:
+            device.policy = Policy(device, **self.policy_kwargs())
+            device.policy.start()
+        return device
+
+    def policy_kwargs(self):
+        """Keyword arguments for ``zramd.policy.Policy``."""
+        return dict(interval=self.policy_interval,
+                    idle_age=self.policy_idle_age,
+                    recompress_type=self.policy_recompress,
+                    writeback_type=self.policy_writeback,
+                    max_pages=self.policy_max_pages)
+
+
+PP_TYPES = ("idle", "huge", "huge_idle", "incompressible")
+
+
+def parse_recomp_spec(key, text, default_priority=1):
+    """One secondary algorithm: ``NAME`` or ``algo=NAME [priority=N]
+    [level=N]`` -> (algorithm, priority, level or None).  Raises
+    ConfigError naming ``key``."""
+    words = text.split()
+    if len(words) == 1 and "=" not in words[0]:
+        return words[0], default_priority, None
+    opts = {}
+    for word in words:
+        k, sep, v = word.partition("=")
+        if not sep or k not in ("algo", "priority", "level") or not v:
+            raise ConfigError("%s: %r; accepted: NAME or algo=NAME "
+                              "[priority=1..3] [level=N]" % (key, word))
+        opts[k] = v
+    if "algo" not in opts:
+        raise ConfigError("%s: algo= missing in %r; accepted: algo=NAME "
+                          "[priority=1..3] [level=N]" % (key, text))
+    priority = _parse_int(key, opts.get("priority", str(default_priority)),
+                          "1..3")
+    if not 1 <= priority <= 3:
+        raise ConfigError("%s: priority %d; accepted: 1..3" % (key, priority))
+    level = opts.get("level")
+    return (opts["algo"], priority,
+            None if level is None else _parse_int(key, level, "an integer"))
 
 
 class ParamParser:
@@ -189,6 +260,35 @@ class ParamParser:
             raise ConfigError("control: empty; accepted: a socket path")
         return value
 
+    def _parse_backing_dev(self, value):
+        if not value:
+            raise ConfigError("backing_dev: empty; accepted: a writable file "
+                              "or block device")
+        return value
+
+    def _parse_recomp_algorithm(self, value):
+        specs = [parse_recomp_spec("recomp_algorithm", part, position)
+                 for position, part in enumerate(value.split(","), 1)]
+        if not specs or len(specs) > 3:
+            raise ConfigError("recomp_algorithm: %r; accepted: 1 to 3 "
+                              "comma-separated algorithms" % value)
+        return tuple(specs)
+
+    def _parse_policy_interval(self, value):
+        return _parse_seconds("policy_interval", value)
+
+    def _parse_policy_idle_age(self, value):
+        return _parse_seconds("policy_idle_age", value)
+
+    def _parse_policy_max_pages(self, value):
+        return _parse_seconds("policy_max_pages", value, "pages >= 0")
+
+    def _parse_policy_recompress(self, value):
+        return _parse_pp_type("policy_recompress", value, PP_TYPES[:3])
+
+    def _parse_policy_writeback(self, value):
+        return _parse_pp_type("policy_writeback", value, PP_TYPES)
+
     def complete(self, check_compressor=True, check_control=True):
         """Check what needs every key and return ``Params``.
 
@@ -209,9 +309,37 @@ class ParamParser:
         params = Params(**values)
         if check_compressor:
             _check_compressor(params)
+            for algorithm, priority, level in params.recomp_algorithm:
+                try:
+                    compress.create(algorithm, level=level)
+                except ConfigError as err:
+                    raise ConfigError("recomp_algorithm: %s" % err.message
+                                      ) from None
+        if params.backing_dev is not None:
+            _check_backing_dev(params.backing_dev)
         if check_control:
             _check_control(params.control)
         return params
+
+
+def _parse_seconds(key, text, accepted="seconds >= 0"):
+    value = _parse_int(key, text, accepted)
+    if value < 0:
+        raise ConfigError("%s: %d; accepted: %s" % (key, value, accepted))
+    return value
+
+
+def _parse_pp_type(key, text, accepted):
+    if text not in accepted:
+        raise ConfigError("%s: %r; accepted: %s" % (key, text,
+                                                    " ".join(accepted)))
+    return text
+
+
+def _check_backing_dev(path):
+    """Open the backing device once so a bad path is refused now."""
+    from zramd.writeback import BackingDev
+    BackingDev(path).close()
 
 
 def _algorithm_names():

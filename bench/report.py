@@ -268,8 +268,11 @@ def markdown(results, targets, info, header, png_name):
     parts += ["## Run", "",
               "- date: %s; commit %s" % (info["date"], info["commit"]),
               "- command: `%s`" % info["command"],
-              "- corpus: %d MiB; fio runtime %d s per test"
-              % (corpus_size >> 20, info["runtime"]),
+              "- corpus: %d MiB; fio runtime %d s per test; %s"
+              % (corpus_size >> 20, info["runtime"],
+                 "one measurement per system" if info.get("repeat", 1) == 1
+                 else "median of %d measurements per system, each on a "
+                      "fresh disk" % info["repeat"]),
               "- machine: %s" % info["machine"],
               "- kernel zram algorithms: %s" % info["zram_algorithms"],
               "- load average before / after the run: %s / %s"

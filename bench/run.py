@@ -11,7 +11,8 @@ issue 7, and writes docs/benchmarks.md and docs/benchmarks.png
 
     /usr/bin/python3 bench/run.py [--size 256M] [--quick]
                                   [--systems zramd-lz4,nbdkit-zstd,...]
-                                  [--json results.json] [--no-docs]
+                                  [--repeat N] [--json results.json]
+                                  [--no-docs]
 
 Needs nbdkit (memory and python plugins), nbdcopy (libnbd-bin), fio with
 its nbd engine, and matplotlib (python3-matplotlib) for the plot.  The
@@ -27,6 +28,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,6 +139,8 @@ def run_system(system, corpus_path, size, runtime, workdir):
         log("%s: skipped: %s" % (system.name, reason))
         return result
     log("%s: starting" % system.name)
+    # A directory of its own per measurement: sockets are not reused.
+    workdir = tempfile.mkdtemp(prefix=system.name + "-", dir=workdir)
     try:
         system.start(workdir, size)
         if system.pid:
@@ -172,7 +176,31 @@ def run_system(system, corpus_path, size, runtime, workdir):
             system.stop()
         except Exception as exc:
             log("%s: stop failed: %s" % (system.name, exc))
+        shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def merge(runs):
+    """One result from repeated runs of a system: the median of each speed
+    figure; memory from the first run (the same bytes give the same
+    mm_stat); verified only if every run read its data back intact."""
+    first = dict(runs[0])
+    ok = [r for r in runs if not r.get("skipped") and not r.get("error")]
+    if len(runs) == 1 or not ok:
+        first["runs"] = len(ok)
+        return first
+    first["runs"] = len(ok)
+    for key in ("write_mbs", "read_mbs"):
+        first[key] = statistics.median(r[key] for r in ok)
+    first["fio"] = {
+        key: (statistics.median(r["fio"][key][0] for r in ok),
+              statistics.median(r["fio"][key][1] for r in ok))
+        for key in ok[0]["fio"]}
+    first["verified"] = all(r.get("verified") for r in ok)
+    errors = [r["error"] for r in runs if r.get("error")]
+    if errors:
+        first["error"] = errors[0]
+    return first
 
 
 def main(argv=None):
@@ -184,6 +212,9 @@ def main(argv=None):
                     help="3 s per random I/O test instead of 10 s")
     ap.add_argument("--runtime", type=int,
                     help="seconds per random I/O test (overrides --quick)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each system N times (fresh disk each "
+                         "time) and report the medians")
     ap.add_argument("--seed", type=int, default=1, help="corpus seed")
     ap.add_argument("--systems",
                     help="comma-separated subset of: " + ", ".join(
@@ -226,8 +257,15 @@ def main(argv=None):
             f.write(data)
         counts = corpus_counts(data)
         del data
-        results = [run_system(s, corpus_path, args.size, runtime, workdir)
-                   for s in chosen]
+        results = []
+        for system in chosen:
+            runs = []
+            for _ in range(max(args.repeat, 1)):
+                runs.append(run_system(system, corpus_path, args.size,
+                                       runtime, workdir))
+                if runs[-1].get("skipped"):
+                    break
+            results.append(merge(runs))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -240,6 +278,7 @@ def main(argv=None):
                              "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "?"
     info = {"corpus_size": args.size, "runtime": runtime,
+            "repeat": max(args.repeat, 1),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "commit": commit,
             "command": ("/usr/bin/python3 bench/run.py " + " ".join(

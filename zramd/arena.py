@@ -25,7 +25,9 @@ madvise call happens outside it, before the frame is published as free.
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
+import os
 import threading
 from array import array
 
@@ -41,14 +43,25 @@ CHUNK_BYTES = CHUNK_FRAMES * PAGE_SIZE
 TRIM_FRAMES = 8192
 
 
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):      # not glibc: nothing to trim
-        return None
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                    use_errno=True)
+# glibc's malloc_trim; other C libraries have nothing to trim.
+_malloc_trim = getattr(_libc, "malloc_trim", None)
+MLOCK_ONFAULT = 1
 
 
-_malloc_trim = _load_malloc_trim()
+def _unlocked_dontneed(address, length):
+    """MADV_DONTNEED a range of a process locked with mlockall (nbdkit
+    --swap, so swap never waits on a swapped-out server): the kernel
+    refuses it on locked pages, so unlock, drop, and lock again on fault
+    only, which keeps future pages of the range locked without touching
+    them now."""
+    for call, args in ((_libc.munlock, ()),
+                       (_libc.madvise, (mmap.MADV_DONTNEED,)),
+                       (_libc.mlock2, (MLOCK_ONFAULT,))):
+        if call(ctypes.c_void_p(address), ctypes.c_size_t(length), *args):
+            err = ctypes.get_errno()
+            raise OSError(err, "%s: %s" % (call.__name__, os.strerror(err)))
 
 
 class Arena:
@@ -63,6 +76,7 @@ class Arena:
         self._lock = threading.Lock()
         self._chunks = []             # mmap objects
         self.views = []               # one memoryview per chunk, same index
+        self._addresses = []          # each chunk's address, for mlock
         self._free = array("I")       # free frame numbers, used as a stack
         self.frames_in_use = 0
         self._high_mark = 0           # frames in use at the last peak/trim
@@ -75,6 +89,9 @@ class Arena:
         first = len(self._chunks) * CHUNK_FRAMES
         self._chunks.append(chunk)
         self.views.append(memoryview(chunk))
+        anchor = ctypes.c_char.from_buffer(chunk)
+        self._addresses.append(ctypes.addressof(anchor))
+        del anchor                    # an export would keep chunk open
         # Highest first, so the stack hands out low frame numbers first.
         self._free.extend(range(first + CHUNK_FRAMES - 1, first - 1, -1))
 
@@ -92,10 +109,16 @@ class Arena:
     def free(self, frames):
         """Give ``frames`` back to the OS and make them available again."""
         for start, count in _runs(sorted(frames)):
-            chunk = self._chunks[start >> CHUNK_SHIFT]
-            chunk.madvise(mmap.MADV_DONTNEED,
-                          (start & CHUNK_MASK) << PAGE_SHIFT,
-                          count << PAGE_SHIFT)
+            index = start >> CHUNK_SHIFT
+            offset = (start & CHUNK_MASK) << PAGE_SHIFT
+            try:
+                self._chunks[index].madvise(mmap.MADV_DONTNEED, offset,
+                                            count << PAGE_SHIFT)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                _unlocked_dontneed(self._addresses[index] + offset,
+                                   count << PAGE_SHIFT)
         with self._lock:
             self._free.extend(frames)
             self.frames_in_use -= len(frames)
@@ -121,6 +144,7 @@ class Arena:
                 chunk.close()
             self.views = []
             self._chunks = []
+            self._addresses = []
             self._free = array("I")
             self.frames_in_use = 0
 

@@ -298,7 +298,7 @@ def test_cli_up_down_several_devices(env):
     assert len(lines) == 2
     assert lines[0].startswith("za: /dev/loop") and lines[0].endswith(" [SWAP]")
     assert lines[1].startswith("zb: /dev/loop") and lines[1].endswith(" " + mnt)
-    assert sorted(attach.states()) == ["za", "zb"]
+    assert list(attach.states()) == ["za", "zb"]      # the order of up
     r = subprocess.run([sys.executable, "-m", "zramd.attach", "down"],
                        env=run, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -566,3 +566,41 @@ def test_swap_from_up_takes_pages_and_down_gives_them_back(env):
                 time.sleep(0.1)
     attach.down()
     assert env.left() == []
+
+
+def test_down_goes_in_reverse_order_of_up(env, monkeypatch):
+    os.makedirs(env.run)
+    for name, since in (("zb", 1.0), ("za", 2.0), ("zc", 3.0)):
+        with open(os.path.join(env.run, name + ".state.json"), "w") as f:
+            json.dump({"name": name, "since": since}, f)
+    assert list(attach.states()) == ["zb", "za", "zc"]
+    taken = []
+    monkeypatch.setattr(attach, "take_down", lambda st: taken.append(st["name"]))
+    assert attach.down() == ["zc", "za", "zb"] == taken
+    taken.clear()
+    assert attach.down(["zb", "zc", "zz"]) == ["zc", "zb"] == taken
+
+
+def test_nbd_client_commands(env, monkeypatch):
+    # The kernel-nbd path cannot run here (no nbd module): check the
+    # commands it would run, up and down.
+    from zramd import config
+    env.configure("[zk]\nzram-size = 32\n")
+    dev = config.load(env.root)["zk"]
+    os.makedirs(env.run)
+    calls = []
+    monkeypatch.setattr(attach, "_run", lambda name, argv, check=True:
+                        calls.append(argv))
+    monkeypatch.setattr(attach, "_free_nbd", lambda: "/dev/nbd3")
+    state = {"name": "zk", "version": 1}
+    attach._attach_nbd_client(dev, state)
+    assert calls == [["nbd-client", "-unix", os.path.join(env.run, "zk.nbd"),
+                      "/dev/nbd3", "-block-size", "4096", "-swap"]]
+    assert state["block_device"] == "/dev/nbd3"
+    assert env.state("zk")["attach"] == "nbd-client"
+    calls.clear()
+    monkeypatch.setattr(attach, "_swaps", lambda: ["/dev/nbd3"])
+    state.update(use="swap")
+    attach.take_down(state)
+    assert calls == [["swapoff", "/dev/nbd3"], ["nbd-client", "-d", "/dev/nbd3"]]
+    assert not os.path.exists(os.path.join(env.run, "zk.state.json"))

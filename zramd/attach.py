@@ -273,7 +273,8 @@ def _write_state(state):
 
 
 def states():
-    """{name: state} of every device with a state file, by name."""
+    """{name: state} of every device with a state file, in the order they
+    were brought up (then by name)."""
     result = {}
     try:
         entries = sorted(os.listdir(paths.runtime_dir()))
@@ -285,7 +286,8 @@ def states():
             st = read_state(name)
             if st is not None:
                 result[name] = st
-    return result
+    order = sorted(result, key=lambda n: (result[n].get("since", 0), n))
+    return {n: result[n] for n in order}
 
 
 # ---------------------------------------------------------------------------
@@ -641,7 +643,7 @@ def bring_up(dev, start_server=True):
              "server_started": False, "nbd_socket": paths.nbd_socket(name),
              "control_socket": paths.control_socket(name), "fuse_dir": None,
              "fuse_pid": None, "use": None, "mount_point": None,
-             "active": False}
+             "active": False, "since": time.time()}
     _write_state(state)
     try:
         pid = _answers(paths.control_socket(name))
@@ -687,8 +689,17 @@ def take_down(state):
         _run(name, ["swapoff", device])
     elif state.get("use") == "fs" and device:
         mp = state.get("mount_point")
-        if any(src == device and m == mp for src, m in _mounts()):
-            _run(name, ["umount", mp])
+
+        def mounted():
+            return any(src == device and m == mp for src, m in _mounts())
+        if mounted():
+            # A file system can be busy for a moment after its last user
+            # (a scanner, a closing file): try for a little while, then
+            # report what umount says.
+            if not _wait(lambda: (_run(name, ["umount", mp], check=False)
+                                  .returncode == 0 or not mounted()),
+                         2.0, interval=0.25):
+                _run(name, ["umount", mp])
     state.update(active=False)
     _write_state(state)
     # 2. block device
@@ -756,10 +767,7 @@ def down(names=None, root="/"):
     brought up first.  A name that is not up is skipped.  Returns the names
     taken down."""
     recorded = states()
-    if names:
-        todo = [n for n in names if n in recorded]
-    else:
-        todo = list(recorded)
+    todo = [n for n in recorded if not names or n in names]
     done = []
     for name in reversed(todo):
         take_down(recorded[name])

@@ -120,9 +120,11 @@ def corpus_counts(data):
 
 def corpus_doc():
     """The make-up paragraph of bench/corpus.py's docstring."""
-    doc = corpus_mod.__doc__
-    start = doc.index("Make-up")
-    end = doc.index("The mix")
+    doc = corpus_mod.__doc__ or ""
+    start = doc.find("Make-up")
+    end = doc.find("The mix")
+    if start < 0 or end <= start:
+        return doc.strip() or "(bench/corpus.py has no description)"
     return doc[start:end].strip()
 
 
@@ -133,7 +135,10 @@ def run_system(system, corpus_path, size, runtime, workdir):
               "write_mbs": None, "read_mbs": None, "verified": None,
               "rss_before": None, "rss_after": None, "rss_growth": None,
               "mm_stat": None, "fio": {}}
-    reason = system.available()
+    try:
+        reason = system.available()
+    except Exception as exc:
+        reason = "cannot tell whether it is available: %s" % exc
     if reason:
         result["skipped"] = reason
         log("%s: skipped: %s" % (system.name, reason))

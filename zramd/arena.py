@@ -76,7 +76,6 @@ class Arena:
         self._lock = threading.Lock()
         self._chunks = []             # mmap objects
         self.views = []               # one memoryview per chunk, same index
-        self._addresses = []          # each chunk's address, for mlock
         self._free = array("I")       # free frame numbers, used as a stack
         self.frames_in_use = 0
         self._high_mark = 0           # frames in use at the last peak/trim
@@ -89,9 +88,6 @@ class Arena:
         first = len(self._chunks) * CHUNK_FRAMES
         self._chunks.append(chunk)
         self.views.append(memoryview(chunk))
-        anchor = ctypes.c_char.from_buffer(chunk)
-        self._addresses.append(ctypes.addressof(anchor))
-        del anchor                    # an export would keep chunk open
         # Highest first, so the stack hands out low frame numbers first.
         self._free.extend(range(first + CHUNK_FRAMES - 1, first - 1, -1))
 
@@ -117,7 +113,7 @@ class Arena:
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
-                _unlocked_dontneed(self._addresses[index] + offset,
+                _unlocked_dontneed(self._address(index) + offset,
                                    count << PAGE_SHIFT)
         with self._lock:
             self._free.extend(frames)
@@ -126,10 +122,19 @@ class Arena:
                     or (self.frames_in_use == 0 and self._high_mark))
             if trim:
                 self._high_mark = self.frames_in_use
-        if trim and _malloc_trim is not None:
+        if trim:
             # glibc gives back free heap pages anywhere in the heap, not
             # only at its top (malloc_trim(3)); a few ms per 32 MiB freed.
-            _malloc_trim(0)
+            if _malloc_trim is not None:
+                _malloc_trim(0)
+
+    def _address(self, index):
+        """Where chunk ``index`` is mapped (for the libc calls)."""
+        anchor = ctypes.c_char.from_buffer(self._chunks[index])
+        try:
+            return ctypes.addressof(anchor)
+        finally:
+            del anchor            # an export would keep the chunk open
 
     def locate(self, frame):
         """(chunk memoryview, byte offset) of ``frame``."""
@@ -144,7 +149,6 @@ class Arena:
                 chunk.close()
             self.views = []
             self._chunks = []
-            self._addresses = []
             self._free = array("I")
             self.frames_in_use = 0
 

@@ -285,12 +285,13 @@ class Pool:
     @staticmethod
     def _group_remove(cls, zs):
         """Take ``zs`` out of its fullness group.  A dict keeps its table
-        when emptied, so an emptied group gets a fresh one: after a big
-        free the tables that indexed thousands of zspages are gone too."""
+        when emptied by deletions; clear() gives it back, so after a big
+        free the tables that indexed thousands of zspages are gone too
+        (and no new object is made that could pin a heap arena)."""
         group = cls.groups[zs.group]
         del group[zs.id]
         if not group:
-            cls.groups[zs.group] = {}
+            group.clear()
 
     def _take_obj(self, zs, handle):
         """Hand out a free object of ``zs`` to ``handle`` (class lock held);

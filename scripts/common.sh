@@ -15,7 +15,7 @@ RUNTIME_PACKAGES=(
     qemu-utils fio fuse3 e2fsprogs util-linux mount kmod
 )
 # What the test suite needs on top.
-TEST_PACKAGES=(python3-pytest python3-hypothesis python3-pytest-timeout)
+TEST_PACKAGES=(python3-pytest python3-hypothesis python3-pytest-timeout systemd)
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "zramd: $*"; exit 1; }

@@ -265,6 +265,8 @@ def test_recompress_errors(backing):
         dev.recompress(algorithm="deflate")
     with pytest.raises(InvalidRequestError, match="type"):
         dev.recompress("cold")
+    with pytest.raises(InvalidRequestError, match="accepted: idle huge huge_idle"):
+        dev.recompress("incompressible")
     with pytest.raises(InvalidRequestError, match="priority"):
         dev.set_recomp_algorithm("zstd", 4)
     dev.close()

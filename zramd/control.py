@@ -58,6 +58,7 @@ from dataclasses import asdict
 
 from zramd.errors import InvalidRequestError, ZramdError
 from zramd.params import parse_recomp_spec
+from zramd.stats import PolicyStat
 
 PROTOCOL_VERSION = 1
 
@@ -301,10 +302,9 @@ def _store_train_dict(device, value):
 
 
 def _show_policy_stat(device):
-    policy = getattr(device, "policy", None)
-    if policy is None:
-        return "%8d %8d %8d %8d %8d\n" % (0, 0, 0, 0, 0)
-    return str(policy.stat())
+    if device.policy is None:
+        return str(PolicyStat(0, 0, 0, 0, 0))
+    return str(device.policy.stat())
 
 
 class Attribute:

@@ -65,6 +65,8 @@ MAX_PRIORITIES = 4          # the primary and three secondary algorithms
 # Post-processing selections, as zram's recompress and writeback "type=".
 PP_TYPES = {"idle": IDLE, "huge": HUGE, "huge_idle": HUGE | IDLE,
             "incompressible": INCOMPRESSIBLE}
+# recompress takes these (an INCOMPRESSIBLE page is never recompressed).
+RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
 
 # Stripes of slot locks: enough that two cores rarely meet, few enough to
 # keep the per-stripe counter rows small.
@@ -321,13 +323,9 @@ class Device:
             dict_id = (meta & DICT_MASK) >> DICT_SHIFT
             if dict_id:
                 if dict_id not in self._dict_comps:
-                    retired = True
-                else:
-                    retired = False
-                    self._dict_refs[stripe * MAX_DICTS + dict_id] += 1
-                if retired:
                     self.pool.free(handle)
                     return False
+                self._dict_refs[stripe * MAX_DICTS + dict_id] += 1
             old = self._slot_clear_locked(index, stripe)
             self._meta[index] = meta
             self._handle[index] = handle if handle else fill
@@ -554,13 +552,13 @@ class Device:
             self.pool.free(old)
         return True
 
-    def _pp_candidates(self, pp_type, pages):
+    def _pp_candidates(self, pp_type, pages, accepted=tuple(PP_TYPES)):
         """Slot indices for a post-processing pass: ``pages`` (an iterable
-        of indices) or the whole disk; ``pp_type`` must name PP_TYPES or
-        be None (every slot)."""
-        if pp_type is not None and pp_type not in PP_TYPES:
+        of indices) or the whole disk; ``pp_type`` must be one of
+        ``accepted`` or None (every slot)."""
+        if pp_type is not None and pp_type not in accepted:
             raise InvalidRequestError("type: %r; accepted: %s" % (
-                pp_type, " ".join(PP_TYPES)))
+                pp_type, " ".join(accepted)))
         if pages is None:
             return range(self.nr_pages)
         for index in pages:
@@ -613,7 +611,7 @@ class Device:
         if not isinstance(threshold, int) or not 0 <= threshold <= PAGE_SIZE:
             raise InvalidRequestError("threshold: %r; accepted: 0..%d"
                                       % (threshold, PAGE_SIZE))
-        candidates = self._pp_candidates(pp_type, pages)
+        candidates = self._pp_candidates(pp_type, pages, RECOMPRESS_TYPES)
         need = PP_TYPES[pp_type] if pp_type else 0
         done = 0
         budget = max_pages

@@ -25,6 +25,7 @@ import re
 import socket
 
 from zramd import PAGE_SIZE, compress, paths
+from zramd.device import PP_TYPES, RECOMPRESS_TYPES
 from zramd.errors import ConfigError
 
 # (key, placeholder, description): drives config_help, dump_plugin and the
@@ -161,8 +162,6 @@ class Params:
                     max_pages=self.policy_max_pages)
 
 
-PP_TYPES = ("idle", "huge", "huge_idle", "incompressible")
-
 
 def parse_recomp_spec(key, text, default_priority=1):
     """One secondary algorithm: ``NAME`` or ``algo=NAME [priority=N]
@@ -284,10 +283,10 @@ class ParamParser:
         return _parse_seconds("policy_max_pages", value, "pages >= 0")
 
     def _parse_policy_recompress(self, value):
-        return _parse_pp_type("policy_recompress", value, PP_TYPES[:3])
+        return _parse_pp_type("policy_recompress", value, RECOMPRESS_TYPES)
 
     def _parse_policy_writeback(self, value):
-        return _parse_pp_type("policy_writeback", value, PP_TYPES)
+        return _parse_pp_type("policy_writeback", value, tuple(PP_TYPES))
 
     def complete(self, check_compressor=True, check_control=True):
         """Check what needs every key and return ``Params``.

@@ -20,10 +20,10 @@ and the next pass tries again.
 import threading
 import time
 
+from .device import PP_TYPES, RECOMPRESS_TYPES
 from .errors import ConfigError, ZramdError
 from .stats import PolicyStat
 
-PP_TYPES = ("idle", "huge", "huge_idle", "incompressible")
 
 
 class Policy:
@@ -37,11 +37,12 @@ class Policy:
             if not isinstance(value, int) or value < 0:
                 raise ConfigError("%s: %r; accepted: an integer >= 0"
                                   % (key, value))
-        for key, value in (("policy_recompress", recompress_type),
-                           ("policy_writeback", writeback_type)):
-            if value is not None and value not in PP_TYPES:
+        for key, value, accepted in (
+                ("policy_recompress", recompress_type, RECOMPRESS_TYPES),
+                ("policy_writeback", writeback_type, tuple(PP_TYPES))):
+            if value is not None and value not in accepted:
                 raise ConfigError("%s: %r; accepted: %s" % (
-                    key, value, " ".join(PP_TYPES)))
+                    key, value, " ".join(accepted)))
         self.device = device
         self.interval = interval
         self.idle_age = idle_age

@@ -7,7 +7,8 @@ server, in nbdkit's order (nbdkit-plugin(3)):
 
     config / config_complete    parse and validate (zramd.params); no threads
     (nbdkit binds its sockets and forks into the background)
-    after_fork                  build the Device and start the control server
+    after_fork                  build the Device, start the deferred-free worker
+                                and the control server (small thread stacks)
     open ... pread/pwrite/...   one handle per connection: the Device itself
     cleanup                     stop the control server, close the Device
 
@@ -32,6 +33,7 @@ import errno
 import os
 import site
 import sys
+import threading
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -105,9 +107,18 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+# Stack of the threads we start (control server and its clients, deferred
+# free, policy).  They run shallow Python code, and under --swap
+# (mlockall) every stack is locked in full as soon as it is mapped: 8 MiB
+# each by default.
+THREAD_STACK_BYTES = 512 * 1024
+
+
 def after_fork():
     global _device, _control
+    threading.stack_size(THREAD_STACK_BYTES)
     _device = _config.build_device()
+    _device.pool.start_worker()
     _control = ControlServer(_device, _config.control, _config.name)
     _control.start()
 

@@ -491,13 +491,15 @@ class Pool:
             self.free(handle)
             return
         if self._worker is None:
-            self._start_worker()
+            self.start_worker()
         if queued == 1:
             self._dq_wake.set()
         if queued >= DEFERRED_CAPACITY // 2:
             self._dq_half.set()
 
-    def _start_worker(self):
+    def start_worker(self):
+        """Start the drain worker now rather than at the first deferred
+        free (a server starts it after forking, before serving)."""
         with self._worker_lock:
             if self._worker is None and not self._closing:
                 worker = threading.Thread(target=self._drain_worker,

@@ -45,6 +45,7 @@ for _dir in ("/usr/local/lib/python%d.%d/dist-packages" % sys.version_info[:2],
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
+from zramd import threadstate  # noqa: E402
 from zramd import params as _params  # noqa: E402
 from zramd.control import ControlServer  # noqa: E402
 from zramd.errors import ConfigError, ZramdError  # noqa: E402
@@ -76,6 +77,7 @@ def _refuse(err):
 
 def _io(function, *args):
     """Call a Device method; a failure reaches the client with its errno."""
+    threadstate.pin()
     try:
         return function(*args)
     except (ZramdError, OSError) as err:
@@ -132,6 +134,11 @@ def cleanup():
 
 def open(readonly):
     return _device
+
+
+def close(h):
+    # nbdkit has joined this connection's worker threads by now.
+    threadstate.reap()
 
 
 def get_size(h):

@@ -56,6 +56,7 @@ import stat
 import threading
 from dataclasses import asdict
 
+from zramd import threadstate
 from zramd.errors import InvalidRequestError, ZramdError
 from zramd.params import parse_recomp_spec
 from zramd.stats import PolicyStat
@@ -449,7 +450,9 @@ def device_status(device, name):
     of plain values: the kernel's field names for mm_stat, io_stat and
     debug_stat (debug_stat's format version excepted), plus name,
     algorithm, comp_algorithm, disksize, initstate, streams, num_reads,
-    num_writes and pid.  Only ever gains keys."""
+    num_writes, pid and thread_states (Python thread states kept for
+    nbdkit's worker threads, see zramd.threadstate).  Only ever gains
+    keys."""
     mm = device.mm_stat()
     io = device.io_stat()
     dbg = device.debug_stat()
@@ -465,6 +468,7 @@ def device_status(device, name):
     out["num_reads"] = device.num_reads
     out["num_writes"] = device.num_writes
     out["pid"] = os.getpid()
+    out["thread_states"] = len(threadstate.pinned)
     return out
 
 

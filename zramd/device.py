@@ -28,15 +28,17 @@ Discard and write-zeroes of whole sectors unlink the slot with
 swap-release path the deferred queue exists for.
 
 Locking (order: slot stripe lock, then the pool's class locks):
-``_stripe_locks[i % N_STRIPES]`` guards slot ``i`` and that stripe's row
-of counters.  Stats sum the rows; no lock is shared by all writers.
+``_stripe_locks[i % N_STRIPES]`` guards slot ``i``, that stripe's row
+of counters and its 4 KiB ``_stripe_copies`` buffer (where the pool copies
+an object that spans two frames while the slot is read).  Stats sum the
+rows; no lock is shared by all writers.
 """
 
 import mmap
 import threading
-import time
 from array import array
 from collections import namedtuple
+from time import monotonic as _monotonic
 
 from . import PAGE_SIZE, PAGE_SHIFT
 from . import compress
@@ -139,7 +141,7 @@ class Device:
         self._handle_map, self._handle = _slot_array(self.nr_pages, 8, "Q")
         self._meta_map, self._meta = _slot_array(self.nr_pages, 4, "I")
         self._atime_map, self._atime = _slot_array(self.nr_pages, 4, "I")
-        self._t0 = time.monotonic()
+        self._t0 = _monotonic()
         self._stripe_locks = [threading.Lock() for _ in range(N_STRIPES)]
         self._counters = array("q", bytes(8 * N_STRIPES * N_COUNTERS))
         self._fail_lock = threading.Lock()
@@ -148,21 +150,14 @@ class Device:
         self._limit_pages = 0
         self._max_lock = threading.Lock()
         self._max_used_pages = 0
-        self._tls = threading.local()
+        self._stripe_copies = [bytearray(PAGE_SIZE) for _ in range(N_STRIPES)]
         self.policy = None          # a zramd.policy.Policy, if scheduled
         self.set_mem_limit(mem_limit)
 
     # ---- small helpers -------------------------------------------------
 
     def _now(self):
-        return int(time.monotonic() - self._t0)
-
-    def _local_copy(self):
-        """This thread's 4 KiB buffer for objects that span two frames."""
-        buf = getattr(self._tls, "buf", None)
-        if buf is None:
-            buf = self._tls.buf = bytearray(PAGE_SIZE)
-        return buf
+        return int(_monotonic() - self._t0)
 
     def _check_range(self, op, offset, length):
         if (not isinstance(offset, int) or not isinstance(length, int)
@@ -262,7 +257,8 @@ class Device:
                 page = self._backing.read_page(handle, index)
                 out[dst:dst + hi - lo] = page[lo:hi]
             else:
-                view = self.pool.obj_read_begin(handle, self._local_copy())
+                pool = self.pool
+                view = pool.obj_read_begin(handle, self._stripe_copies[stripe])
                 try:
                     if meta & HUGE:
                         out[dst:dst + hi - lo] = view[lo:hi]
@@ -272,12 +268,14 @@ class Device:
                         out[dst:dst + hi - lo] = page[lo:hi] \
                             if (lo or hi != PAGE_SIZE) else page
                 finally:
-                    self.pool.obj_read_end(handle, view)
+                    pool.obj_read_end(handle, view)
             if touch:
                 if meta & IDLE:
                     self._meta[index] = meta & ~IDLE
-                self._atime[index] = self._now()
-                self._count(stripe, C_NUM_READS)
+                # _now() and _count() written out: this runs for every
+                # sector read.
+                self._atime[index] = int(_monotonic() - self._t0)
+                self._counters[stripe * N_COUNTERS + C_NUM_READS] += 1
 
     def _decompressor(self, meta):
         """The compressor that made a (non-huge) slot's object."""
@@ -329,16 +327,19 @@ class Device:
             old = self._slot_clear_locked(index, stripe)
             self._meta[index] = meta
             self._handle[index] = handle if handle else fill
-            self._atime[index] = self._now()
-            self._count(stripe, C_PAGES_STORED)
+            self._atime[index] = int(_monotonic() - self._t0)
+            # _count() written out: this runs for every sector written.
+            counters = self._counters
+            row = stripe * N_COUNTERS
+            counters[row + C_PAGES_STORED] += 1
+            counters[row + C_NUM_WRITES] += 1
             if meta & SAME:
-                self._count(stripe, C_SAME_PAGES)
+                counters[row + C_SAME_PAGES] += 1
             else:
-                self._count(stripe, C_COMPR_SIZE, size)
+                counters[row + C_COMPR_SIZE] += size
                 if meta & HUGE:
-                    self._count(stripe, C_HUGE_PAGES)
-                    self._count(stripe, C_HUGE_SINCE)
-            self._count(stripe, C_NUM_WRITES)
+                    counters[row + C_HUGE_PAGES] += 1
+                    counters[row + C_HUGE_SINCE] += 1
         if old:
             self.pool.free(old)
         return True
@@ -366,10 +367,18 @@ class Device:
     def read_into(self, offset, buffer):
         """Fill ``buffer`` (writable bytes-like) from ``offset``."""
         out = memoryview(buffer).cast("B")
-        self._check_range("read", offset, len(out))
+        length = len(out)
+        self._check_range("read", offset, length)
+        read_sector = self._read_sector
         try:
-            for index, lo, hi, pos in self._sectors(offset, len(out)):
-                self._read_sector(index, lo, hi, out, pos)
+            if not (offset | length) & (PAGE_SIZE - 1):
+                # Whole sectors, what block devices and nbdcopy send.
+                first = offset >> PAGE_SHIFT
+                for i in range(length >> PAGE_SHIFT):
+                    read_sector(first + i, 0, PAGE_SIZE, out, i << PAGE_SHIFT)
+            else:
+                for index, lo, hi, pos in self._sectors(offset, length):
+                    read_sector(index, lo, hi, out, pos)
         except ZramdError:
             with self._fail_lock:
                 self.failed_reads += 1
@@ -386,11 +395,19 @@ class Device:
         """Write ``data`` at ``offset``; partial sectors are read, patched
         and written back."""
         data = memoryview(data).cast("B")
-        self._check_range("write", offset, len(data))
+        length = len(data)
+        self._check_range("write", offset, length)
+        write_sector = self._write_sector
         try:
-            for index, lo, hi, pos in self._sectors(offset, len(data)):
+            if not (offset | length) & (PAGE_SIZE - 1):
+                first = offset >> PAGE_SHIFT
+                for i in range(length >> PAGE_SHIFT):
+                    pos = i << PAGE_SHIFT
+                    write_sector(first + i, data[pos:pos + PAGE_SIZE])
+                return
+            for index, lo, hi, pos in self._sectors(offset, length):
                 if hi - lo == PAGE_SIZE:
-                    self._write_sector(index, data[pos:pos + PAGE_SIZE])
+                    write_sector(index, data[pos:pos + PAGE_SIZE])
                 else:
                     self._patch_sector(index, lo, data[pos:pos + hi - lo])
         except ZramdError:
@@ -516,7 +533,8 @@ class Device:
                     or meta & need != need):
                 return None
             page = bytearray(PAGE_SIZE)
-            view = self.pool.obj_read_begin(handle, self._local_copy())
+            view = self.pool.obj_read_begin(handle,
+                                            self._stripe_copies[stripe])
             try:
                 if meta & HUGE:
                     page[:] = view

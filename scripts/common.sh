@@ -53,3 +53,62 @@ install_zramd() {
         --root-user-action=ignore --break-system-packages \
         --no-deps --no-build-isolation -e "$REPO" >/dev/null
 }
+
+# nbdkit 1.32 prints only the python plugin's own help for
+# "nbdkit python plugin.py --help"; scripts/zramd_nbdkit_help.py adds the
+# plugin's keys from inside nbdkit's embedded interpreter, imported at its
+# start-up by a .pth file.  That interpreter reads the site directory of
+# the prefix it takes from the first python3 on PATH, so the hook goes
+# where it looks both with Debian's python3 first (as the quick start
+# serves) and with the caller's PATH (a venv, a pyenv version).
+HELP_HOOK=zramd_nbdkit_help
+HELP_HOOK_PTH="import sys; getattr(sys, 'orig_argv', 1) or exec('try: import $HELP_HOOK\\nexcept ImportError: pass')"
+
+# Prints the site directory whose .pth files nbdkit's embedded Python reads
+# under the current PATH (the first of site.getsitepackages() on sys.path,
+# else the first, to be created); prints nothing if it cannot start.
+nbdkit_site_dir() {
+    local probe out
+    probe=$(mktemp --suffix=.py)
+    cat >"$probe" <<'EOT'
+import site, sys
+API_VERSION = 2
+def dump_plugin():
+    dirs = site.getsitepackages()
+    print("zramd_site_dir=" + ([d for d in dirs if d in sys.path] or dirs)[0])
+def open(readonly): return 1
+def get_size(h): return 0
+def pread(h, buf, offset, flags): pass
+EOT
+    out=$(cd / && nbdkit python "$probe" --dump-plugin 2>/dev/null) || out=
+    rm -f "$probe"
+    sed -n 's/^zramd_site_dir=//p' <<<"$out"
+}
+
+# Installs (or refreshes) the hook where nbdkit's interpreter finds it.
+install_help_hook() {
+    local dir dirs=() path
+    for path in "/usr/sbin:/usr/bin:$PATH" "$PATH"; do
+        dir=$(PATH=$path nbdkit_site_dir)
+        if [ -z "$dir" ]; then
+            say "zramd: nbdkit's Python does not start with PATH=$path;" \
+                "nbdkit python plugin.py --help will not list zramd's keys there"
+            continue
+        fi
+        [[ " ${dirs[*]} " == *" $dir "* ]] || dirs+=("$dir")
+    done
+    for dir in "${dirs[@]}"; do
+        if cmp -s "$REPO/scripts/$HELP_HOOK.py" "$dir/$HELP_HOOK.py" &&
+                [ "$(cat "$dir/$HELP_HOOK.pth" 2>/dev/null)" = "$HELP_HOOK_PTH" ]; then
+            continue
+        fi
+        # Not fatal: without it only --help is poorer.
+        if mkdir -p "$dir" &&
+                install -m 644 "$REPO/scripts/$HELP_HOOK.py" "$dir/$HELP_HOOK.py" &&
+                printf '%s\n' "$HELP_HOOK_PTH" >"$dir/$HELP_HOOK.pth"; then
+            say "zramd: nbdkit --help hook in $dir"
+        else
+            say "zramd: cannot install the nbdkit --help hook in $dir"
+        fi
+    done
+}

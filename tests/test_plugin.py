@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import textwrap
 import time
 
@@ -191,6 +192,100 @@ def test_serves_with_a_venv_python3_first_on_path(tmp_path, python):
         assert h.pread(len(data), 12345) == data
         h.shutdown()
         assert server.process.poll() is None
+
+
+# -- nbdkit --help ------------------------------------------------------------
+
+HELP_HOOK = os.path.join(REPO, "scripts", "zramd_nbdkit_help.py")
+
+
+def nbdkit_help(env=None, script=PLUGIN):
+    """stdout of ``nbdkit python SCRIPT --help``; it must succeed quietly."""
+    run = subprocess.run(["nbdkit", "python", script, "--help"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    return run.stdout
+
+
+def zramd_keys_in_help(stdout):
+    """nbdkit's part and ours (the lines after ``script: PLUGIN``)."""
+    nbdkit_part, found, ours = stdout.partition("\nscript: %s\n" % PLUGIN)
+    assert found, ("nbdkit --help does not list zramd's keys; the set-up "
+                   "installs the hook (scripts/common.sh, install_help_hook; "
+                   "scripts/test runs it):\n" + stdout)
+    return nbdkit_part, ours
+
+
+@pytest.mark.parametrize("first", ["", "/usr/bin"],
+                         ids=["PATH-as-is", "usr-bin-first"])
+def test_help_lists_every_parameter(first):
+    """nbdkit 1.32 never loads the script for --help; the set-up's hook
+    prints plugin.py's config_help after nbdkit's own help, whichever of
+    the machine's python3 comes first on PATH."""
+    env = dict(os.environ)
+    if first:
+        env["PATH"] = first + ":" + env["PATH"]
+    nbdkit_part, ours = zramd_keys_in_help(nbdkit_help(env))
+    assert "plugin: python" in nbdkit_part
+    assert "script=<FILENAME>" in nbdkit_part
+    assert ours == params.help_text() + "\n"
+    keys = [line.split("=", 1)[0] for line in ours.splitlines()]
+    assert keys == list(params.KEYS)
+    assert keys[:8] == ["size", "algorithm", "level", "dict", "mem_limit",
+                        "chain_size", "name", "control"]
+
+
+def test_help_hook_follows_a_foreign_python3_on_path(tmp_path):
+    """With a venv first on PATH nbdkit's interpreter reads the venv's site
+    directory, so install_help_hook puts the hook there too; it stays out
+    of python3 commands and of other scripts' --help."""
+    env = venv_first_on_path(tmp_path, "/usr/bin/python3")
+    site_dir = str(tmp_path / "venv" / "lib" / (
+        "python%d.%d" % sys.version_info[:2]) / "site-packages")
+    assert "\nscript: " not in nbdkit_help(env)            # not yet
+    run = subprocess.run(["bash", "-c", '. "$0/scripts/common.sh" && '
+                          "install_help_hook", REPO], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "nbdkit --help hook in %s\n" % site_dir in run.stderr
+    _, ours = zramd_keys_in_help(nbdkit_help(env))
+    assert ours == params.help_text() + "\n"
+    # A python3 command does not even import it.
+    check = subprocess.run(["python3", "-c", "import sys; print("
+                            "'zramd_nbdkit_help' in sys.modules, sys.path)"],
+                           capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert check.stderr == "" and check.stdout.startswith("False "), check
+    assert site_dir in check.stdout
+    # Another Python plugin's --help is nbdkit's alone.
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    assert "\nscript: " not in nbdkit_help(env, script=str(probe))
+
+
+def load_help_hook():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("zramd_nbdkit_help",
+                                                  HELP_HOOK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)     # not nbdkit: registers nothing
+    return module
+
+
+@pytest.mark.parametrize("argv, script", [
+    (["nbdkit", "python", "./plugin.py", "--help"], "./plugin.py"),
+    (["nbdkit", "--help", "python", "plugin.py", "size=1G"], "plugin.py"),
+    (["nbdkit", "python", "script=/x/plugin.py", "--he"], "/x/plugin.py"),
+    (["nbdkit", "-f", "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/"
+      "nbdkit-python-plugin.so", "--help", "p.py"], "p.py"),
+    (["nbdkit", "python", "./plugin.py", "size=1G"], None),
+    (["nbdkit", "python", "./plugin.py", "--dump-plugin"], None),
+    (["nbdkit", "python", "./plugin.py", "--", "--help"], None),
+    (["nbdkit", "memory", "1G", "--help"], None),
+    (["nbdkit", "-U", "-", "python", "--help"], None),
+])
+def test_help_hook_reads_nbdkit_argv(argv, script):
+    assert load_help_hook().help_script(argv) == script
 
 
 # -- life across nbdkit's fork -----------------------------------------------

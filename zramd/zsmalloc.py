@@ -10,7 +10,7 @@ Size classes
     (calculate_zspage_chain_size).  Neighbouring classes whose zspages hold
     the same number of objects on the same number of frames are merged
     (can_merge).  A class of one object per one-frame zspage is *huge*; its
-    objects carry no header (the handle is kept on the zspage).
+    objects carry no header (the handle is kept in the zspage's metadata).
 
 Zspages and objects
     A zspage is a list of frame numbers that need not be contiguous.  Object
@@ -25,35 +25,85 @@ Zspages and objects
 
     The 8-byte header of an allocated object holds ``handle << 1 | 1``; a
     freed object holds the link ``(next + 1) << 1`` of the zspage's free
-    list (tag bit clear).  Object indices at or above ``zspage.unused``
-    were never handed out, so a new zspage needs no initialisation.
-    Headers start on 16-byte boundaries and never straddle frames.
+    list (tag bit clear).  Object indices at or above the zspage's
+    ``unused`` were never handed out, so a new zspage needs no
+    initialisation.  Headers start on 16-byte boundaries and never
+    straddle frames.  Frame ``f`` is read through the arena's chunk views:
+    ``arena.views[f >> CHUNK_SHIFT]`` at byte ``(f & CHUNK_MASK) << 12``,
+    sliced in place, never copied unless an object spans two frames.
+
+Zspage metadata: columns, not objects
+    There is no Python object per zspage, as there is none per stored
+    object: a Python object per zspage would be made while the pool grows
+    and freed when it shrinks, and the few that outlive a big free pin the
+    interpreter's heap arenas (1 MiB each) that the rest left empty.
+    Instead each size class numbers its zspages 0, 1, 2, ... and keeps
+    their metadata in flat ``array`` columns indexed by that id; class 28
+    (480 bytes, 17 objects on 2 frames, chain_size 8) might hold::
+
+        zspage id z        0        1        2        3
+        inuse              7        -       17        8    objects allocated
+        unused             9        -       17       10    never used from here
+        freeobj            3        -       -1        2    free list head
+        group              5     FREE       11        5    fullness group
+        prev, next     -1, 3        -   -1, -1    0, -1    group list links
+        frames          7  3     -  -    9 12     1  2     2 per id
+
+        heads[5] = 0 (the list 0 <-> 3), heads[11] = 2, free_ids = [1]
+
+    ``freeobj`` is -1 when the free list is empty.  ``frames`` has a fixed
+    stride of pages_per_zspage entries per id; huge classes add a
+    ``handle`` column for their headerless objects.  Released ids go on
+    the class's ``free_ids`` stack (group FREE) and are reused first.  When a class's last zspage goes, its columns are replaced by
+    empty ones, so the memory they grew to goes back to the C allocator
+    (and from there to the OS: arrays past 512 bytes live in glibc's heap
+    or its own mmaps, not in the interpreter's arenas, and the arena's
+    malloc_trim returns the heap's free pages).  A class that keeps a
+    single object keeps its columns at their high-water length, about
+    15 + 4 * pages_per_zspage bytes per zspage id and 14 per handle row.
 
 Handles
-    A handle is an index into two flat arrays: ``_loc[h]`` = zspage id << 12
-    | object index, and ``_size[h]`` = the size the caller asked for (0 when
+    A handle is ``h << 8 | class index``: its low byte names the size class
+    (the unmerged index, as in the classes table), and ``h`` (from 1) is a
+    row of that class's handle columns: ``loc[h]`` = zspage id << 12 |
+    object index, and ``sizes[h]`` = the size the caller asked for (0 when
     free).  The indirection lets compaction move an object by rewriting
-    ``_loc[h]``.  Freed handles and zspage ids are recycled from array
-    stacks; no Python object exists per stored object.
+    ``loc[h]``.  Freed rows are recycled from the class's ``free_handles``
+    stack, and the handle columns are dropped with the zspage columns when
+    the class empties, so the handle table too follows the pool down.
 
 Fullness groups
     Each class keeps its zspages in 12 groups by use, as get_fullness_group:
-    0 (empty), 10%..90% and 99% (1..10), 100% (11).  malloc takes the fullest
-    zspage with room; compaction moves objects from the emptiest zspages into
-    the fullest and frees what it empties.
+    0 (empty), 10%..90% and 99% (1..10), 100% (11).  A group is an intrusive
+    doubly linked list through the ``prev``/``next`` columns, headed by
+    ``heads[group]`` (-1 when empty), as the kernel's fullness_list; a
+    zspage joins at the head (list_add), ``counts[group]`` counts the list
+    for stats, and bit ``group`` of ``nonempty`` says the list has members.
+    malloc takes the head of the fullest group with room (the highest bit
+    of ``nonempty`` below 100%); compaction moves objects from the emptiest
+    zspages into the fullest and frees what it empties.  A zspage taken
+    off its list by compaction is ISOLATED until it is put back.
 
-Locking (lock order: class lock, then the arena's lock)
-    - ``SizeClass.lock`` guards the class's zspages, fullness groups, free
-      lists, counters, and the ``_loc`` entries of its objects.  There is no
-      pool-wide lock on malloc, free, read or write.
+Locking
+    Lock order: ``_compact_lock`` or ``_drain_lock``, then one class lock
+    (``audit`` alone takes them all, by class index), then the arena's
+    lock or the queue's ``_dq_lock``.
+    - ``SizeClass.lock`` guards everything of the class that changes: its
+      zspage and handle columns, fullness lists, free lists and counters.
+      There is no pool-wide lock on malloc, free, read or write: a handle
+      names its class, so they take that class's lock and no other (and
+      the arena's when a zspage is made; freed frames go to the arena
+      after the class lock is dropped).
     - Readers (``obj_read_begin`` .. ``obj_read_end``) register in
       ``SizeClass.readers`` under the class lock and may then use a
-      zero-copy view of a frame without the lock; compaction waits on the
-      class's condition until there are none before it moves anything.
-    - Handle and zspage-id stacks rely on single array operations being
-      atomic under the GIL; growing the tables takes ``_table_lock``.
+      zero-copy view of a frame without the lock; compaction sets
+      ``compacting`` and waits on the class's condition until there are
+      none before it moves anything (only then does ``obj_read_end``
+      notify).
+    - ``_compact_lock`` makes compactions take turns; ``_drain_lock``
+      makes drains of the deferred-free queue take turns.
     - The deferred-free queue has its own lock, only ever try-locked by
-      ``free_deferred``.
+      ``free_deferred`` and held by nothing else while it frees.
 """
 
 import struct
@@ -61,7 +111,7 @@ import threading
 from array import array
 
 from . import PAGE_SIZE, PAGE_SHIFT
-from .arena import Arena
+from .arena import Arena, CHUNK_MASK, CHUNK_SHIFT
 from .stats import ClassStat, PoolStats
 
 ZS_MIN_ALLOC_SIZE = 32
@@ -72,6 +122,7 @@ ZS_SIZE_CLASS_DELTA = PAGE_SIZE >> CLASS_BITS            # 16
 ZS_SIZE_CLASSES = -(-(ZS_MAX_ALLOC_SIZE - ZS_MIN_ALLOC_SIZE)
                     // ZS_SIZE_CLASS_DELTA) + 1          # 255
 CHAIN_SIZE_MIN, CHAIN_SIZE_MAX, CHAIN_SIZE_DEFAULT = 4, 16, 8
+PAGE_MASK = PAGE_SIZE - 1
 
 # Fullness groups, as enum fullness_group in mm/zsmalloc.c.
 ZS_INUSE_RATIO_0 = 0
@@ -79,10 +130,18 @@ ZS_INUSE_RATIO_10 = 1
 ZS_INUSE_RATIO_99 = 10
 ZS_INUSE_RATIO_100 = 11
 NR_FULLNESS_GROUPS = 12
+# Groups whose zspages have room: bits 0..10 of SizeClass.nonempty.
+GROUPS_WITH_ROOM = (1 << ZS_INUSE_RATIO_100) - 1
+# Values of the group column for a zspage on no list.
+ZS_ISOLATED = 254            # off its list while compaction works on it
+ZS_FREE = 255                # released: the id waits on free_ids
 
-OBJ_INDEX_BITS = 12          # objects per zspage < 2048 with 16 frames
+OBJ_INDEX_BITS = 12          # objects per zspage <= 256 on 4 KiB pages
 OBJ_INDEX_MASK = (1 << OBJ_INDEX_BITS) - 1
 OBJ_ALLOCATED_TAG = 1
+# A handle's low byte is its class's index (0..254).
+HANDLE_CLASS_BITS = 8
+HANDLE_CLASS_MASK = (1 << HANDLE_CLASS_BITS) - 1
 
 # Deferred free, as "mm/zsmalloc: reduce zs_free() latency on swap release
 # path": 128 MiB worth of 4 KiB pages of handles.
@@ -90,6 +149,8 @@ DEFERRED_CAPACITY = (128 << 20) >> PAGE_SHIFT             # 32768
 DEFERRED_IDLE_DELAY = 0.05   # seconds a lone handle may wait for company
 
 _header = struct.Struct("<Q")
+_unpack_header = _header.unpack_from
+_pack_header = _header.pack_into
 
 
 def chain_size_for(class_size, chain_size):
@@ -115,13 +176,23 @@ def class_index(size):
     return min(ZS_SIZE_CLASSES - 1, idx)
 
 
+def _check(ok, what, *args):
+    """Raise AssertionError(what % args) unless ``ok`` (survives -O)."""
+    if not ok:
+        raise AssertionError(what % args)
+
+
 class SizeClass:
-    """One size class: its geometry, its zspages by fullness, its counters.
-    Every field but the constants is guarded by ``lock``."""
+    """One size class: its geometry, its zspage columns and fullness lists,
+    its counters.  Every field but the constants is guarded by ``lock``;
+    see the module docstring for the columns."""
 
     __slots__ = ("index", "size", "pages_per_zspage", "objs_per_zspage",
-                 "huge", "header", "lock", "no_readers", "readers",
-                 "groups", "obj_allocated", "obj_used")
+                 "huge", "header", "fullness", "lock", "no_readers",
+                 "readers", "compacting", "obj_allocated", "obj_used",
+                 "heads", "counts", "nonempty", "inuse", "unused",
+                 "freeobj", "group", "prev", "next", "frames", "handle",
+                 "free_ids", "loc", "sizes", "free_handles")
 
     def __init__(self, index, size, pages_per_zspage, objs_per_zspage):
         self.index = index
@@ -130,14 +201,37 @@ class SizeClass:
         self.objs_per_zspage = objs_per_zspage
         self.huge = pages_per_zspage == 1 and objs_per_zspage == 1
         self.header = 0 if self.huge else ZS_HANDLE_SIZE
+        # fullness[inuse] = get_fullness_group(), one byte per count.
+        self.fullness = bytes(self.fullness_of(n)
+                              for n in range(objs_per_zspage + 1))
         self.lock = threading.Lock()
         self.no_readers = threading.Condition(self.lock)
         self.readers = 0
-        # groups[g]: zspage id -> ZsPage; dicts give O(1) removal and a
-        # stable "first entry".
-        self.groups = [dict() for _ in range(NR_FULLNESS_GROUPS)]
+        self.compacting = False      # compaction waits on no_readers
+        self.clear()
+
+    def clear(self):
+        """Forget every zspage and handle: fresh, empty columns and lists
+        (lock held, and no handle of the class live).  The old columns'
+        memory goes back to the C allocator, however large they grew."""
         self.obj_allocated = 0
         self.obj_used = 0
+        self.heads = array("i", [-1]) * NR_FULLNESS_GROUPS
+        self.counts = array("I", [0]) * NR_FULLNESS_GROUPS
+        self.nonempty = 0            # bit g: group g's list has members
+        self.inuse = array("H")
+        self.unused = array("H")
+        self.freeobj = array("h")
+        self.group = array("B")
+        self.prev = array("i")
+        self.next = array("i")
+        self.frames = array("I")     # pages_per_zspage entries per id
+        self.handle = array("Q")     # huge classes only: the one handle
+        self.free_ids = array("I")
+        # Handle columns; row 0 is never handed out.
+        self.loc = array("Q", [0])
+        self.sizes = array("H", [0])
+        self.free_handles = array("I")
 
     def fullness_of(self, inuse):
         """get_fullness_group()."""
@@ -154,24 +248,53 @@ class SizeClass:
             return 0
         return wasted // self.objs_per_zspage * self.pages_per_zspage
 
+    # ---- fullness lists (lock held) ------------------------------------
 
-class ZsPage:
-    """A chain of frames holding objects of one class.  Guarded by the
-    class lock.  ``maps[i]`` is (chunk view, offset) of ``frames[i]``."""
+    def link(self, z, g):
+        """Put zspage ``z`` (on no list) at the head of group ``g``."""
+        heads = self.heads
+        head = heads[g]
+        self.prev[z] = -1
+        self.next[z] = head
+        if head >= 0:
+            self.prev[head] = z
+        else:
+            self.nonempty |= 1 << g
+        heads[g] = z
+        self.group[z] = g
+        self.counts[g] += 1
 
-    __slots__ = ("id", "cls", "frames", "maps", "inuse", "unused",
-                 "freeobj", "group", "huge_handle")
+    def unlink(self, z):
+        """Take zspage ``z`` off its group's list; it is ISOLATED after."""
+        g = self.group[z]
+        p = self.prev[z]
+        n = self.next[z]
+        if p >= 0:
+            self.next[p] = n
+        else:
+            self.heads[g] = n
+            if n < 0:
+                self.nonempty &= ~(1 << g)
+        if n >= 0:
+            self.prev[n] = p
+        self.counts[g] -= 1
+        self.group[z] = ZS_ISOLATED
 
-    def __init__(self, zid, cls, frames, maps):
-        self.id = zid
-        self.cls = cls
-        self.frames = frames
-        self.maps = maps
-        self.inuse = 0
-        self.unused = 0          # objects >= this index were never used
-        self.freeobj = -1        # head of the free list of used-then-freed
-        self.group = ZS_INUSE_RATIO_0
-        self.huge_handle = 0     # huge zspages keep their handle here
+    def move(self, z, g):
+        """Move zspage ``z`` from its group's list to group ``g``'s."""
+        self.unlink(z)
+        self.link(z, g)
+
+    def isolate(self, order):
+        """Unlink and return the head of the first non-empty group in
+        ``order``, or -1."""
+        heads = self.heads
+        for g in order:
+            z = heads[g]
+            if z >= 0:
+                self.unlink(z)
+                return z
+        return -1
 
 
 class Pool:
@@ -189,14 +312,10 @@ class Pool:
                              % (chain_size, CHAIN_SIZE_MIN, CHAIN_SIZE_MAX))
         self.chain_size = chain_size
         self._arena = Arena()
+        # The arena's list of chunk views: it only grows while the arena
+        # lives, so one reference serves every frame lookup.
+        self._views = self._arena.views
         self._build_classes()
-        # Handle table; handle 0 is never handed out.
-        self._loc = array("Q", [0])
-        self._size = array("H", [0])
-        self._free_handles = array("I")
-        self._zspages = []
-        self._free_zspage_ids = array("I")
-        self._table_lock = threading.Lock()
         self._compact_lock = threading.Lock()
         self.pages_compacted = 0
         # Deferred free queue and its worker (started on first use, so a
@@ -230,8 +349,13 @@ class Pool:
                 by_index[i] = prev
                 continue
             prev = by_index[i] = SizeClass(i, size, pages, objs)
-        self._classes_by_index = by_index
         self.classes = sorted(set(by_index), key=lambda c: c.index)
+        # Handle's low byte -> class; a merged index names no class, and
+        # the stand-in's empty handle columns make such handles invalid.
+        no_class = SizeClass(0, ZS_MIN_ALLOC_SIZE, 1, 1)
+        self._handle_class = [no_class] * (HANDLE_CLASS_MASK + 1)
+        for cls in self.classes:
+            self._handle_class[cls.index] = cls
         self.huge_class_size = huge_class_size
         # Object size (without header) -> class, for 1..4096.
         self._class_for = [None] + [
@@ -240,100 +364,103 @@ class Pool:
 
     # ---- handles and zspages -----------------------------------------
 
-    def _new_handle(self):
-        try:
-            return self._free_handles.pop()
-        except IndexError:
-            with self._table_lock:
-                self._loc.append(0)
-                self._size.append(0)
-                return len(self._loc) - 1
+    @staticmethod
+    def _new_row(cls):
+        """A new handle row at the end of ``cls``'s handle columns (class
+        lock held; the free stack is empty)."""
+        cls.loc.append(0)
+        cls.sizes.append(0)
+        return len(cls.sizes) - 1
+
+    def _class_row(self, handle, op):
+        """(class, row) of ``handle``; raises ValueError unless it is
+        allocated.  Unlocked: a live handle's class keeps its columns."""
+        cls = self._handle_class[handle & HANDLE_CLASS_MASK]
+        row = handle >> HANDLE_CLASS_BITS
+        sizes = cls.sizes
+        if not 0 < row < len(sizes) or not sizes[row]:
+            raise ValueError("%s: handle %r is not allocated" % (op, handle))
+        return cls, row
 
     def _new_zspage(self, cls):
-        """Allocate a zspage for ``cls`` (class lock held)."""
+        """Allocate a zspage for ``cls`` (class lock held) and return its
+        id; it holds no object and is on no list (ISOLATED)."""
         frames = self._arena.alloc(cls.pages_per_zspage)
-        maps = [self._arena.locate(f) for f in frames]
-        try:
-            zid = self._free_zspage_ids.pop()
-        except IndexError:
-            with self._table_lock:
-                self._zspages.append(None)
-                zid = len(self._zspages) - 1
-        zs = ZsPage(zid, cls, frames, maps)
-        self._zspages[zid] = zs
+        ids = cls.free_ids
+        if ids:
+            z = ids.pop()
+            ppz = cls.pages_per_zspage
+            cls.frames[z * ppz:(z + 1) * ppz] = array("I", frames)
+            cls.inuse[z] = 0
+            cls.unused[z] = 0
+            cls.freeobj[z] = -1
+            cls.group[z] = ZS_ISOLATED
+        else:
+            z = len(cls.inuse)
+            cls.inuse.append(0)
+            cls.unused.append(0)
+            cls.freeobj.append(-1)
+            cls.group.append(ZS_ISOLATED)
+            cls.prev.append(-1)
+            cls.next.append(-1)
+            cls.frames.extend(frames)
+            if cls.huge:
+                cls.handle.append(0)
         cls.obj_allocated += cls.objs_per_zspage
-        return zs
-
-    def _release_zspage(self, zs):
-        """Forget an empty zspage (class lock held); returns its frames,
-        which the caller hands to the arena after dropping the lock."""
-        cls = zs.cls
-        self._group_remove(cls, zs)
-        cls.obj_allocated -= cls.objs_per_zspage
-        self._zspages[zs.id] = None
-        self._free_zspage_ids.append(zs.id)
-        zs.maps = None
-        return zs.frames
-
-    def _regroup(self, cls, zs):
-        group = cls.fullness_of(zs.inuse)
-        if group != zs.group:
-            self._group_remove(cls, zs)
-            cls.groups[group][zs.id] = zs
-            zs.group = group
+        return z
 
     @staticmethod
-    def _group_remove(cls, zs):
-        """Take ``zs`` out of its fullness group.  A dict keeps its table
-        when emptied by deletions; clear() gives it back, so after a big
-        free the tables that indexed thousands of zspages are gone too
-        (and no new object is made that could pin a heap arena)."""
-        group = cls.groups[zs.group]
-        del group[zs.id]
-        if not group:
-            group.clear()
+    def _release_zspage(cls, z):
+        """Forget empty zspage ``z``, already off its list (class lock
+        held); returns its frames, which the caller hands to the arena
+        after dropping the lock."""
+        ppz = cls.pages_per_zspage
+        frames = cls.frames[z * ppz:(z + 1) * ppz]
+        cls.obj_allocated -= cls.objs_per_zspage
+        if cls.obj_allocated:
+            cls.group[z] = ZS_FREE
+            if cls.huge:
+                cls.handle[z] = 0
+            cls.free_ids.append(z)
+        else:
+            # The class's last zspage: drop the columns whole rather than
+            # keep them at their high-water size.
+            cls.clear()
+        return frames
 
-    def _take_obj(self, zs, handle):
-        """Hand out a free object of ``zs`` to ``handle`` (class lock held);
-        returns its index."""
-        cls = zs.cls
-        if zs.freeobj >= 0:
-            idx = zs.freeobj
-            if not cls.huge:
-                view, base, off = self._header_at(zs, idx)
-                zs.freeobj = (_header.unpack_from(view, base + off)[0] >> 1) - 1
-            else:
-                zs.freeobj = -1
+    def _locate(self, cls, z, start):
+        """(chunk view, byte offset) of byte ``start`` of zspage ``z``'s
+        chain (class lock held)."""
+        frame = cls.frames[z * cls.pages_per_zspage + (start >> PAGE_SHIFT)]
+        return (self._views[frame >> CHUNK_SHIFT],
+                (frame & CHUNK_MASK) << PAGE_SHIFT | (start & PAGE_MASK))
+
+    def _take_obj(self, cls, z, handle):
+        """Hand out a free object of zspage ``z`` to ``handle`` (class lock
+        held; ``z`` has room; not a huge class); returns its index.  The
+        caller regroups.  malloc has its own copy of this, inline."""
+        idx = cls.freeobj[z]
+        if idx < 0:
+            idx = cls.unused[z]
+            cls.unused[z] = idx + 1
+            view, off = self._locate(cls, z, idx * cls.size)
         else:
-            idx = zs.unused
-            zs.unused += 1
-        if cls.huge:
-            zs.huge_handle = handle
-        else:
-            view, base, off = self._header_at(zs, idx)
-            _header.pack_into(view, base + off, handle << 1 | OBJ_ALLOCATED_TAG)
-        zs.inuse += 1
+            view, off = self._locate(cls, z, idx * cls.size)
+            cls.freeobj[z] = (_unpack_header(view, off)[0] >> 1) - 1
+        _pack_header(view, off, handle << 1 | OBJ_ALLOCATED_TAG)
+        cls.inuse[z] += 1
         cls.obj_used += 1
         return idx
 
-    def _put_obj(self, zs, idx):
-        """Return object ``idx`` to its zspage's free list (lock held)."""
-        cls = zs.cls
-        if cls.huge:
-            zs.huge_handle = 0
-        else:
-            view, base, off = self._header_at(zs, idx)
-            _header.pack_into(view, base + off, (zs.freeobj + 1) << 1)
-        zs.freeobj = idx
-        zs.inuse -= 1
+    def _put_obj(self, cls, z, idx):
+        """Return object ``idx`` to zspage ``z``'s free list (lock held;
+        not a huge class).  The caller regroups or releases the zspage;
+        free has its own copy of this, inline."""
+        view, off = self._locate(cls, z, idx * cls.size)
+        _pack_header(view, off, (cls.freeobj[z] + 1) << 1)
+        cls.freeobj[z] = idx
+        cls.inuse[z] -= 1
         cls.obj_used -= 1
-
-    @staticmethod
-    def _header_at(zs, idx):
-        """(view, frame base, offset in frame) of object ``idx``'s start."""
-        start = idx * zs.cls.size
-        view, base = zs.maps[start >> PAGE_SHIFT]
-        return view, base, start & (PAGE_SIZE - 1)
 
     # ---- public API ----------------------------------------------------
 
@@ -344,22 +471,51 @@ class Pool:
             raise ValueError("malloc: size %r; accepted: 1..%d"
                              % (size, ZS_MAX_ALLOC_SIZE))
         cls = self._class_for[size]
-        handle = self._new_handle()
         with cls.lock:
-            groups = cls.groups
-            zs = None
-            for g in range(ZS_INUSE_RATIO_99, ZS_INUSE_RATIO_0 - 1, -1):
-                group = groups[g]
-                if group:
-                    zs = next(iter(group.values()))
-                    break
-            if zs is None:
-                zs = self._new_zspage(cls)
-                groups[ZS_INUSE_RATIO_0][zs.id] = zs
-            idx = self._take_obj(zs, handle)
-            self._regroup(cls, zs)
-            self._loc[handle] = zs.id << OBJ_INDEX_BITS | idx
-            self._size[handle] = size
+            room = cls.nonempty & GROUPS_WITH_ROOM
+            if room:
+                # find_get_zspage(): the head of the fullest group with room.
+                g = room.bit_length() - 1
+                z = cls.heads[g]
+            else:
+                z = self._new_zspage(cls)
+                g = ZS_ISOLATED
+            try:
+                row = cls.free_handles.pop()
+            except IndexError:
+                row = self._new_row(cls)
+            handle = row << HANDLE_CLASS_BITS | cls.index
+            # _take_obj(), inline: this is the device's write path.
+            freeobj = cls.freeobj
+            reuse = freeobj[z]
+            if reuse < 0:
+                idx = cls.unused[z]
+                cls.unused[z] = idx + 1
+            else:
+                idx = reuse
+            if cls.huge:
+                freeobj[z] = -1
+                cls.handle[z] = handle
+            else:
+                start = idx * cls.size
+                frame = cls.frames[z * cls.pages_per_zspage
+                                   + (start >> PAGE_SHIFT)]
+                view = self._views[frame >> CHUNK_SHIFT]
+                off = (frame & CHUNK_MASK) << PAGE_SHIFT | (start & PAGE_MASK)
+                if reuse >= 0:
+                    freeobj[z] = (_unpack_header(view, off)[0] >> 1) - 1
+                _pack_header(view, off, handle << 1 | OBJ_ALLOCATED_TAG)
+            inuse = cls.inuse[z] + 1
+            cls.inuse[z] = inuse
+            cls.obj_used += 1
+            new_group = cls.fullness[inuse]
+            if new_group != g:
+                if g == ZS_ISOLATED:
+                    cls.link(z, new_group)
+                else:
+                    cls.move(z, new_group)
+            cls.loc[row] = z << OBJ_INDEX_BITS | idx
+            cls.sizes[row] = size
         return handle
 
     def lookup_class_index(self, size):
@@ -369,49 +525,42 @@ class Pool:
         return self._class_for[size].index
 
     def obj_size(self, handle):
-        """The size ``handle`` was allocated with."""
-        return self._size[handle]
-
-    def _checked_size(self, handle, op):
-        if not 0 < handle < len(self._size) or not self._size[handle]:
-            raise ValueError("%s: handle %r is not allocated" % (op, handle))
-        return self._size[handle]
-
-    def _object_slices(self, handle, cls, nbytes):
-        """Up to two (view, start, end) pieces of the first ``nbytes`` of
-        the object's data (class lock held or reader registered)."""
-        loc = self._loc[handle]
-        zs = self._zspages[loc >> OBJ_INDEX_BITS]
-        start = (loc & OBJ_INDEX_MASK) * cls.size + cls.header
-        view, base = zs.maps[start >> PAGE_SHIFT]
-        off = start & (PAGE_SIZE - 1)
-        first = PAGE_SIZE - off
-        if nbytes <= first:
-            return ((view, base + off, base + off + nbytes),)
-        view2, base2 = zs.maps[(start >> PAGE_SHIFT) + 1]
-        return ((view, base + off, base + PAGE_SIZE),
-                (view2, base2, base2 + nbytes - first))
+        """The size ``handle`` was allocated with (0 when not allocated)."""
+        sizes = self._handle_class[handle & HANDLE_CLASS_MASK].sizes
+        row = handle >> HANDLE_CLASS_BITS
+        return sizes[row] if 0 < row < len(sizes) else 0
 
     def obj_write(self, handle, data):
         """Copy ``data`` (at most obj_size bytes) straight into the frames
         holding the object: one slice, or two when it spans frames."""
-        size = self._checked_size(handle, "obj_write")
+        cls = self._handle_class[handle & HANDLE_CLASS_MASK]
+        row = handle >> HANDLE_CLASS_BITS
         n = len(data)
-        if n > size:
-            raise ValueError("obj_write: %d bytes into a %d-byte object"
-                             % (n, size))
-        cls = self._class_for[size]
+        views = self._views
         with cls.lock:
-            pieces = self._object_slices(handle, cls, n)
-            if len(pieces) == 1:
-                view, a, b = pieces[0]
-                view[a:b] = data
-            else:
-                (v1, a1, b1), (v2, a2, b2) = pieces
-                split = b1 - a1
-                mv = memoryview(data)
-                v1[a1:b1] = mv[:split]
-                v2[a2:b2] = mv[split:]
+            sizes = cls.sizes
+            if not 0 < row < len(sizes) or not sizes[row]:
+                raise ValueError("obj_write: handle %r is not allocated"
+                                 % (handle,))
+            if n > sizes[row]:
+                raise ValueError("obj_write: %d bytes into a %d-byte object"
+                                 % (n, sizes[row]))
+            loc = cls.loc[row]
+            start = (loc & OBJ_INDEX_MASK) * cls.size + cls.header
+            slot = (loc >> OBJ_INDEX_BITS) * cls.pages_per_zspage \
+                + (start >> PAGE_SHIFT)
+            frame = cls.frames[slot]
+            off = start & PAGE_MASK
+            a = (frame & CHUNK_MASK) << PAGE_SHIFT | off
+            first = PAGE_SIZE - off
+            if n <= first:
+                views[frame >> CHUNK_SHIFT][a:a + n] = data
+                return
+            mv = memoryview(data)
+            views[frame >> CHUNK_SHIFT][a:a + first] = mv[:first]
+            frame = cls.frames[slot + 1]
+            a = (frame & CHUNK_MASK) << PAGE_SHIFT
+            views[frame >> CHUNK_SHIFT][a:a + n - first] = mv[first:]
 
     def obj_read_begin(self, handle, local_copy):
         """Return a read-only memoryview of the object's ``obj_size`` bytes.
@@ -421,47 +570,88 @@ class Pool:
         and a view of it is returned.  Until ``obj_read_end`` the object
         will not be moved by compaction.
         """
-        size = self._checked_size(handle, "obj_read_begin")
-        cls = self._class_for[size]
+        cls = self._handle_class[handle & HANDLE_CLASS_MASK]
+        row = handle >> HANDLE_CLASS_BITS
+        views = self._views
         with cls.lock:
+            sizes = cls.sizes
+            if not 0 < row < len(sizes) or not sizes[row]:
+                raise ValueError("obj_read_begin: handle %r is not allocated"
+                                 % (handle,))
+            size = sizes[row]
+            loc = cls.loc[row]
+            start = (loc & OBJ_INDEX_MASK) * cls.size + cls.header
+            slot = (loc >> OBJ_INDEX_BITS) * cls.pages_per_zspage \
+                + (start >> PAGE_SHIFT)
+            frame = cls.frames[slot]
+            off = start & PAGE_MASK
+            first = PAGE_SIZE - off
+            if size > first:
+                frame2 = cls.frames[slot + 1]
             cls.readers += 1
-            pieces = self._object_slices(handle, cls, size)
-        if len(pieces) == 1:
-            view, a, b = pieces[0]
-            return view[a:b].toreadonly()
-        (v1, a1, b1), (v2, a2, b2) = pieces
-        split = b1 - a1
-        local_copy[:split] = v1[a1:b1]
-        local_copy[split:size] = v2[a2:b2]
-        return memoryview(local_copy)[:size].toreadonly()
+        a = (frame & CHUNK_MASK) << PAGE_SHIFT | off
+        if size <= first:
+            return views[frame >> CHUNK_SHIFT][a:a + size].toreadonly()
+        try:
+            local_copy[:first] = views[frame >> CHUNK_SHIFT][a:a + first]
+            b = (frame2 & CHUNK_MASK) << PAGE_SHIFT
+            local_copy[first:size] = \
+                views[frame2 >> CHUNK_SHIFT][b:b + size - first]
+            return memoryview(local_copy)[:size].toreadonly()
+        except BaseException:
+            self._reader_done(cls)
+            raise
 
     def obj_read_end(self, handle, view):
         """Release a view from ``obj_read_begin``."""
-        cls = self._class_for[self._size[handle]]
         view.release()
+        self._reader_done(self._handle_class[handle & HANDLE_CLASS_MASK])
+
+    @staticmethod
+    def _reader_done(cls):
         with cls.lock:
             cls.readers -= 1
-            if cls.readers == 0:
+            if cls.compacting and not cls.readers:
                 cls.no_readers.notify_all()
 
     def free(self, handle):
         """Free the object now; its frames go back to the OS when its
         zspage empties."""
-        size = self._checked_size(handle, "free")
-        cls = self._class_for[size]
+        cls = self._handle_class[handle & HANDLE_CLASS_MASK]
+        row = handle >> HANDLE_CLASS_BITS
         frames = None
         with cls.lock:
-            loc = self._loc[handle]
-            zs = self._zspages[loc >> OBJ_INDEX_BITS]
-            self._put_obj(zs, loc & OBJ_INDEX_MASK)
-            if zs.inuse == 0:
-                frames = self._release_zspage(zs)
+            sizes = cls.sizes
+            if not 0 < row < len(sizes) or not sizes[row]:
+                raise ValueError("free: handle %r is not allocated"
+                                 % (handle,))
+            loc = cls.loc[row]
+            cls.loc[row] = 0
+            sizes[row] = 0
+            cls.free_handles.append(row)
+            z = loc >> OBJ_INDEX_BITS
+            inuse = cls.inuse[z] - 1
+            cls.inuse[z] = inuse
+            cls.obj_used -= 1
+            if inuse:
+                # _put_obj(), inline; a huge zspage (one object) never
+                # gets here, so the object has a header.
+                idx = loc & OBJ_INDEX_MASK
+                start = idx * cls.size
+                frame = cls.frames[z * cls.pages_per_zspage
+                                   + (start >> PAGE_SHIFT)]
+                _pack_header(self._views[frame >> CHUNK_SHIFT],
+                             (frame & CHUNK_MASK) << PAGE_SHIFT
+                             | (start & PAGE_MASK),
+                             (cls.freeobj[z] + 1) << 1)
+                cls.freeobj[z] = idx
+                new_group = cls.fullness[inuse]
+                if new_group != cls.group[z]:
+                    cls.move(z, new_group)
             else:
-                self._regroup(cls, zs)
-            self._loc[handle] = 0
-            self._size[handle] = 0
-        self._free_handles.append(handle)
-        if frames:
+                cls.unlink(z)
+                frames = self._release_zspage(cls, z)
+        if frames is not None:
             self._arena.free(frames)
 
     def total_pages(self):
@@ -474,7 +664,7 @@ class Pool:
         """Queue ``handle`` for the drain worker; free it synchronously when
         the queue's lock is busy or the queue is full.  A queued handle is
         not reused before it is really freed."""
-        self._checked_size(handle, "free_deferred")
+        self._class_row(handle, "free_deferred")
         if not self._dq_lock.acquire(blocking=False):
             self.free(handle)
             return
@@ -523,8 +713,9 @@ class Pool:
         with self._drain_lock:
             with self._dq_lock:
                 batch, self._dq = self._dq, array("Q")
+            free = self.free
             for handle in batch:
-                self.free(handle)
+                free(handle)
 
     def deferred_pending(self):
         """Handles waiting in the deferred-free queue."""
@@ -541,12 +732,16 @@ class Pool:
             for cls in self.classes:
                 if cls.huge:
                     continue
-                frames = []
+                frames = array("I")
                 with cls.lock:
                     if not cls.freeable():
                         continue
-                    while cls.readers:
-                        cls.no_readers.wait()
+                    cls.compacting = True
+                    try:
+                        while cls.readers:
+                            cls.no_readers.wait()
+                    finally:
+                        cls.compacting = False
                     self._compact_class(cls, frames)
                 if frames:
                     self._arena.free(frames)
@@ -555,86 +750,74 @@ class Pool:
         return freed
 
     def _compact_class(self, cls, frames_out):
-        """__zs_compact() for one class (class lock held, no readers)."""
-        groups = cls.groups
-        dst = None
+        """__zs_compact() for one class (class lock held, no readers):
+        ``dst`` from the fullest groups with room, ``src`` from the
+        emptiest, both off their lists while objects move."""
+        dst = -1
+        opz = cls.objs_per_zspage
         while cls.freeable():
-            if dst is None:
-                dst = self._isolate(groups, range(ZS_INUSE_RATIO_99,
-                                                  ZS_INUSE_RATIO_0, -1))
-                if dst is None:
+            if dst < 0:
+                dst = cls.isolate(range(ZS_INUSE_RATIO_99,
+                                        ZS_INUSE_RATIO_0, -1))
+                if dst < 0:
                     break
-            src = self._isolate(groups, range(ZS_INUSE_RATIO_10,
-                                              ZS_INUSE_RATIO_100))
-            if src is None:
+            src = cls.isolate(range(ZS_INUSE_RATIO_10, ZS_INUSE_RATIO_100))
+            if src < 0:
                 break
             self._migrate(cls, src, dst)
-            self._putback(cls, src)
-            if src.inuse == 0:
-                frames_out.extend(self._release_zspage(src))
-            if dst.inuse == cls.objs_per_zspage:
-                self._putback(cls, dst)
-                dst = None
-        if dst is not None:
-            self._putback(cls, dst)
-
-    @staticmethod
-    def _isolate(groups, order):
-        for g in order:
-            group = groups[g]
-            if group:
-                zid = next(iter(group))
-                return group.pop(zid)
-        return None
-
-    @staticmethod
-    def _putback(cls, zs):
-        zs.group = cls.fullness_of(zs.inuse)
-        cls.groups[zs.group][zs.id] = zs
+            if cls.inuse[src]:
+                cls.link(src, cls.fullness[cls.inuse[src]])
+            else:
+                frames_out.extend(self._release_zspage(cls, src))
+            if cls.inuse[dst] == opz:
+                cls.link(dst, ZS_INUSE_RATIO_100)
+                dst = -1
+        if dst >= 0:
+            cls.link(dst, cls.fullness[cls.inuse[dst]])
 
     def _migrate(self, cls, src, dst):
         """Move allocated objects of ``src`` into ``dst`` until ``dst`` is
         full or ``src`` empty, rewriting their handles."""
         size = cls.size
-        for idx in range(src.unused):
-            if src.inuse == 0 or dst.inuse == cls.objs_per_zspage:
+        opz = cls.objs_per_zspage
+        inuse = cls.inuse
+        for idx in range(cls.unused[src]):
+            if inuse[src] == 0 or inuse[dst] == opz:
                 return
-            view, base, off = self._header_at(src, idx)
-            word = _header.unpack_from(view, base + off)[0]
+            view, off = self._locate(cls, src, idx * size)
+            word = _unpack_header(view, off)[0]
             if not word & OBJ_ALLOCATED_TAG:
                 continue
             handle = word >> 1
-            data = self._read_span(src, idx * size, size)
-            new_idx = self._take_obj(dst, handle)
-            self._write_span(dst, new_idx * size, data)
-            self._put_obj(src, idx)
-            self._loc[handle] = dst.id << OBJ_INDEX_BITS | new_idx
+            data = self._read_span(cls, src, idx * size, size)
+            new_idx = self._take_obj(cls, dst, handle)
+            self._write_span(cls, dst, new_idx * size, data)
+            self._put_obj(cls, src, idx)
+            cls.loc[handle >> HANDLE_CLASS_BITS] = \
+                dst << OBJ_INDEX_BITS | new_idx
 
-    @staticmethod
-    def _read_span(zs, start, n):
-        view, base = zs.maps[start >> PAGE_SHIFT]
-        off = start & (PAGE_SIZE - 1)
-        if off + n <= PAGE_SIZE:
-            return bytes(view[base + off:base + off + n])
-        view2, base2 = zs.maps[(start >> PAGE_SHIFT) + 1]
-        first = PAGE_SIZE - off
-        return (bytes(view[base + off:base + PAGE_SIZE])
-                + bytes(view2[base2:base2 + n - first]))
+    def _read_span(self, cls, z, start, n):
+        """``n`` bytes from byte ``start`` of zspage ``z``, as bytes."""
+        view, a = self._locate(cls, z, start)
+        first = PAGE_SIZE - (start & PAGE_MASK)
+        if n <= first:
+            return bytes(view[a:a + n])
+        view2, b = self._locate(cls, z, start + first)
+        return bytes(view[a:a + first]) + bytes(view2[b:b + n - first])
 
-    @staticmethod
-    def _write_span(zs, start, data):
+    def _write_span(self, cls, z, start, data):
+        """Write ``data`` from byte ``start`` of zspage ``z``."""
         n = len(data)
-        view, base = zs.maps[start >> PAGE_SHIFT]
-        off = start & (PAGE_SIZE - 1)
-        if off + n <= PAGE_SIZE:
-            view[base + off:base + off + n] = data
+        view, a = self._locate(cls, z, start)
+        first = PAGE_SIZE - (start & PAGE_MASK)
+        if n <= first:
+            view[a:a + n] = data
             return
-        view2, base2 = zs.maps[(start >> PAGE_SHIFT) + 1]
-        first = PAGE_SIZE - off
-        view[base + off:base + PAGE_SIZE] = data[:first]
-        view2[base2:base2 + n - first] = data[first:]
+        view2, b = self._locate(cls, z, start + first)
+        view[a:a + first] = data[:first]
+        view2[b:b + n - first] = data[first:]
 
-    # ---- stats and teardown -----------------------------------------------
+    # ---- stats, checks and teardown --------------------------------------
 
     def stats(self):
         """PoolStats: pages_compacted, total pages, and one ClassStat per
@@ -642,8 +825,7 @@ class Pool:
         rows = []
         for cls in self.classes:
             with cls.lock:
-                fullness = tuple(len(cls.groups[g]) for g in
-                                 range(ZS_INUSE_RATIO_10, NR_FULLNESS_GROUPS))
+                fullness = tuple(cls.counts[ZS_INUSE_RATIO_10:])
                 allocated, used = cls.obj_allocated, cls.obj_used
                 freeable = cls.freeable()
             rows.append(ClassStat(
@@ -655,6 +837,190 @@ class Pool:
                 objs_per_zspage=cls.objs_per_zspage, freeable=freeable))
         return PoolStats(pages_compacted=self.pages_compacted,
                          total_pages=self.total_pages(), classes=tuple(rows))
+
+    def audit(self):
+        """Check the metadata's own invariants; raise AssertionError naming
+        the first broken one.  For tests and debugging: it walks every
+        zspage and object, holding every class lock (in class order, then
+        the arena's and the queue's locks), so it stops the pool meanwhile.
+
+        Checked: each fullness list is a well-linked chain whose members
+        carry its group, the group their inuse count gives, and number
+        ``counts[group]``; ``nonempty`` matches the heads; every id is
+        either on a list or on ``free_ids`` (once), never both; a zspage's
+        allocated headers, free list and never-used tail add up to its
+        objects, and each allocated header names a handle of the class
+        whose ``loc`` points back; every handle row is either live (with
+        an object) or on ``free_handles`` (once), never both; class
+        counters equal the sums; no frame belongs to two zspages or is
+        also free in the arena, and the arena's count is the zspages'
+        frames; queued handles are live.
+        """
+        locks = [cls.lock for cls in self.classes]
+        for lock in locks:
+            lock.acquire()
+        try:
+            with self._arena._lock, self._dq_lock:
+                self._audit_locked()
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _audit_locked(self):
+        live_handles = set()
+        owner = {}                   # frame -> (class index, zspage id)
+        for cls in self.classes:
+            ci, opz, ppz = cls.index, cls.objs_per_zspage, cls.pages_per_zspage
+            n = len(cls.inuse)
+            for col in ("unused", "freeobj", "group", "prev", "next"):
+                _check(len(getattr(cls, col)) == n,
+                       "class %d: column %s has %d ids, inuse %d",
+                       ci, col, len(getattr(cls, col)), n)
+            _check(len(cls.frames) == n * ppz,
+                   "class %d: %d frames for %d ids", ci, len(cls.frames), n)
+            _check(len(cls.handle) == (n if cls.huge else 0),
+                   "class %d: handle column of %d", ci, len(cls.handle))
+            _check(cls.readers >= 0, "class %d: readers %d", ci, cls.readers)
+            _check(len(cls.loc) == len(cls.sizes) >= 1 and not cls.sizes[0],
+                   "class %d: handle columns of %d and %d rows",
+                   ci, len(cls.loc), len(cls.sizes))
+            # Fullness lists.
+            on_list = set()
+            for g in range(NR_FULLNESS_GROUPS):
+                z, prev, count = cls.heads[g], -1, 0
+                _check(bool(cls.nonempty >> g & 1) == (z >= 0),
+                       "class %d: nonempty bit %d vs head %d", ci, g, z)
+                while z >= 0:
+                    _check(z < n and z not in on_list,
+                           "class %d group %d: bad or repeated id %d",
+                           ci, g, z)
+                    on_list.add(z)
+                    _check(cls.prev[z] == prev,
+                           "class %d zspage %d: prev %d, expected %d",
+                           ci, z, cls.prev[z], prev)
+                    _check(cls.group[z] == g,
+                           "class %d zspage %d: on list %d, group says %d",
+                           ci, z, g, cls.group[z])
+                    _check(cls.fullness[cls.inuse[z]] == g,
+                           "class %d zspage %d: inuse %d belongs in group"
+                           " %d, not %d", ci, z, cls.inuse[z],
+                           cls.fullness[cls.inuse[z]], g)
+                    _check(cls.inuse[z] > 0,
+                           "class %d zspage %d: empty zspage kept", ci, z)
+                    prev, z = z, cls.next[z]
+                    count += 1
+                _check(count == cls.counts[g],
+                       "class %d group %d: %d on list, counts says %d",
+                       ci, g, count, cls.counts[g])
+            free_ids = set(cls.free_ids)
+            _check(len(free_ids) == len(cls.free_ids),
+                   "class %d: an id is on free_ids twice", ci)
+            _check(not free_ids & on_list,
+                   "class %d: ids both free and live: %s",
+                   ci, sorted(free_ids & on_list))
+            _check(len(free_ids) + len(on_list) == n,
+                   "class %d: %d ids neither free nor on a list (isolated)",
+                   ci, n - len(free_ids) - len(on_list))
+            for z in free_ids:
+                _check(cls.group[z] == ZS_FREE,
+                       "class %d: free id %d has group %d",
+                       ci, z, cls.group[z])
+            # Objects of each live zspage.
+            used = 0
+            for z in on_list:
+                inuse, unused = cls.inuse[z], cls.unused[z]
+                _check(inuse <= unused <= opz,
+                       "class %d zspage %d: inuse %d unused %d of %d",
+                       ci, z, inuse, unused, opz)
+                used += inuse
+                for i in range(ppz):
+                    f = cls.frames[z * ppz + i]
+                    _check(f not in owner, "frame %d in zspages %s and %s",
+                           f, owner.get(f), (ci, z))
+                    owner[f] = (ci, z)
+                if cls.huge:
+                    self._audit_handle(cls, z, 0, cls.handle[z],
+                                       live_handles)
+                    continue
+                allocated, free_objs = 0, set()
+                for idx in range(unused):
+                    view, off = self._locate(cls, z, idx * cls.size)
+                    word = _unpack_header(view, off)[0]
+                    if word & OBJ_ALLOCATED_TAG:
+                        allocated += 1
+                        self._audit_handle(cls, z, idx, word >> 1,
+                                           live_handles)
+                idx = cls.freeobj[z]
+                while idx >= 0:
+                    _check(idx < unused and idx not in free_objs,
+                           "class %d zspage %d: free list hits %d",
+                           ci, z, idx)
+                    free_objs.add(idx)
+                    view, off = self._locate(cls, z, idx * cls.size)
+                    word = _unpack_header(view, off)[0]
+                    _check(not word & OBJ_ALLOCATED_TAG,
+                           "class %d zspage %d: object %d on the free list"
+                           " is allocated", ci, z, idx)
+                    idx = (word >> 1) - 1
+                _check(allocated == inuse and
+                       allocated + len(free_objs) == unused,
+                       "class %d zspage %d: %d allocated + %d free of %d"
+                       " used, inuse %d", ci, z, allocated, len(free_objs),
+                       unused, inuse)
+            _check(cls.obj_allocated == len(on_list) * opz,
+                   "class %d: obj_allocated %d for %d zspages",
+                   ci, cls.obj_allocated, len(on_list))
+            _check(cls.obj_used == used, "class %d: obj_used %d, counted %d",
+                   ci, cls.obj_used, used)
+            # Handle rows: live (claimed by an object above) or free.
+            sizes = cls.sizes
+            live_rows = {r for r in range(1, len(sizes)) if sizes[r]}
+            claimed = {h >> HANDLE_CLASS_BITS for h in live_handles
+                       if h & HANDLE_CLASS_MASK == ci}
+            _check(live_rows == claimed,
+                   "class %d: rows with a size but no object: %s; objects"
+                   " whose row has no size: %s", ci,
+                   sorted(live_rows - claimed)[:10],
+                   sorted(claimed - live_rows)[:10])
+            free_rows = set(cls.free_handles)
+            _check(len(free_rows) == len(cls.free_handles),
+                   "class %d: a row is on free_handles twice", ci)
+            _check(not free_rows & live_rows,
+                   "class %d: rows both free and live: %s",
+                   ci, sorted(free_rows & live_rows)[:10])
+            _check(len(free_rows) + len(live_rows) == len(sizes) - 1
+                   and all(0 < r < len(sizes) for r in free_rows),
+                   "class %d: %d rows, %d live, %d free", ci,
+                   len(sizes) - 1, len(live_rows), len(free_rows))
+        arena = self._arena
+        _check(arena.frames_in_use == len(owner),
+               "arena counts %d frames, zspages hold %d",
+               arena.frames_in_use, len(owner))
+        arena_free = set(arena._free)
+        _check(not arena_free & owner.keys(),
+               "frames both free and held: %s",
+               sorted(arena_free & owner.keys())[:10])
+        _check(set(self._dq) <= live_handles,
+               "queued for deferred free but not live: %s",
+               sorted(set(self._dq) - live_handles)[:10])
+
+    def _audit_handle(self, cls, z, idx, handle, seen):
+        """The object at (zspage ``z``, ``idx``) of ``cls`` claims
+        ``handle``: check the handle columns agree."""
+        row = handle >> HANDLE_CLASS_BITS
+        _check(handle & HANDLE_CLASS_MASK == cls.index
+               and 0 < row < len(cls.loc),
+               "class %d zspage %d object %d: handle %#x is not the class's",
+               cls.index, z, idx, handle)
+        _check(handle not in seen, "handle %#x held by two objects", handle)
+        seen.add(handle)
+        _check(cls.loc[row] == z << OBJ_INDEX_BITS | idx,
+               "handle %#x: loc %#x, object at zspage %d index %d",
+               handle, cls.loc[row], z, idx)
+        size = cls.sizes[row]
+        _check(size and self._class_for[size] is cls,
+               "handle %#x: size %d is not for class %d",
+               handle, size, cls.index)
 
     def close(self):
         """Stop the worker, flush deferred frees and return every frame."""
@@ -668,8 +1034,5 @@ class Pool:
         self.free_deferred_flush()
         for cls in self.classes:
             with cls.lock:
-                for group in cls.groups:
-                    group.clear()
-                cls.obj_allocated = cls.obj_used = 0
-        self._zspages = []
+                cls.clear()
         self._arena.close()

@@ -281,9 +281,32 @@ class SizeClass:
         self.group[z] = ZS_ISOLATED
 
     def move(self, z, g):
-        """Move zspage ``z`` from its group's list to group ``g``'s."""
-        self.unlink(z)
-        self.link(z, g)
+        """Move zspage ``z`` from its group's list to group ``g``'s:
+        unlink() then link(), in one call for malloc's and free's sake."""
+        heads, prev, next_ = self.heads, self.prev, self.next
+        old = self.group[z]
+        p = prev[z]
+        n = next_[z]
+        if p >= 0:
+            next_[p] = n
+        else:
+            heads[old] = n
+            if n < 0:
+                self.nonempty &= ~(1 << old)
+        if n >= 0:
+            prev[n] = p
+        counts = self.counts
+        counts[old] -= 1
+        head = heads[g]
+        prev[z] = -1
+        next_[z] = head
+        if head >= 0:
+            prev[head] = z
+        else:
+            self.nonempty |= 1 << g
+        heads[g] = z
+        self.group[z] = g
+        counts[g] += 1
 
     def isolate(self, order):
         """Unlink and return the head of the first non-empty group in

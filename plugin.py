@@ -52,9 +52,9 @@ from zramd.errors import ConfigError, ZramdError  # noqa: E402
 
 API_VERSION = 2
 
-# config_help is not read by nbdkit 1.32's python plugin (its man page
-# lists it as missing, and --help never loads the script); dump_plugin
-# prints the same text, and the README has the table.
+# nbdkit 1.32's python plugin never shows config_help itself (--help does
+# not load the script): scripts/zramd_nbdkit_help.py prints it after
+# nbdkit's --help, and dump_plugin lists the same keys.
 config_help = _params.help_text()
 
 _parser = _params.ParamParser()
@@ -214,5 +214,10 @@ _EXTENT_TYPES = {"hole": nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO,
 
 
 def extents(h, count, offset, flags):
+    # One extent per reply: nbdkit 1.32 sends a reply's extents with one
+    # send() each and, when one fails (the client died), goes on to the
+    # next on the closed socket and aborts (docs/operations.md, "Known
+    # limit: nbdkit 1.32 and dying clients").  Clients ask again for the
+    # rest (qemu-img takes only the first one anyway).
     return [(start, length, _EXTENT_TYPES[kind])
-            for start, length, kind in _io(h.extents, offset, count)]
+            for start, length, kind in _io(h.extents, offset, count, 1)]

@@ -147,8 +147,8 @@ class Zramd(System):
             sys.path.insert(0, REPO)
         from tests.nbdkit_server import NbdkitServer
         from zramd.attach import SERVER_THREADS
-        # As `zramd up` and the systemd unit run it: few worker threads per
-        # connection, since Python code runs one thread at a time anyway.
+        # As `zramd up` and the systemd unit run it (SERVER_THREADS worker
+        # threads per connection; see zramd/attach.py for why so few).
         self.server = NbdkitServer(os.path.join(workdir, self.name),
                                    size=str(size), name=self.name,
                                    algorithm=self.algorithm,

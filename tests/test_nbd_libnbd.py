@@ -365,10 +365,6 @@ BLOCK_STATUS_CLIENT = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.xfail(strict=True, reason="nbdkit 1.32 aborts when a client "
-                   "dies during a block-status reply of several extents; "
-                   "fixed when plugin.py returns one extent per call (then "
-                   "remove this mark)")
 def test_client_killed_during_a_long_block_status_reply(nbdkit_server,
                                                          tmp_path):
     """A client asks for the block status of 4096 extents and dies without

@@ -54,7 +54,10 @@ STATE_VERSION = 1
 
 #: nbdkit worker threads per connection, and nbdfuse connections: with
 #: mlockall every thread stack is resident, so keep the product small.
-SERVER_THREADS = 4
+#: One worker: with more, nbdkit 1.32 can abort when a client dies with
+#: requests in flight (docs/operations.md, "Known limit: nbdkit 1.32 and
+#: dying clients"); the plugin's callbacks take turns at the GIL anyway.
+SERVER_THREADS = 1
 FUSE_CONNECTIONS = 2
 #: Stack size of every server thread (RLIMIT_STACK at exec; glibc takes the
 #: default pthread stack from it).  The plugin's Python frames are shallow.

@@ -448,10 +448,12 @@ class Device:
         """Nothing to do: data is in memory and every completed write is
         already visible to every reader.  Exists because NBD asks."""
 
-    def extents(self, offset, length):
+    def extents(self, offset, length, max_runs=None):
         """List (offset, length, kind) covering the range; kind is "hole"
         (never written or discarded), "zero" (same-filled with 0) or
-        "data".  Adjacent sectors of one kind are merged."""
+        "data".  Adjacent sectors of one kind are merged.  With
+        ``max_runs`` the list ends after that many runs and covers only
+        the start of the range; the scan stops there too."""
         self._check_range("extents", offset, length)
         out = []
         for index, lo, hi, pos in self._sectors(offset, length):
@@ -464,6 +466,8 @@ class Device:
             if out and out[-1][2] == kind:
                 start, n, _ = out[-1]
                 out[-1] = (start, n + hi - lo, kind)
+            elif max_runs is not None and len(out) == max_runs:
+                break
             else:
                 out.append((offset + pos, hi - lo, kind))
         return out

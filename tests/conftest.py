@@ -29,6 +29,41 @@ def require(*tools):
                     % " ".join(missing))
 
 
+def blockdev_missing(tools):
+    """Why a test of real block devices (nbdfuse, loop, swap, mounts)
+    cannot run here, or None: root, /dev/fuse, loop devices and ``tools``
+    on PATH."""
+    if os.geteuid() != 0:
+        return "needs root (losetup, mount, swapon)"
+    if not os.path.exists("/dev/fuse"):
+        return "needs FUSE (/dev/fuse missing)"
+    if not os.path.exists("/dev/loop-control"):
+        return "needs loop devices (/dev/loop-control missing)"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return "needs %s" % tool
+    return None
+
+
+def race(workers, compactor, done):
+    """Start ``compactor`` and ``workers`` (threads, not yet started) with
+    the interpreter switching threads as often as it can, so unlocked
+    sequences really interleave; join the workers, set ``done`` and join
+    the compactor.  The switch interval is restored before returning."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        compactor.start()
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(120)
+    finally:
+        done.set()
+        compactor.join(30)
+        sys.setswitchinterval(interval)
+
+
 def require_module(name, package):
     """Import ``name`` or skip, naming the Debian package that has it."""
     return pytest.importorskip(name, reason="python module %s missing "

@@ -7,13 +7,13 @@ directory is per test ($ZRAMD_RUNTIME_DIR)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
+from conftest import blockdev_missing
 from nbdkit_server import NbdkitServer
 from zramd import attach, control
 from zramd.errors import ConfigError, ZramdError
@@ -23,19 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _missing():
-    if os.geteuid() != 0:
-        return "needs root (losetup, mount, swapon)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs FUSE (/dev/fuse missing)"
-    if not os.path.exists("/dev/loop-control"):
-        return "needs loop devices (/dev/loop-control missing)"
-    if attach.kernel_nbd():
+    missing = blockdev_missing(("nbdkit", "nbdfuse", "fusermount3", "losetup",
+                                "mkswap", "swapon", "mkfs.ext4"))
+    if missing is None and attach.kernel_nbd():
         return "the kernel has nbd: zramd up would use nbd-client, not nbdfuse"
-    for tool in ("nbdkit", "nbdfuse", "fusermount3", "losetup", "mkswap",
-                 "swapon", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            return "needs %s" % tool
-    return None
+    return missing
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None,

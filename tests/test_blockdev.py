@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from conftest import blockdev_missing
 from nbdkit_server import NbdkitServer
 from zramd import control
 
@@ -31,17 +32,9 @@ CGROUP_MEMORY = "/sys/fs/cgroup/memory"
 
 
 def _missing():
-    if os.geteuid() != 0:
-        return "needs root (losetup, mount, swapon)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs FUSE (/dev/fuse missing)"
-    if not os.path.exists("/dev/loop-control"):
-        return "needs loop devices (/dev/loop-control missing)"
-    for tool in ("nbdkit", "nbdfuse", "fusermount3", "losetup", "mkfs.ext4",
-                 "e2fsck", "fstrim", "blkdiscard", "mkswap", "swapon"):
-        if shutil.which(tool) is None:
-            return "needs %s" % tool
-    return None
+    return blockdev_missing(("nbdkit", "nbdfuse", "fusermount3", "losetup",
+                             "mkfs.ext4", "e2fsck", "fstrim", "blkdiscard",
+                             "mkswap", "swapon"))
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None,

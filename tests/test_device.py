@@ -21,7 +21,6 @@ that all of it becomes zero, may leave a hole or a stored zero page.
 
 import errno
 import random
-import sys
 import threading
 import time
 
@@ -31,6 +30,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize,
                                  invariant, rule)
 
+from conftest import race
 from zramd import compress
 from zramd.device import Device
 from zramd.errors import InvalidRequestError, NoSpaceError, ZramdError
@@ -730,19 +730,8 @@ def test_threads_distinct_regions():
     threads = [threading.Thread(target=worker, args=(t,))
                for t in range(n_threads)]
     comp = threading.Thread(target=compactor)
-    # Switch threads as often as the interpreter can, so that unlocked
-    # sequences in the device and the pool actually interleave.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
     try:
-        comp.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        done.set()
-        comp.join(30)
-        sys.setswitchinterval(interval)
+        race(threads, comp, done)
         assert not errors, errors
         # One model for the whole disk, from the regions.
         whole = Model(size, costs)
@@ -755,8 +744,6 @@ def test_threads_distinct_regions():
         assert d.read(0, size) == whole.data
         check_stats(d, whole)
     finally:
-        sys.setswitchinterval(interval)
-        done.set()
         d.close()
 
 

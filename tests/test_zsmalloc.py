@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize,
                                  invariant, precondition, rule)
 
+from conftest import race
 from zramd.errors import ZramdError
 from zramd.stats import PoolStats
 from zramd.zsmalloc import Pool
@@ -946,19 +947,8 @@ def test_threads_with_compaction():
     threads = [threading.Thread(target=worker, args=(w,))
                for w in range(n_workers)]
     comp = threading.Thread(target=compactor)
-    # Switch threads as often as the interpreter can, so that unlocked
-    # read-modify-write sequences in the pool actually interleave.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
     try:
-        comp.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        done.set()
-        comp.join(30)
-        sys.setswitchinterval(interval)
+        race(threads, comp, done)
         assert not errors, errors
         assert len(live_counts) == n_workers
         p.free_deferred_flush()
@@ -976,8 +966,6 @@ def test_threads_with_compaction():
         assert p.total_pages() == 0
         p.audit()
     finally:
-        sys.setswitchinterval(interval)
-        done.set()
         p.close()
 
 

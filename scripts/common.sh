@@ -9,13 +9,17 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=/usr/bin/python3
 
 # What serving and attaching a device needs.
+# gcc, python3-dev, liblz4-dev and libzstd-dev build zramd._fastpath (C).
 RUNTIME_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
-    python3-lz4 python3-zstandard python3-pip python3-setuptools
+    python3-zstandard python3-pip python3-setuptools
+    gcc python3-dev liblz4-dev libzstd-dev
     qemu-utils fio fuse3 e2fsprogs util-linux mount kmod
 )
-# What the test suite needs on top.
-TEST_PACKAGES=(python3-pytest python3-hypothesis python3-pytest-timeout systemd)
+# What the test suite needs on top (python3-lz4: a second lz4 encoder
+# for the format tests).
+TEST_PACKAGES=(python3-pytest python3-hypothesis python3-pytest-timeout
+               python3-lz4 systemd)
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "zramd: $*"; exit 1; }
@@ -41,11 +45,14 @@ ensure_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# Installs this clone for /usr/bin/python3 (editable), unless it already is.
+# Installs this clone for /usr/bin/python3 (editable), unless it already
+# is and its C extension is newer than its source.
 install_zramd() {
-    local found
+    local found built
     found=$(cd / && "$PYTHON" -c 'import zramd; print(zramd.__file__)' 2>/dev/null) || found=
-    if [ "$found" = "$REPO/zramd/__init__.py" ] && [ -x /usr/local/bin/zramd ]; then
+    built=$(ls "$REPO"/zramd/_fastpath.*.so 2>/dev/null | head -n 1)
+    if [ "$found" = "$REPO/zramd/__init__.py" ] && [ -x /usr/local/bin/zramd ] &&
+            [ -n "$built" ] && [ "$built" -nt "$REPO/zramd/_fastpath.c" ]; then
         return 0
     fi
     say "zramd: installing $REPO for $PYTHON (editable)"

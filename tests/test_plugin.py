@@ -350,20 +350,26 @@ def test_sigterm_stops_cleanly(nbdkit_server):
 # -- errno mapping end to end ------------------------------------------------
 
 def test_corrupt_data_reaches_the_client_as_eio(tmp_path, monkeypatch):
-    """A wrapper plugin makes lz4 fail to decompress (as a corrupt object
-    would); the client's read fails with EIO and the server keeps serving."""
+    """A wrapper plugin overwrites the object stored for sector 0 with
+    bytes that are no lz4 block (as a corrupted pool would hold); the
+    client's read fails with EIO and the server keeps serving."""
     nbd = require_module("nbd", "python3-libnbd")
     wrapper = tmp_path / "corrupting_plugin.py"
     wrapper.write_text(textwrap.dedent("""\
         __file__ = %r
         exec(compile(open(__file__).read(), __file__, "exec"))
-        from zramd.compress import backend_lz4
-        from zramd.errors import CorruptDataError
+        from zramd.device import Device
 
-        def decompress(self, data, slot=None):
-            raise CorruptDataError("lz4 decompress: slot %%s: test" %% slot)
+        _write = Device.write
 
-        backend_lz4.Lz4.decompress = decompress
+        def write(self, offset, data):
+            _write(self, offset, data)
+            if offset == 0:
+                handle = self._handle[0]
+                self.pool.obj_write(handle,
+                                    b"\\xff" * self.pool.obj_size(handle))
+
+        Device.write = write
         """ % PLUGIN))
     monkeypatch.setattr(nbdkit_server, "PLUGIN", str(wrapper))
     with NbdkitServer(tmp_path / "srv", size="16M") as server:
@@ -376,7 +382,7 @@ def test_corrupt_data_reaches_the_client_as_eio(tmp_path, monkeypatch):
         assert e.value.errnum == errno.EIO
         assert h.pread(4096, 8192) == bytes(4096)    # still serving
         h.shutdown()
-        assert "lz4 decompress: slot 0: test" in server.log()
+        assert "lz4 decompress: slot 0: malformed lz4 block" in server.log()
 
 
 def test_enospc_past_mem_limit_reaches_the_client(nbdkit_server):

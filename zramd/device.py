@@ -41,7 +41,7 @@ from collections import namedtuple
 from time import monotonic as _monotonic
 
 from . import PAGE_SIZE, PAGE_SHIFT
-from . import compress
+from . import _fastpath, compress
 from .errors import ConfigError, InvalidRequestError, NoSpaceError, ZramdError
 from .stats import BdStat, DebugStat, IoStat, MmStat
 from .writeback import BackingDev
@@ -88,6 +88,21 @@ N_COUNTERS = 8
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
+# zramd._fastpath reads and writes this layout in C.
+if (_fastpath.ZRAM_FLAG_SHIFT, _fastpath.SAME, _fastpath.WB, _fastpath.HUGE,
+        _fastpath.IDLE, _fastpath.COMP_PRIORITY_MASK, _fastpath.DICT_SHIFT,
+        _fastpath.MAX_DICTS, _fastpath.N_STRIPES, _fastpath.N_COUNTERS,
+        _fastpath.C_PAGES_STORED, _fastpath.C_COMPR_SIZE,
+        _fastpath.C_SAME_PAGES, _fastpath.C_HUGE_PAGES,
+        _fastpath.C_HUGE_SINCE, _fastpath.C_NUM_READS,
+        _fastpath.C_NUM_WRITES) != (
+        ZRAM_FLAG_SHIFT, SAME, WB, HUGE, IDLE, COMP_PRIORITY_MASK, DICT_SHIFT,
+        MAX_DICTS, N_STRIPES, N_COUNTERS, C_PAGES_STORED, C_COMPR_SIZE,
+        C_SAME_PAGES, C_HUGE_PAGES, C_HUGE_SINCE, C_NUM_READS,
+        C_NUM_WRITES):
+    raise ImportError("zramd._fastpath was built for another slot layout:"
+                      " rebuild it (pip install -e .)")
+
 SlotInfo = namedtuple("SlotInfo", "flags size priority dict_id")
 
 
@@ -107,7 +122,7 @@ class Device:
     """
 
     def __init__(self, size, algorithm="lz4", level=None, dict_path=None,
-                 mem_limit=0, chain_size=8, backing_dev=None):
+                 mem_limit=0, chain_size=8, backing_dev=None, native=True):
         if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
             raise ConfigError("size: %r; accepted: a positive multiple of %d"
                               " bytes" % (size, PAGE_SIZE))
@@ -153,6 +168,13 @@ class Device:
         self._stripe_copies = [bytearray(PAGE_SIZE) for _ in range(N_STRIPES)]
         self.policy = None          # a zramd.policy.Policy, if scheduled
         self.set_mem_limit(mem_limit)
+        # Whole-sector reads and writes in C (zramd/_fastpath.c), on these
+        # same arrays, locks and pool; native=False sends every sector
+        # through the Python paths, the reference the C ones are tested
+        # against.
+        self._paths = _fastpath.SlotPaths(
+            self._meta, self._handle, self._atime, self._counters,
+            self._dict_refs, self._stripe_locks, self.pool) if native else None
 
     # ---- small helpers -------------------------------------------------
 
@@ -372,10 +394,19 @@ class Device:
         read_sector = self._read_sector
         try:
             if not (offset | length) & (PAGE_SIZE - 1):
-                # Whole sectors, what block devices and nbdcopy send.
+                # Whole sectors, what block devices and nbdcopy send: the
+                # C loop, and here only the sectors it hands back.
                 first = offset >> PAGE_SHIFT
-                for i in range(length >> PAGE_SHIFT):
+                count = length >> PAGE_SHIFT
+                paths = self._paths
+                i = 0
+                while i < count:
+                    if paths is not None:
+                        i += paths.read(self, out[i << PAGE_SHIFT:], first + i)
+                        if i == count:
+                            break
                     read_sector(first + i, 0, PAGE_SIZE, out, i << PAGE_SHIFT)
+                    i += 1
             else:
                 for index, lo, hi, pos in self._sectors(offset, length):
                     read_sector(index, lo, hi, out, pos)
@@ -401,9 +432,19 @@ class Device:
         try:
             if not (offset | length) & (PAGE_SIZE - 1):
                 first = offset >> PAGE_SHIFT
-                for i in range(length >> PAGE_SHIFT):
+                count = length >> PAGE_SHIFT
+                paths = self._paths
+                i = 0
+                while i < count:
                     pos = i << PAGE_SHIFT
+                    if paths is not None:
+                        i += paths.write(self, data[pos:], first + i,
+                                         self._huge_class_size)
+                        if i == count:
+                            break
+                        pos = i << PAGE_SHIFT
                     write_sector(first + i, data[pos:pos + PAGE_SIZE])
+                    i += 1
                 return
             for index, lo, hi, pos in self._sectors(offset, length):
                 if hi - lo == PAGE_SIZE:
@@ -893,6 +934,8 @@ class Device:
         unmap the table."""
         if self.policy is not None:
             self.policy.stop()
+        if self._paths is not None:
+            self._paths.close()     # its buffers would keep the maps open
         self.pool.close()
         if self._backing is not None:
             self._backing.close()

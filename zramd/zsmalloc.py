@@ -110,7 +110,7 @@ import struct
 import threading
 from array import array
 
-from . import PAGE_SIZE, PAGE_SHIFT
+from . import PAGE_SIZE, PAGE_SHIFT, _fastpath
 from .arena import Arena, CHUNK_MASK, CHUNK_SHIFT
 from .stats import ClassStat, PoolStats
 
@@ -147,6 +147,18 @@ HANDLE_CLASS_MASK = (1 << HANDLE_CLASS_BITS) - 1
 # path": 128 MiB worth of 4 KiB pages of handles.
 DEFERRED_CAPACITY = (128 << 20) >> PAGE_SHIFT             # 32768
 DEFERRED_IDLE_DELAY = 0.05   # seconds a lone handle may wait for company
+
+# zramd._fastpath finds objects in C through _handle_class, the handle
+# columns, frames and the arena's views, with this layout.
+if (_fastpath.HANDLE_CLASS_BITS, _fastpath.OBJ_INDEX_BITS,
+        _fastpath.CHUNK_SHIFT) != (HANDLE_CLASS_BITS, OBJ_INDEX_BITS,
+                                   CHUNK_SHIFT):
+    raise ImportError("zramd._fastpath was built for another pool layout:"
+                      " rebuild it (pip install -e .)")
+
+_zs_malloc = _fastpath.zs_malloc
+_zs_free = _fastpath.zs_free
+_zs_list = _fastpath.zs_list
 
 _header = struct.Struct("<Q")
 _unpack_header = _header.unpack_from
@@ -250,63 +262,21 @@ class SizeClass:
 
     # ---- fullness lists (lock held) ------------------------------------
 
+    # The list operations are C (zramd/_fastpath.c), the one
+    # implementation malloc and free there use too.
+
     def link(self, z, g):
         """Put zspage ``z`` (on no list) at the head of group ``g``."""
-        heads = self.heads
-        head = heads[g]
-        self.prev[z] = -1
-        self.next[z] = head
-        if head >= 0:
-            self.prev[head] = z
-        else:
-            self.nonempty |= 1 << g
-        heads[g] = z
-        self.group[z] = g
-        self.counts[g] += 1
+        _zs_list(self, 0, z, g)
 
     def unlink(self, z):
         """Take zspage ``z`` off its group's list; it is ISOLATED after."""
-        g = self.group[z]
-        p = self.prev[z]
-        n = self.next[z]
-        if p >= 0:
-            self.next[p] = n
-        else:
-            self.heads[g] = n
-            if n < 0:
-                self.nonempty &= ~(1 << g)
-        if n >= 0:
-            self.prev[n] = p
-        self.counts[g] -= 1
-        self.group[z] = ZS_ISOLATED
+        _zs_list(self, 1, z)
 
     def move(self, z, g):
         """Move zspage ``z`` from its group's list to group ``g``'s:
-        unlink() then link(), in one call for malloc's and free's sake."""
-        heads, prev, next_ = self.heads, self.prev, self.next
-        old = self.group[z]
-        p = prev[z]
-        n = next_[z]
-        if p >= 0:
-            next_[p] = n
-        else:
-            heads[old] = n
-            if n < 0:
-                self.nonempty &= ~(1 << old)
-        if n >= 0:
-            prev[n] = p
-        counts = self.counts
-        counts[old] -= 1
-        head = heads[g]
-        prev[z] = -1
-        next_[z] = head
-        if head >= 0:
-            prev[head] = z
-        else:
-            self.nonempty |= 1 << g
-        heads[g] = z
-        self.group[z] = g
-        counts[g] += 1
+        unlink() then link(), in one call."""
+        _zs_list(self, 2, z, g)
 
     def isolate(self, order):
         """Unlink and return the head of the first non-empty group in
@@ -489,57 +459,18 @@ class Pool:
 
     def malloc(self, size):
         """Allocate an object of ``size`` bytes (1..4096); return its
-        handle.  Raises ValueError for other sizes."""
-        if not 0 < size <= ZS_MAX_ALLOC_SIZE:
+        handle.  Raises ValueError for other sizes.
+
+        In C (zs_malloc in zramd/_fastpath.c), under the class lock:
+        take the head of the fullest group with room (find_get_zspage),
+        else a new zspage (``_new_zspage``); a handle row from
+        ``free_handles``, else a new one (``_new_row``); the object from
+        the zspage's free list, else its first never-used index; then
+        regroup the zspage by its new use."""
+        if not (isinstance(size, int) and 0 < size <= ZS_MAX_ALLOC_SIZE):
             raise ValueError("malloc: size %r; accepted: 1..%d"
                              % (size, ZS_MAX_ALLOC_SIZE))
-        cls = self._class_for[size]
-        with cls.lock:
-            room = cls.nonempty & GROUPS_WITH_ROOM
-            if room:
-                # find_get_zspage(): the head of the fullest group with room.
-                g = room.bit_length() - 1
-                z = cls.heads[g]
-            else:
-                z = self._new_zspage(cls)
-                g = ZS_ISOLATED
-            try:
-                row = cls.free_handles.pop()
-            except IndexError:
-                row = self._new_row(cls)
-            handle = row << HANDLE_CLASS_BITS | cls.index
-            # _take_obj(), inline: this is the device's write path.
-            freeobj = cls.freeobj
-            reuse = freeobj[z]
-            if reuse < 0:
-                idx = cls.unused[z]
-                cls.unused[z] = idx + 1
-            else:
-                idx = reuse
-            if cls.huge:
-                freeobj[z] = -1
-                cls.handle[z] = handle
-            else:
-                start = idx * cls.size
-                frame = cls.frames[z * cls.pages_per_zspage
-                                   + (start >> PAGE_SHIFT)]
-                view = self._views[frame >> CHUNK_SHIFT]
-                off = (frame & CHUNK_MASK) << PAGE_SHIFT | (start & PAGE_MASK)
-                if reuse >= 0:
-                    freeobj[z] = (_unpack_header(view, off)[0] >> 1) - 1
-                _pack_header(view, off, handle << 1 | OBJ_ALLOCATED_TAG)
-            inuse = cls.inuse[z] + 1
-            cls.inuse[z] = inuse
-            cls.obj_used += 1
-            new_group = cls.fullness[inuse]
-            if new_group != g:
-                if g == ZS_ISOLATED:
-                    cls.link(z, new_group)
-                else:
-                    cls.move(z, new_group)
-            cls.loc[row] = z << OBJ_INDEX_BITS | idx
-            cls.sizes[row] = size
-        return handle
+        return _zs_malloc(self, size)
 
     def lookup_class_index(self, size):
         """Index of the (merged) size class an object of ``size`` bytes is
@@ -639,43 +570,16 @@ class Pool:
 
     def free(self, handle):
         """Free the object now; its frames go back to the OS when its
-        zspage empties."""
-        cls = self._handle_class[handle & HANDLE_CLASS_MASK]
-        row = handle >> HANDLE_CLASS_BITS
-        frames = None
-        with cls.lock:
-            sizes = cls.sizes
-            if not 0 < row < len(sizes) or not sizes[row]:
-                raise ValueError("free: handle %r is not allocated"
-                                 % (handle,))
-            loc = cls.loc[row]
-            cls.loc[row] = 0
-            sizes[row] = 0
-            cls.free_handles.append(row)
-            z = loc >> OBJ_INDEX_BITS
-            inuse = cls.inuse[z] - 1
-            cls.inuse[z] = inuse
-            cls.obj_used -= 1
-            if inuse:
-                # _put_obj(), inline; a huge zspage (one object) never
-                # gets here, so the object has a header.
-                idx = loc & OBJ_INDEX_MASK
-                start = idx * cls.size
-                frame = cls.frames[z * cls.pages_per_zspage
-                                   + (start >> PAGE_SHIFT)]
-                _pack_header(self._views[frame >> CHUNK_SHIFT],
-                             (frame & CHUNK_MASK) << PAGE_SHIFT
-                             | (start & PAGE_MASK),
-                             (cls.freeobj[z] + 1) << 1)
-                cls.freeobj[z] = idx
-                new_group = cls.fullness[inuse]
-                if new_group != cls.group[z]:
-                    cls.move(z, new_group)
-            else:
-                cls.unlink(z)
-                frames = self._release_zspage(cls, z)
-        if frames is not None:
-            self._arena.free(frames)
+        zspage empties.
+
+        In C (zs_free in zramd/_fastpath.c), under the class lock: clear
+        the handle row, put the object on its zspage's free list (its
+        header becomes the link) and regroup the zspage, or, when it was
+        the last object, unlink it and ``_release_zspage``; the frames go
+        to the arena after the lock is let go."""
+        if not isinstance(handle, int) or handle <= 0 or handle >> 64:
+            raise ValueError("free: handle %r is not allocated" % (handle,))
+        _zs_free(self, handle)
 
     def total_pages(self):
         """Frames held by zspages (zs_get_total_pages)."""

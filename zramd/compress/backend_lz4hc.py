@@ -6,8 +6,7 @@ so pages decompress with plain lz4 at lz4 speed: the choice for data written
 once and read often.
 """
 
-from lz4.block import compress as _compress
-
+from .. import _fastpath
 from .backend_lz4 import Lz4
 
 
@@ -16,6 +15,7 @@ class Lz4HC(Lz4):
     levels = range(1, 13)
     default_level = 9
 
-    def compress(self, page):
-        return _compress(page, mode="high_compression", compression=self.level,
-                         store_size=False)
+    def __init__(self, level=None, dictionary=None):
+        super().__init__(level, dictionary)
+        # LZ4_compress_HC at our level; decompression is lz4's.
+        self.native = _fastpath.Codec("lz4hc", self.level)

@@ -1,0 +1,14 @@
+"""Build of zramd's one C extension (everything else is in pyproject.toml).
+
+zramd._fastpath links the system's liblz4 and libzstd (Debian: liblz4-dev,
+libzstd-dev, python3-dev; scripts/common.sh installs them).
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension(
+    "zramd._fastpath", ["zramd/_fastpath.c"],
+    libraries=["lz4", "zstd"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                        "-Wno-missing-field-initializers",
+                        "-Wno-cast-function-type"])])

@@ -1,0 +1,1850 @@
+/*
+ * zramd._fastpath: the device's whole-sector read and write loops, and the
+ * lz4 and zstd codecs, in C.
+ *
+ * Why C: a 4 KiB sector costs the Python paths in device.py about 30,000
+ * instructions to read and 65,000 to write besides the compressor itself
+ * (callgrind, docs/benchmarks.md), and all of it under the GIL; the client
+ * sends 64 sectors per 256 KiB request.  Here a request is one call.
+ *
+ * What it works on: nothing of its own.  The slot table (the device's
+ * three mmap arrays and its counter rows), the stripe locks, the pool's
+ * per-class handle and frame columns and the arena's chunk views all stay
+ * the Python objects device.py and zsmalloc.py document; this module reads
+ * and writes them in place through the buffer protocol, takes the same
+ * threading.Lock objects in the same order (slot stripe, then class), and
+ * allocates and frees through the pool's own ``malloc`` and ``free``.  So
+ * there is one data structure and one allocator, and the Python paths
+ * remain the reference for everything this module declines: a sector that
+ * is written back, recompressed with a secondary algorithm, compressed
+ * with a codec that has no native form, corrupt, or over the memory limit
+ * makes the loop stop and return how many sectors it did; device.py does
+ * that one sector itself (raising the right error if there is one) and
+ * calls again for the rest.
+ *
+ * The GIL: every step that touches a Python object runs holding it.  A
+ * write of more than one sector first compresses all of them with the GIL
+ * released (the pages are the caller's buffer, the output a private
+ * scratch area), so compression on one nbdkit thread overlaps Python work
+ * on another; the pool and slot updates follow with the GIL held.  A
+ * class lock is held only while an object's bytes are copied in or out,
+ * never across a call that could block, so a buffer taken on a class's
+ * columns (array objects that grow) is never held while another thread
+ * could resize them.
+ *
+ * Codec is one configured compressor: lz4 (LZ4_compress_fast, the kernel's
+ * call, acceleration 1) or zstd at a level, with an optional dictionary,
+ * writing magicless frames with no content size, checksum or dictionary id
+ * (see compress/backend_zstd.py).  zstd contexts come from a free list on
+ * the codec, taken and given back under the GIL.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <lz4.h>
+#include <lz4hc.h>
+#define ZSTD_STATIC_LINKING_ONLY
+#include <zstd.h>
+
+#define PAGE_SIZE 4096
+#define PAGE_SHIFT 12
+#define PAGE_MASK (PAGE_SIZE - 1)
+
+/* Slot layout: must equal zramd/device.py (checked there at import). */
+#define ZRAM_FLAG_SHIFT (PAGE_SHIFT + 1)
+#define SIZE_MASK ((1u << ZRAM_FLAG_SHIFT) - 1)
+#define F_SAME (1u << (ZRAM_FLAG_SHIFT + 0))
+#define F_WB (1u << (ZRAM_FLAG_SHIFT + 1))
+#define F_HUGE (1u << (ZRAM_FLAG_SHIFT + 3))
+#define F_IDLE (1u << (ZRAM_FLAG_SHIFT + 4))
+#define COMP_PRIORITY_MASK (3u << (ZRAM_FLAG_SHIFT + 6))
+#define DICT_SHIFT (ZRAM_FLAG_SHIFT + 8)
+#define MAX_DICTS 256
+#define DICT_MASK ((uint32_t)(MAX_DICTS - 1) << DICT_SHIFT)
+#define N_STRIPES 64
+#define STRIPE_MASK (N_STRIPES - 1)
+#define C_PAGES_STORED 0
+#define C_COMPR_SIZE 1
+#define C_SAME_PAGES 2
+#define C_HUGE_PAGES 3
+#define C_HUGE_SINCE 4
+#define C_NUM_READS 6
+#define C_NUM_WRITES 7
+#define N_COUNTERS 8
+
+/* Pool layout: must equal zramd/zsmalloc.py and arena.py (checked there). */
+#define HANDLE_CLASS_BITS 8
+#define HANDLE_CLASS_MASK ((1u << HANDLE_CLASS_BITS) - 1)
+#define OBJ_INDEX_BITS 12
+#define OBJ_INDEX_MASK ((1u << OBJ_INDEX_BITS) - 1)
+#define CHUNK_SHIFT 13
+#define CHUNK_MASK ((1u << CHUNK_SHIFT) - 1)
+
+static PyObject *s_lock, *s_loc, *s_sizes, *s_frames, *s_size, *s_header,
+    *s_ppz, *s_acquire, *s_release, *s_malloc, *s_free, *s_native,
+    *s_frames_in_use, *s_primary, *s_dict_comps, *s_limit_pages,
+    *s_max_used_pages, *s_note_pages_used, *s_t0;
+
+/* ---- codecs ------------------------------------------------------------ */
+
+enum { KIND_LZ4 = 0, KIND_ZSTD = 1, KIND_LZ4HC = 2 };
+
+typedef struct {
+    PyObject_HEAD
+    int kind;
+    int level;
+    unsigned window_log;           /* zstd: what the decoder accepts */
+    ZSTD_CDict *cdict;
+    ZSTD_DDict *ddict;
+    ZSTD_CCtx **cctx;              /* free lists, guarded by the GIL */
+    Py_ssize_t n_cctx, cap_cctx;
+    ZSTD_DCtx **dctx;
+    Py_ssize_t n_dctx, cap_dctx;
+} Codec;
+
+static PyTypeObject CodecType;
+
+static int
+set_zstd_error(const char *what, size_t code)
+{
+    PyErr_Format(PyExc_ValueError, "zstd %s: %s", what,
+                 ZSTD_getErrorName(code));
+    return -1;
+}
+
+static ZSTD_CCtx *
+codec_take_cctx(Codec *c)
+{
+    ZSTD_CCtx *cctx;
+    size_t r;
+    if (c->n_cctx)
+        return c->cctx[--c->n_cctx];
+    cctx = ZSTD_createCCtx();
+    if (!cctx) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (c->cdict)
+        r = ZSTD_CCtx_refCDict(cctx, c->cdict);
+    else
+        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, c->level);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_format, ZSTD_f_zstd1_magicless);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 0);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_checksumFlag, 0);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_dictIDFlag, 0);
+    if (ZSTD_isError(r)) {
+        ZSTD_freeCCtx(cctx);
+        set_zstd_error("compressor", r);
+        return NULL;
+    }
+    return cctx;
+}
+
+static void
+codec_give_cctx(Codec *c, ZSTD_CCtx *cctx)
+{
+    if (c->n_cctx == c->cap_cctx) {
+        Py_ssize_t cap = c->cap_cctx ? 2 * c->cap_cctx : 4;
+        ZSTD_CCtx **grown = PyMem_Realloc(c->cctx, cap * sizeof(*grown));
+        if (!grown) {
+            ZSTD_freeCCtx(cctx);
+            return;
+        }
+        c->cctx = grown;
+        c->cap_cctx = cap;
+    }
+    c->cctx[c->n_cctx++] = cctx;
+}
+
+static ZSTD_DCtx *
+codec_take_dctx(Codec *c)
+{
+    ZSTD_DCtx *dctx;
+    size_t r;
+    if (c->n_dctx)
+        return c->dctx[--c->n_dctx];
+    dctx = ZSTD_createDCtx();
+    if (!dctx) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    r = ZSTD_DCtx_setParameter(dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless);
+    if (!ZSTD_isError(r))
+        r = ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, c->window_log);
+    if (!ZSTD_isError(r) && c->ddict)
+        r = ZSTD_DCtx_refDDict(dctx, c->ddict);
+    if (ZSTD_isError(r)) {
+        ZSTD_freeDCtx(dctx);
+        set_zstd_error("decompressor", r);
+        return NULL;
+    }
+    return dctx;
+}
+
+static void
+codec_give_dctx(Codec *c, ZSTD_DCtx *dctx)
+{
+    if (c->n_dctx == c->cap_dctx) {
+        Py_ssize_t cap = c->cap_dctx ? 2 * c->cap_dctx : 4;
+        ZSTD_DCtx **grown = PyMem_Realloc(c->dctx, cap * sizeof(*grown));
+        if (!grown) {
+            ZSTD_freeDCtx(dctx);
+            return;
+        }
+        c->dctx = grown;
+        c->cap_dctx = cap;
+    }
+    c->dctx[c->n_dctx++] = dctx;
+}
+
+/* Compress one page into dst (capacity cap); the size, or 0 when it does
+ * not fit (or failed).  Needs no GIL: cctx is the caller's. */
+static size_t
+codec_compress(Codec *c, ZSTD_CCtx *cctx, const char *src, size_t len,
+               char *dst, size_t cap)
+{
+    if (c->kind == KIND_LZ4) {
+        int n = LZ4_compress_fast(src, dst, (int)len, (int)cap, 1);
+        return n > 0 ? (size_t)n : 0;
+    } else if (c->kind == KIND_LZ4HC) {
+        int n = LZ4_compress_HC(src, dst, (int)len, (int)cap, c->level);
+        return n > 0 ? (size_t)n : 0;
+    } else {
+        size_t n = ZSTD_compress2(cctx, dst, cap, src, len);
+        return ZSTD_isError(n) ? 0 : n;
+    }
+}
+
+/* Decompress an object into a 4096-byte page; NULL on success, else why
+ * not.  Needs no GIL: dctx is the caller's. */
+static const char *
+codec_decompress(Codec *c, ZSTD_DCtx *dctx, const char *src, size_t n,
+                 char *page)
+{
+    if (c->kind != KIND_ZSTD) {
+        int got;
+        if (n == 0 || n > INT_MAX)
+            return "empty or oversized block";
+        got = LZ4_decompress_safe(src, page, (int)n, PAGE_SIZE);
+        if (got < 0)
+            return "malformed lz4 block";
+        if (got != PAGE_SIZE)
+            return "short block";
+        return NULL;
+    } else {
+        size_t got = ZSTD_decompressDCtx(dctx, page, PAGE_SIZE, src, n);
+        if (ZSTD_isError(got))
+            return ZSTD_getErrorName(got);
+        if (got != PAGE_SIZE)
+            return "short frame";
+        return NULL;
+    }
+}
+
+static int
+Codec_init(Codec *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"algorithm", "level", "dictionary", NULL};
+    const char *algorithm;
+    int level = 0;
+    Py_buffer dict = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|iz*", kwlist,
+                                     &algorithm, &level, &dict))
+        return -1;
+    self->level = level;
+    if (strcmp(algorithm, "lz4") == 0 || strcmp(algorithm, "lz4hc") == 0) {
+        /* lz4hc writes the same block format; only compression differs */
+        self->kind = algorithm[3] ? KIND_LZ4HC : KIND_LZ4;
+        if (dict.buf) {
+            PyBuffer_Release(&dict);
+            PyErr_SetString(PyExc_ValueError, "lz4 takes no dictionary");
+            return -1;
+        }
+        return 0;
+    }
+    if (strcmp(algorithm, "zstd") != 0) {
+        PyBuffer_Release(&dict);
+        PyErr_Format(PyExc_ValueError, "no native codec for %s", algorithm);
+        return -1;
+    }
+    self->kind = KIND_ZSTD;
+    {
+        /* The parameters zstd picks for a page and this dictionary, as
+         * the kernel's zstd_get_params(level, PAGE_SIZE) does. */
+        ZSTD_compressionParameters cp = ZSTD_getCParams(
+            level, PAGE_SIZE, dict.buf ? (size_t)dict.len : 0);
+        self->window_log = cp.windowLog < 12 ? 12 : cp.windowLog;
+        if (dict.buf) {
+            ZSTD_customMem mem = {NULL, NULL, NULL};
+            self->cdict = ZSTD_createCDict_advanced(
+                dict.buf, dict.len, ZSTD_dlm_byCopy, ZSTD_dct_auto, cp, mem);
+            self->ddict = ZSTD_createDDict(dict.buf, dict.len);
+            PyBuffer_Release(&dict);
+            if (!self->cdict || !self->ddict) {
+                PyErr_SetString(PyExc_ValueError,
+                                "not a usable zstd dictionary");
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static void
+Codec_dealloc(Codec *self)
+{
+    Py_ssize_t i;
+    for (i = 0; i < self->n_cctx; i++)
+        ZSTD_freeCCtx(self->cctx[i]);
+    for (i = 0; i < self->n_dctx; i++)
+        ZSTD_freeDCtx(self->dctx[i]);
+    PyMem_Free(self->cctx);
+    PyMem_Free(self->dctx);
+    ZSTD_freeCDict(self->cdict);
+    ZSTD_freeDDict(self->ddict);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* compress(page) -> bytes: the whole output, however long. */
+static PyObject *
+Codec_compress(Codec *self, PyObject *arg)
+{
+    Py_buffer page;
+    PyObject *out;
+    size_t cap, n;
+    ZSTD_CCtx *cctx = NULL;
+    if (PyObject_GetBuffer(arg, &page, PyBUF_SIMPLE) < 0)
+        return NULL;
+    /* Pages are PAGE_SIZE; other lengths are allowed so that tests can
+     * make valid streams of the wrong length. */
+    if (page.len > 16 * PAGE_SIZE) {
+        PyBuffer_Release(&page);
+        PyErr_Format(PyExc_ValueError, "compress: %zd bytes; accepted: up"
+                     " to %d", page.len, 16 * PAGE_SIZE);
+        return NULL;
+    }
+    cap = self->kind != KIND_ZSTD ? (size_t)LZ4_compressBound(page.len)
+                                  : ZSTD_compressBound(page.len);
+    out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out && self->kind == KIND_ZSTD && !(cctx = codec_take_cctx(self)))
+        Py_CLEAR(out);
+    if (out) {
+        n = codec_compress(self, cctx, page.buf, page.len,
+                           PyBytes_AS_STRING(out), cap);
+        if (cctx)
+            codec_give_cctx(self, cctx);
+        if (n == 0 && page.len) {
+            PyErr_SetString(PyExc_ValueError, "compress failed");
+            Py_CLEAR(out);
+        } else {
+            _PyBytes_Resize(&out, n);
+        }
+    }
+    PyBuffer_Release(&page);
+    return out;
+}
+
+/* decompress(data) -> bytes of one page; ValueError(reason) if corrupt. */
+static PyObject *
+Codec_decompress(Codec *self, PyObject *arg)
+{
+    Py_buffer data;
+    PyObject *out;
+    const char *why = NULL;
+    ZSTD_DCtx *dctx = NULL;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    out = PyBytes_FromStringAndSize(NULL, PAGE_SIZE);
+    if (out && self->kind == KIND_ZSTD && !(dctx = codec_take_dctx(self)))
+        Py_CLEAR(out);
+    if (out) {
+        why = codec_decompress(self, dctx, data.buf, data.len,
+                               PyBytes_AS_STRING(out));
+        if (dctx)
+            codec_give_dctx(self, dctx);
+        if (why) {
+            PyErr_SetString(PyExc_ValueError, why);
+            Py_CLEAR(out);
+        }
+    }
+    PyBuffer_Release(&data);
+    return out;
+}
+
+static PyMethodDef Codec_methods[] = {
+    {"compress", (PyCFunction)Codec_compress, METH_O,
+     "compress(page) -> bytes: one 4096-byte page, compressed."},
+    {"decompress", (PyCFunction)Codec_decompress, METH_O,
+     "decompress(data) -> bytes: the 4096-byte page; ValueError if corrupt."},
+    {NULL}
+};
+
+static PyObject *
+Codec_free_contexts(Codec *self, void *closure)
+{
+    return Py_BuildValue("nn", self->n_cctx, self->n_dctx);
+}
+
+static PyGetSetDef Codec_getset[] = {
+    {"free_contexts", (getter)Codec_free_contexts, NULL,
+     "(compression, decompression) contexts on the free lists (zstd).",
+     NULL},
+    {NULL}
+};
+
+static PyTypeObject CodecType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "zramd._fastpath.Codec",
+    .tp_basicsize = sizeof(Codec),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Codec(algorithm, level=0, dictionary=None): lz4, lz4hc or "
+              "zstd on 4 KiB pages.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Codec_init,
+    .tp_dealloc = (destructor)Codec_dealloc,
+    .tp_methods = Codec_methods,
+    .tp_getset = Codec_getset,
+};
+
+/* ---- pool: malloc, free and the fullness lists ---------------------------
+ *
+ * zsmalloc.py's SizeClass keeps each class's zspage metadata in array
+ * columns; these functions are malloc, free and the list operations on
+ * those columns (the only implementation: SizeClass.link/unlink/move and
+ * Pool.malloc/free call them).  The caller of a list operation holds the
+ * class lock; zs_malloc and zs_free take it themselves.  Making a zspage,
+ * a handle row, and releasing a zspage stay in Python (Pool._new_zspage,
+ * Pool._new_row, Pool._release_zspage): they grow or shrink the columns,
+ * so they run before the columns' buffers are taken or after they are
+ * let go.
+ */
+
+#define ZS_HANDLE_SIZE 8
+#define ZS_MAX_ALLOC_SIZE PAGE_SIZE
+#define ZS_INUSE_RATIO_100 11
+#define GROUPS_WITH_ROOM ((1L << ZS_INUSE_RATIO_100) - 1)
+#define ZS_ISOLATED 254
+#define OBJ_ALLOCATED_TAG 1
+
+enum { COL_HEADS, COL_COUNTS, COL_INUSE, COL_UNUSED, COL_FREEOBJ, COL_GROUP,
+       COL_PREV, COL_NEXT, COL_FRAMES, COL_HANDLE, COL_LOC, COL_SIZES,
+       N_COLS };
+static const char *col_names[N_COLS] = {
+    "heads", "counts", "inuse", "unused", "freeobj", "group", "prev", "next",
+    "frames", "handle", "loc", "sizes"};
+static const Py_ssize_t col_itemsize[N_COLS] = {4, 4, 2, 2, 2, 1, 4, 4, 4,
+                                                8, 8, 2};
+static PyObject *col_attr[N_COLS];
+static PyObject *s_nonempty, *s_obj_used, *s_fullness, *s_huge, *s_index,
+    *s_class_for, *s_new_zspage, *s_new_row, *s_release_zspage, *s_pop,
+    *s_append, *s_free_handles, *s_arena_attr, *s_handle_class, *s_views;
+
+static char *
+frame_address(PyObject *views, uint32_t frame);
+static int
+take_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize,
+            const char *what);
+
+/* A class's columns, taken as buffers (class lock held). */
+typedef struct {
+    PyObject *cls;
+    unsigned mask;                       /* which columns are taken */
+    Py_buffer b[N_COLS];
+    long nonempty, nonempty0;
+} Cols;
+
+#define COL(c, i, type) ((type *)(c)->b[i].buf)
+#define LIST_COLS ((1u << COL_HEADS) | (1u << COL_COUNTS) | (1u << COL_GROUP) \
+                   | (1u << COL_PREV) | (1u << COL_NEXT))
+
+static void cols_drop(Cols *c);
+
+static int
+cols_take(Cols *c, PyObject *cls, unsigned mask)
+{
+    int i;
+    PyObject *v;
+    c->cls = cls;
+    c->mask = 0;
+    for (i = 0; i < N_COLS; i++) {
+        PyObject *col;
+        if (!(mask & (1u << i)))
+            continue;
+        if (!(col = PyObject_GetAttr(cls, col_attr[i])))
+            goto fail;
+        if (take_buffer(col, &c->b[i], col_itemsize[i], col_names[i]) < 0) {
+            Py_DECREF(col);
+            goto fail;
+        }
+        Py_DECREF(col);
+        c->mask |= 1u << i;
+    }
+    if (!(v = PyObject_GetAttr(cls, s_nonempty)))
+        goto fail;
+    c->nonempty = c->nonempty0 = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (c->nonempty == -1 && PyErr_Occurred())
+        goto fail;
+    return 0;
+fail:
+    cols_drop(c);
+    return -1;
+}
+
+static void
+cols_drop(Cols *c)
+{
+    int i;
+    for (i = 0; i < N_COLS; i++)
+        if (c->mask & (1u << i))
+            PyBuffer_Release(&c->b[i]);
+    c->mask = 0;
+}
+
+/* Let the buffers go and store nonempty if it changed. */
+static int
+cols_put(Cols *c)
+{
+    cols_drop(c);
+    if (c->nonempty != c->nonempty0) {
+        PyObject *v = PyLong_FromLong(c->nonempty);
+        int r = v ? PyObject_SetAttr(c->cls, s_nonempty, v) : -1;
+        Py_XDECREF(v);
+        return r;
+    }
+    return 0;
+}
+
+static void
+list_link(Cols *c, int32_t z, int g)
+{
+    int32_t *heads = COL(c, COL_HEADS, int32_t);
+    int32_t *prev = COL(c, COL_PREV, int32_t), *next = COL(c, COL_NEXT, int32_t);
+    int32_t head = heads[g];
+    prev[z] = -1;
+    next[z] = head;
+    if (head >= 0)
+        prev[head] = z;
+    else
+        c->nonempty |= 1L << g;
+    heads[g] = z;
+    COL(c, COL_GROUP, uint8_t)[z] = g;
+    COL(c, COL_COUNTS, uint32_t)[g] += 1;
+}
+
+static void
+list_unlink(Cols *c, int32_t z)
+{
+    int32_t *heads = COL(c, COL_HEADS, int32_t);
+    int32_t *prev = COL(c, COL_PREV, int32_t), *next = COL(c, COL_NEXT, int32_t);
+    int g = COL(c, COL_GROUP, uint8_t)[z];
+    int32_t p = prev[z], n = next[z];
+    if (p >= 0) {
+        next[p] = n;
+    } else {
+        heads[g] = n;
+        if (n < 0)
+            c->nonempty &= ~(1L << g);
+    }
+    if (n >= 0)
+        prev[n] = p;
+    COL(c, COL_COUNTS, uint32_t)[g] -= 1;
+    COL(c, COL_GROUP, uint8_t)[z] = ZS_ISOLATED;
+}
+
+/* Bounds for the list functions called from Python. */
+static int
+check_zspage(Cols *c, long z, long g)
+{
+    if (z < 0 || z >= c->b[COL_GROUP].len || z >= c->b[COL_PREV].len / 4
+            || z >= c->b[COL_NEXT].len / 4
+            || g < 0 || g >= c->b[COL_HEADS].len / 4) {
+        PyErr_Format(PyExc_IndexError, "zspage %ld or group %ld out of range",
+                     z, g);
+        return -1;
+    }
+    return 0;
+}
+
+/* zs_list(cls, op, z, g): op 0 link, 1 unlink, 2 move (unlink, link). */
+static PyObject *
+fp_zs_list(PyObject *module, PyObject *args)
+{
+    PyObject *cls;
+    int op;
+    long z, g = 0;
+    Cols c;
+    if (!PyArg_ParseTuple(args, "Oil|l", &cls, &op, &z, &g))
+        return NULL;
+    if (cols_take(&c, cls, LIST_COLS) < 0)
+        return NULL;
+    if (check_zspage(&c, z, g) < 0) {
+        cols_drop(&c);
+        return NULL;
+    }
+    if (op != 0)
+        list_unlink(&c, z);
+    if (op != 1)
+        list_link(&c, z, g);
+    if (cols_put(&c) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+lock_call(PyObject *lock, PyObject *method)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(lock, method);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Release a lock with an exception pending: keep the exception. */
+static void
+lock_release_keep_error(PyObject *lock)
+{
+    PyObject *exc, *val, *tb;
+    PyErr_Fetch(&exc, &val, &tb);
+    lock_call(lock, s_release);
+    PyErr_Restore(exc, val, tb);
+}
+
+static Py_ssize_t
+attr_long(PyObject *obj, PyObject *name, long *out)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v)
+        return -1;
+    *out = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+add_to_attr(PyObject *obj, PyObject *name, long delta)
+{
+    long v;
+    PyObject *o;
+    int r;
+    if (attr_long(obj, name, &v) < 0)
+        return -1;
+    if (!(o = PyLong_FromLong(v + delta)))
+        return -1;
+    r = PyObject_SetAttr(obj, name, o);
+    Py_DECREF(o);
+    return r;
+}
+
+
+/* The header slot of object idx of zspage z (not a huge class). */
+static char *
+obj_header(Cols *c, PyObject *views, long csize, long ppz, int32_t z,
+           long idx)
+{
+    long start = idx * csize;
+    long slot = (long)z * ppz + (start >> PAGE_SHIFT);
+    char *base;
+    if (slot >= c->b[COL_FRAMES].len / 4)
+        return NULL;
+    base = frame_address(views, COL(c, COL_FRAMES, uint32_t)[slot]);
+    return base ? base + (start & PAGE_MASK) : NULL;
+}
+
+/* zs_malloc(pool, size) -> handle.  Pool.malloc in full; size checked. */
+static uint64_t
+pool_malloc(PyObject *pool, PyObject *class_for, PyObject *views, long size)
+{
+    PyObject *cls, *lock = NULL, *fullness = NULL, *r;
+    long csize, ppz, index, huge, nonempty, z, g, row, idx, reuse, inuse;
+    long new_group;
+    uint64_t handle = 0;
+    Cols c;
+
+    cls = PyList_GET_ITEM(class_for, size);
+    if (!(lock = PyObject_GetAttr(cls, s_lock)))
+        return 0;
+    if (lock_call(lock, s_acquire) < 0) {
+        Py_DECREF(lock);
+        return 0;
+    }
+    if (attr_long(cls, s_size, &csize) < 0 || attr_long(cls, s_ppz, &ppz) < 0
+            || attr_long(cls, s_index, &index) < 0
+            || attr_long(cls, s_huge, &huge) < 0
+            || attr_long(cls, s_nonempty, &nonempty) < 0)
+        goto out;
+    if (nonempty & GROUPS_WITH_ROOM) {
+        /* find_get_zspage(): the head of the fullest group with room */
+        long room = nonempty & GROUPS_WITH_ROOM;
+        g = 0;
+        while (room >> (g + 1))
+            g++;
+        z = -1;                          /* read from heads below */
+    } else {
+        if (!(r = PyObject_CallMethodOneArg(pool, s_new_zspage, cls)))
+            goto out;
+        z = PyLong_AsLong(r);
+        Py_DECREF(r);
+        if (z == -1 && PyErr_Occurred())
+            goto out;
+        g = ZS_ISOLATED;
+    }
+    {
+        PyObject *fh = PyObject_GetAttr(cls, s_free_handles);
+        Py_ssize_t n = fh ? PyObject_Length(fh) : -1;
+        if (n < 0) {
+            Py_XDECREF(fh);
+            goto out;
+        }
+        r = n ? PyObject_CallMethodNoArgs(fh, s_pop)
+              : PyObject_CallMethodOneArg(pool, s_new_row, cls);
+        Py_DECREF(fh);
+        if (!r)
+            goto out;
+        row = PyLong_AsLong(r);
+        Py_DECREF(r);
+        if (row == -1 && PyErr_Occurred())
+            goto out;
+    }
+    handle = (uint64_t)row << HANDLE_CLASS_BITS | (uint64_t)index;
+    if (!(fullness = PyObject_GetAttr(cls, s_fullness)) || !PyBytes_Check(fullness))
+        goto out_fail;
+    if (cols_take(&c, cls, ~0u & ~(huge ? 0 : 1u << COL_HANDLE)) < 0)
+        goto out_fail;
+    if (z < 0)
+        z = COL(&c, COL_HEADS, int32_t)[g];
+    if (z < 0 || z >= c.b[COL_INUSE].len / 2 || row >= c.b[COL_SIZES].len / 2) {
+        PyErr_SetString(PyExc_RuntimeError, "malloc: pool columns disagree");
+        cols_drop(&c);
+        goto out_fail;
+    }
+    /* _take_obj */
+    reuse = COL(&c, COL_FREEOBJ, int16_t)[z];
+    if (reuse < 0) {
+        idx = COL(&c, COL_UNUSED, uint16_t)[z];
+        COL(&c, COL_UNUSED, uint16_t)[z] = idx + 1;
+    } else {
+        idx = reuse;
+    }
+    if (huge) {
+        COL(&c, COL_FREEOBJ, int16_t)[z] = -1;
+        COL(&c, COL_HANDLE, uint64_t)[z] = handle;
+    } else {
+        char *hdr = obj_header(&c, views, csize, ppz, z, idx);
+        uint64_t word;
+        if (!hdr) {
+            PyErr_SetString(PyExc_RuntimeError, "malloc: frame outside the arena");
+            cols_drop(&c);
+            goto out_fail;
+        }
+        if (reuse >= 0) {
+            memcpy(&word, hdr, 8);
+            COL(&c, COL_FREEOBJ, int16_t)[z] = (int16_t)((word >> 1) - 1);
+        }
+        word = handle << 1 | OBJ_ALLOCATED_TAG;
+        memcpy(hdr, &word, 8);
+    }
+    inuse = COL(&c, COL_INUSE, uint16_t)[z] + 1;
+    COL(&c, COL_INUSE, uint16_t)[z] = inuse;
+    if (inuse >= PyBytes_GET_SIZE(fullness)) {
+        PyErr_SetString(PyExc_RuntimeError, "malloc: zspage over-full");
+        cols_drop(&c);
+        goto out_fail;
+    }
+    new_group = (unsigned char)PyBytes_AS_STRING(fullness)[inuse];
+    if (new_group != g) {
+        if (g != ZS_ISOLATED)
+            list_unlink(&c, z);
+        list_link(&c, z, new_group);
+    }
+    COL(&c, COL_LOC, uint64_t)[row] = (uint64_t)z << OBJ_INDEX_BITS | idx;
+    COL(&c, COL_SIZES, uint16_t)[row] = size;
+    if (cols_put(&c) < 0 || add_to_attr(cls, s_obj_used, 1) < 0)
+        goto out_fail;
+    goto out;
+
+out_fail:
+    handle = 0;
+out:
+    Py_XDECREF(fullness);
+    if (PyErr_Occurred()) {
+        handle = 0;
+        lock_release_keep_error(lock);
+    } else if (lock_call(lock, s_release) < 0) {
+        handle = 0;
+    }
+    Py_DECREF(lock);
+    return handle;
+}
+
+/* zs_free(pool, handle); Pool.free in full.  0, or -1 with an error. */
+static int
+pool_free(PyObject *pool, PyObject *handle_class, PyObject *views,
+          PyObject *arena, uint64_t handle)
+{
+    PyObject *cls, *lock, *frames = NULL, *r;
+    uint64_t row = handle >> HANDLE_CLASS_BITS, loc;
+    long csize, ppz, inuse, idx;
+    int32_t z;
+    Cols c;
+
+    cls = PyList_GET_ITEM(handle_class, handle & HANDLE_CLASS_MASK);
+    if (!(lock = PyObject_GetAttr(cls, s_lock)))
+        return -1;
+    if (lock_call(lock, s_acquire) < 0) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    if (attr_long(cls, s_size, &csize) < 0 || attr_long(cls, s_ppz, &ppz) < 0)
+        goto out;
+    if (cols_take(&c, cls, LIST_COLS | (1u << COL_INUSE) | (1u << COL_FREEOBJ)
+                  | (1u << COL_FRAMES) | (1u << COL_LOC) | (1u << COL_SIZES)) < 0)
+        goto out;
+    if (row == 0 || row >= (uint64_t)(c.b[COL_SIZES].len / 2)
+            || !COL(&c, COL_SIZES, uint16_t)[row]) {
+        cols_drop(&c);
+        r = PyLong_FromUnsignedLongLong(handle);
+        if (r) {
+            PyErr_Format(PyExc_ValueError, "free: handle %R is not allocated", r);
+            Py_DECREF(r);
+        }
+        goto out;
+    }
+    loc = COL(&c, COL_LOC, uint64_t)[row];
+    COL(&c, COL_LOC, uint64_t)[row] = 0;
+    COL(&c, COL_SIZES, uint16_t)[row] = 0;
+    z = (int32_t)(loc >> OBJ_INDEX_BITS);
+    /* The row and the count go first: releasing the class's last zspage
+     * (below) clears the whole class. */
+    if (add_to_attr(cls, s_obj_used, -1) < 0) {
+        cols_drop(&c);
+        goto out;
+    }
+    {
+        PyObject *fh = PyObject_GetAttr(cls, s_free_handles), *ro = NULL;
+        r = NULL;
+        if (fh && (ro = PyLong_FromUnsignedLongLong(row)))
+            r = PyObject_CallMethodOneArg(fh, s_append, ro);
+        Py_XDECREF(ro);
+        Py_XDECREF(fh);
+        if (!r) {
+            cols_drop(&c);
+            goto out;
+        }
+        Py_DECREF(r);
+    }
+    inuse = COL(&c, COL_INUSE, uint16_t)[z] - 1;
+    COL(&c, COL_INUSE, uint16_t)[z] = inuse;
+    if (inuse) {
+        /* _put_obj; a huge zspage (one object) never gets here, so the
+         * object has a header. */
+        PyObject *fullness = PyObject_GetAttr(cls, s_fullness);
+        char *hdr;
+        uint64_t word;
+        long new_group;
+        idx = loc & OBJ_INDEX_MASK;
+        hdr = obj_header(&c, views, csize, ppz, z, idx);
+        if (!fullness || !PyBytes_Check(fullness) || !hdr) {
+            Py_XDECREF(fullness);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "free: pool columns disagree");
+            cols_drop(&c);
+            goto out;
+        }
+        word = (uint64_t)(COL(&c, COL_FREEOBJ, int16_t)[z] + 1) << 1;
+        memcpy(hdr, &word, 8);
+        COL(&c, COL_FREEOBJ, int16_t)[z] = idx;
+        new_group = (unsigned char)PyBytes_AS_STRING(fullness)[inuse];
+        Py_DECREF(fullness);
+        if (new_group != COL(&c, COL_GROUP, uint8_t)[z]) {
+            list_unlink(&c, z);
+            list_link(&c, z, new_group);
+        }
+        if (cols_put(&c) < 0)
+            goto out;
+    } else {
+        PyObject *zo;
+        list_unlink(&c, z);
+        if (cols_put(&c) < 0)
+            goto out;
+        if (!(zo = PyLong_FromLong(z)))
+            goto out;
+        frames = PyObject_CallMethodObjArgs(pool, s_release_zspage, cls, zo,
+                                            NULL);
+        Py_DECREF(zo);
+        if (!frames)
+            goto out;
+    }
+out:
+    if (PyErr_Occurred()) {
+        lock_release_keep_error(lock);
+        Py_DECREF(lock);
+        Py_XDECREF(frames);
+        return -1;
+    }
+    r = PyObject_CallMethodNoArgs(lock, s_release);
+    Py_DECREF(lock);
+    if (!r) {
+        Py_XDECREF(frames);
+        return -1;
+    }
+    Py_DECREF(r);
+    if (frames) {
+        /* The arena's lock is taken after the class lock is let go. */
+        r = PyObject_CallMethodOneArg(arena, s_free, frames);
+        Py_DECREF(frames);
+        if (!r)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+static PyObject *
+fp_zs_malloc(PyObject *module, PyObject *args)
+{
+    PyObject *pool, *class_for, *views;
+    long size;
+    uint64_t handle;
+    if (!PyArg_ParseTuple(args, "Ol", &pool, &size))
+        return NULL;
+    if (size <= 0 || size > ZS_MAX_ALLOC_SIZE) {
+        PyErr_Format(PyExc_ValueError, "malloc: size %ld; accepted: 1..%d",
+                     size, ZS_MAX_ALLOC_SIZE);
+        return NULL;
+    }
+    class_for = PyObject_GetAttr(pool, s_class_for);
+    views = PyObject_GetAttr(pool, s_views);
+    handle = 0;
+    if (class_for && views) {
+        if (!PyList_CheckExact(class_for) || !PyList_CheckExact(views)
+                || PyList_GET_SIZE(class_for) <= ZS_MAX_ALLOC_SIZE)
+            PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
+        else
+            handle = pool_malloc(pool, class_for, views, size);
+    }
+    Py_XDECREF(class_for);
+    Py_XDECREF(views);
+    return handle ? PyLong_FromUnsignedLongLong(handle) : NULL;
+}
+
+static PyObject *
+fp_zs_free(PyObject *module, PyObject *args)
+{
+    PyObject *pool, *handle_class, *views, *arena;
+    unsigned long long handle;
+    int r = -1;
+    if (!PyArg_ParseTuple(args, "OK", &pool, &handle))
+        return NULL;
+    handle_class = PyObject_GetAttr(pool, s_handle_class);
+    views = PyObject_GetAttr(pool, s_views);
+    arena = PyObject_GetAttr(pool, s_arena_attr);
+    if (handle_class && views && arena) {
+        if (!PyList_CheckExact(handle_class) || !PyList_CheckExact(views)
+                || PyList_GET_SIZE(handle_class) != HANDLE_CLASS_MASK + 1)
+            PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
+        else
+            r = pool_free(pool, handle_class, views, arena, handle);
+    }
+    Py_XDECREF(handle_class);
+    Py_XDECREF(views);
+    Py_XDECREF(arena);
+    if (r < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- slot paths ---------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer meta_buf, handle_buf, atime_buf, counters_buf, refs_buf;
+    uint32_t *meta;
+    uint64_t *handle;
+    uint32_t *atime;
+    int64_t *counters;
+    int64_t *dict_refs;
+    Py_ssize_t nr_pages;
+    PyObject *lock_acquire[N_STRIPES];   /* bound methods of stripe locks */
+    PyObject *lock_release[N_STRIPES];
+    PyObject *pool;
+    PyObject *class_for;                 /* list: class by object size */
+    PyObject *handle_class;              /* list: class by handle byte */
+    PyObject *views;                     /* list: the arena's chunk views */
+    PyObject *arena;
+    int open;
+} SlotPaths;
+
+static PyTypeObject SlotPathsType;
+
+static int
+call_lock(PyObject *bound)
+{
+    PyObject *r = PyObject_CallNoArgs(bound);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+take_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize,
+            const char *what)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_CONTIG | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->itemsize != itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s: items of %zd bytes, expected %zd",
+                     what, view->itemsize, itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t
+attr_ssize(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    Py_ssize_t n;
+    if (!v)
+        return -1;
+    n = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    return n;
+}
+
+static double
+now_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);   /* Python's time.monotonic() */
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void
+SlotPaths_release(SlotPaths *self)
+{
+    int i;
+    if (self->open) {
+        PyBuffer_Release(&self->meta_buf);
+        PyBuffer_Release(&self->handle_buf);
+        PyBuffer_Release(&self->atime_buf);
+        PyBuffer_Release(&self->counters_buf);
+        PyBuffer_Release(&self->refs_buf);
+        self->open = 0;
+    }
+    for (i = 0; i < N_STRIPES; i++) {
+        Py_CLEAR(self->lock_acquire[i]);
+        Py_CLEAR(self->lock_release[i]);
+    }
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->class_for);
+    Py_CLEAR(self->handle_class);
+    Py_CLEAR(self->views);
+    Py_CLEAR(self->arena);
+}
+
+static int
+SlotPaths_init(SlotPaths *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"meta", "handle", "atime", "counters",
+                             "dict_refs", "stripe_locks", "pool", NULL};
+    PyObject *meta, *handle, *atime, *counters, *refs, *locks, *pool;
+    int i;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO", kwlist,
+                                     &meta, &handle, &atime, &counters, &refs,
+                                     &locks, &pool))
+        return -1;
+    SlotPaths_release(self);
+    if (!PySequence_Check(locks) || PySequence_Size(locks) != N_STRIPES) {
+        PyErr_Format(PyExc_ValueError, "stripe_locks: %d locks expected",
+                     N_STRIPES);
+        return -1;
+    }
+    if (take_buffer(meta, &self->meta_buf, 4, "meta") < 0)
+        return -1;
+    if (take_buffer(handle, &self->handle_buf, 8, "handle") < 0)
+        goto fail_meta;
+    if (take_buffer(atime, &self->atime_buf, 4, "atime") < 0)
+        goto fail_handle;
+    if (take_buffer(counters, &self->counters_buf, 8, "counters") < 0)
+        goto fail_atime;
+    if (take_buffer(refs, &self->refs_buf, 8, "dict_refs") < 0)
+        goto fail_counters;
+    self->open = 1;
+    self->meta = self->meta_buf.buf;
+    self->handle = self->handle_buf.buf;
+    self->atime = self->atime_buf.buf;
+    self->counters = self->counters_buf.buf;
+    self->dict_refs = self->refs_buf.buf;
+    self->nr_pages = self->meta_buf.len / 4;
+    if (self->handle_buf.len / 8 != self->nr_pages
+            || self->atime_buf.len / 4 != self->nr_pages
+            || self->counters_buf.len / 8 != N_STRIPES * N_COUNTERS
+            || self->refs_buf.len / 8 != N_STRIPES * MAX_DICTS) {
+        PyErr_SetString(PyExc_ValueError, "slot table arrays disagree");
+        SlotPaths_release(self);
+        return -1;
+    }
+    for (i = 0; i < N_STRIPES; i++) {
+        PyObject *lock = PySequence_GetItem(locks, i);
+        if (!lock)
+            goto fail_all;
+        self->lock_acquire[i] = PyObject_GetAttr(lock, s_acquire);
+        self->lock_release[i] = PyObject_GetAttr(lock, s_release);
+        Py_DECREF(lock);
+        if (!self->lock_acquire[i] || !self->lock_release[i])
+            goto fail_all;
+    }
+    Py_INCREF(pool);
+    self->pool = pool;
+    /* The pool's internals this module shares (zsmalloc.py): the class
+     * of each handle byte, the arena's chunk views (a list that only
+     * grows) and the arena, for frames_in_use. */
+    self->handle_class = PyObject_GetAttrString(pool, "_handle_class");
+    self->views = PyObject_GetAttrString(pool, "_views");
+    self->arena = PyObject_GetAttrString(pool, "_arena");
+    self->class_for = PyObject_GetAttrString(pool, "_class_for");
+    if (!self->handle_class || !self->views || !self->arena
+            || !self->class_for)
+        goto fail_all;
+    if (!PyList_CheckExact(self->class_for)
+            || PyList_GET_SIZE(self->class_for) <= ZS_MAX_ALLOC_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
+        goto fail_all;
+    }
+    if (!PyList_CheckExact(self->handle_class)
+            || PyList_GET_SIZE(self->handle_class) != HANDLE_CLASS_MASK + 1
+            || !PyList_CheckExact(self->views)) {
+        PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
+        goto fail_all;
+    }
+    return 0;
+
+fail_counters:
+    PyBuffer_Release(&self->counters_buf);
+fail_atime:
+    PyBuffer_Release(&self->atime_buf);
+fail_handle:
+    PyBuffer_Release(&self->handle_buf);
+fail_meta:
+    PyBuffer_Release(&self->meta_buf);
+    return -1;
+fail_all:
+    SlotPaths_release(self);
+    return -1;
+}
+
+static void
+SlotPaths_dealloc(SlotPaths *self)
+{
+    SlotPaths_release(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+SlotPaths_close(SlotPaths *self, PyObject *unused)
+{
+    SlotPaths_release(self);
+    Py_RETURN_NONE;
+}
+
+/* An object's place in the frames: filled in under its class lock. */
+typedef struct {
+    PyObject *lock;                 /* the class lock, held */
+    Py_buffer loc, sizes, frames;
+    unsigned size;                  /* the object's size */
+    char *first;                    /* its bytes in the first frame */
+    unsigned first_len;
+    char *second;                   /* and the rest, if it spans two */
+} ObjPlace;
+
+static char *
+frame_address(PyObject *views, uint32_t frame)
+{
+    Py_ssize_t chunk = frame >> CHUNK_SHIFT;
+    PyObject *view;
+    if (chunk >= PyList_GET_SIZE(views))
+        return NULL;
+    view = PyList_GET_ITEM(views, chunk);
+    if (!PyMemoryView_Check(view))
+        return NULL;
+    return (char *)PyMemoryView_GET_BUFFER(view)->buf
+        + ((Py_ssize_t)(frame & CHUNK_MASK) << PAGE_SHIFT);
+}
+
+/* Take handle's class lock and find its bytes.  1: found (lock held, call
+ * obj_unplace); 0: not a live handle (nothing held); -1: Python error. */
+static int
+obj_place(SlotPaths *self, uint64_t handle, ObjPlace *p)
+{
+    PyObject *cls, *r;
+    uint64_t row = handle >> HANDLE_CLASS_BITS, loc;
+    Py_ssize_t csize, header, ppz, start, slot;
+    uint32_t *frames;
+    unsigned off;
+
+    cls = PyList_GET_ITEM(self->handle_class, handle & HANDLE_CLASS_MASK);
+    if ((csize = attr_ssize(cls, s_size)) < 0
+            || (header = attr_ssize(cls, s_header)) < 0
+            || (ppz = attr_ssize(cls, s_ppz)) < 0)
+        return -1;
+    if (!(p->lock = PyObject_GetAttr(cls, s_lock)))
+        return -1;
+    if (!(r = PyObject_CallMethodNoArgs(p->lock, s_acquire))) {
+        Py_DECREF(p->lock);
+        return -1;
+    }
+    Py_DECREF(r);
+    /* Now the columns cannot change under us: take them. */
+    {
+        PyObject *loc_o = PyObject_GetAttr(cls, s_loc);
+        PyObject *sizes_o = PyObject_GetAttr(cls, s_sizes);
+        PyObject *frames_o = PyObject_GetAttr(cls, s_frames);
+        int ok = loc_o && sizes_o && frames_o
+            && take_buffer(loc_o, &p->loc, 8, "loc") == 0;
+        if (ok && take_buffer(sizes_o, &p->sizes, 2, "sizes") < 0) {
+            PyBuffer_Release(&p->loc);
+            ok = 0;
+        }
+        if (ok && take_buffer(frames_o, &p->frames, 4, "frames") < 0) {
+            PyBuffer_Release(&p->loc);
+            PyBuffer_Release(&p->sizes);
+            ok = 0;
+        }
+        Py_XDECREF(loc_o);
+        Py_XDECREF(sizes_o);
+        Py_XDECREF(frames_o);
+        if (!ok)
+            goto fail_locked;
+    }
+    if (row == 0 || row >= (uint64_t)(p->sizes.len / 2)
+            || !((uint16_t *)p->sizes.buf)[row]) {
+        PyBuffer_Release(&p->loc);
+        PyBuffer_Release(&p->sizes);
+        PyBuffer_Release(&p->frames);
+        r = PyObject_CallMethodNoArgs(p->lock, s_release);
+        Py_DECREF(p->lock);
+        if (!r)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    p->size = ((uint16_t *)p->sizes.buf)[row];
+    loc = ((uint64_t *)p->loc.buf)[row];
+    frames = p->frames.buf;
+    start = (Py_ssize_t)(loc & OBJ_INDEX_MASK) * csize + header;
+    slot = (Py_ssize_t)(loc >> OBJ_INDEX_BITS) * ppz + (start >> PAGE_SHIFT);
+    off = start & PAGE_MASK;
+    p->first_len = PAGE_SIZE - off;
+    p->second = NULL;
+    if (slot >= p->frames.len / 4
+            || !(p->first = frame_address(self->views, frames[slot])))
+        goto corrupt;
+    p->first += off;
+    if (p->size > p->first_len) {
+        if (slot + 1 >= p->frames.len / 4
+                || !(p->second = frame_address(self->views, frames[slot + 1])))
+            goto corrupt;
+    } else {
+        p->first_len = p->size;
+    }
+    return 1;
+
+corrupt:
+    PyBuffer_Release(&p->loc);
+    PyBuffer_Release(&p->sizes);
+    PyBuffer_Release(&p->frames);
+    PyErr_Format(PyExc_RuntimeError, "pool: handle %llu points outside the"
+                 " arena", (unsigned long long)handle);
+fail_locked:
+    r = PyObject_CallMethodNoArgs(p->lock, s_release);
+    Py_XDECREF(r);
+    Py_DECREF(p->lock);
+    return -1;
+}
+
+static int
+obj_unplace(ObjPlace *p)
+{
+    PyObject *r;
+    PyBuffer_Release(&p->loc);
+    PyBuffer_Release(&p->sizes);
+    PyBuffer_Release(&p->frames);
+    r = PyObject_CallMethodNoArgs(p->lock, s_release);
+    Py_DECREF(p->lock);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The native codec of a compressor object, or NULL (no error set). */
+static Codec *
+native_of(PyObject *comp)
+{
+    PyObject *native = PyObject_GetAttr(comp, s_native);
+    if (!native) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(native);         /* comp keeps it alive */
+    return PyObject_TypeCheck(native, &CodecType) ? (Codec *)native : NULL;
+}
+
+static int
+get_out_range(SlotPaths *self, Py_ssize_t first, Py_ssize_t len,
+              Py_ssize_t *count)
+{
+    if (!self->open) {
+        PyErr_SetString(PyExc_ValueError, "closed");
+        return -1;
+    }
+    if (len % PAGE_SIZE || first < 0 || first + len / PAGE_SIZE > self->nr_pages) {
+        PyErr_SetString(PyExc_ValueError, "not whole sectors inside the disk");
+        return -1;
+    }
+    *count = len / PAGE_SIZE;
+    return 0;
+}
+
+/*
+ * read(device, out, first) -> sectors done
+ *
+ * Fills ``out`` (whole sectors) from sector ``first`` on, as
+ * Device._read_sector does with touch=True, until a sector needs the
+ * Python path.
+ */
+static PyObject *
+SlotPaths_read(SlotPaths *self, PyObject *args)
+{
+    PyObject *device, *out_o, *dict_comps = NULL, *t0_o;
+    Py_ssize_t first, count, i;
+    Py_buffer out;
+    double t0;
+    Codec *codec0 = NULL;
+    ZSTD_DCtx *dctx0 = NULL;
+    char *scratch = NULL;
+
+    if (!PyArg_ParseTuple(args, "OOn", &device, &out_o, &first))
+        return NULL;
+    if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (get_out_range(self, first, out.len, &count) < 0)
+        goto error;
+    if (!(t0_o = PyObject_GetAttr(device, s_t0)))
+        goto error;
+    t0 = PyFloat_AsDouble(t0_o);
+    Py_DECREF(t0_o);
+    if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
+        goto error;
+    if (!(scratch = PyMem_Malloc(PAGE_SIZE))) {
+        PyErr_NoMemory();
+        goto error;
+    }
+
+    for (i = 0; i < count; i++) {
+        Py_ssize_t index = first + i;
+        unsigned stripe = index & STRIPE_MASK;
+        char *dst = (char *)out.buf + (i << PAGE_SHIFT);
+        uint32_t meta;
+        uint64_t handle;
+        int stop = 0;
+
+        if (call_lock(self->lock_acquire[stripe]) < 0)
+            goto error;
+        meta = self->meta[index];
+        handle = self->handle[index];
+        if (meta & F_SAME) {
+            uint64_t *words = (uint64_t *)dst;
+            int w;
+            for (w = 0; w < PAGE_SIZE / 8; w++)
+                words[w] = handle;
+        } else if (!handle) {
+            memset(dst, 0, PAGE_SIZE);
+        } else if (meta & (F_WB | COMP_PRIORITY_MASK)) {
+            stop = 1;
+        } else {
+            Codec *codec = NULL;
+            ObjPlace p;
+            int found;
+            if (!(meta & F_HUGE)) {
+                unsigned dict_id = (meta & DICT_MASK) >> DICT_SHIFT;
+                if (dict_id == 0 && codec0) {
+                    codec = codec0;
+                } else {
+                    PyObject *key = PyLong_FromUnsignedLong(dict_id);
+                    PyObject *comp = key ? PyDict_GetItemWithError(dict_comps, key) : NULL;
+                    Py_XDECREF(key);
+                    if (PyErr_Occurred())
+                        goto error_locked;
+                    codec = comp ? native_of(comp) : NULL;
+                    if (dict_id == 0)
+                        codec0 = codec;
+                }
+            }
+            if (!(meta & F_HUGE) && !codec) {
+                stop = 1;
+            } else if ((found = obj_place(self, handle, &p)) < 0) {
+                goto error_locked;
+            } else if (!found || p.size != (meta & SIZE_MASK)
+                       || ((meta & F_HUGE) && p.size != PAGE_SIZE)) {
+                if (found && obj_unplace(&p) < 0)
+                    goto error_locked;
+                stop = 1;
+            } else {
+                const char *why = NULL;
+                const char *src = p.first;
+                if (p.second) {
+                    memcpy(scratch, p.first, p.first_len);
+                    memcpy(scratch + p.first_len, p.second,
+                           p.size - p.first_len);
+                    src = scratch;
+                }
+                if (meta & F_HUGE) {
+                    memcpy(dst, src, PAGE_SIZE);
+                } else {
+                    ZSTD_DCtx *dctx = NULL;
+                    if (codec->kind == KIND_ZSTD) {
+                        if (codec == codec0 && dctx0)
+                            dctx = dctx0;
+                        else if (!(dctx = codec_take_dctx(codec))) {
+                            obj_unplace(&p);
+                            goto error_locked;
+                        }
+                    }
+                    why = codec_decompress(codec, dctx, src, p.size, dst);
+                    if (dctx && codec == codec0)
+                        dctx0 = dctx;
+                    else if (dctx)
+                        codec_give_dctx(codec, dctx);
+                }
+                if (obj_unplace(&p) < 0)
+                    goto error_locked;
+                if (why)
+                    stop = 1;      /* the Python path raises the error */
+            }
+        }
+        if (!stop) {
+            /* touch: as Device._read_sector(touch=True) */
+            if (meta & F_IDLE)
+                self->meta[index] = meta & ~F_IDLE;
+            self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
+            self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
+        }
+        if (call_lock(self->lock_release[stripe]) < 0)
+            goto error;
+        if (stop)
+            break;
+    }
+    if (dctx0)
+        codec_give_dctx(codec0, dctx0);
+    PyMem_Free(scratch);
+    Py_DECREF(dict_comps);
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(i);
+
+error_locked:
+    {
+        PyObject *exc, *val, *tb;
+        PyErr_Fetch(&exc, &val, &tb);
+        call_lock(self->lock_release[(first + i) & STRIPE_MASK]);
+        PyErr_Restore(exc, val, tb);
+    }
+error:
+    if (dctx0)
+        codec_give_dctx(codec0, dctx0);
+    PyMem_Free(scratch);
+    Py_XDECREF(dict_comps);
+    PyBuffer_Release(&out);
+    return NULL;
+}
+
+/* What phase one of a write found for a sector. */
+typedef struct {
+    uint32_t size;          /* compressed size; 0: SAME; PAGE_SIZE: HUGE */
+    uint64_t fill;          /* SAME: the repeated 8-byte value */
+} SectorPlan;
+
+static int
+same_filled(const char *page, uint64_t *fill)
+{
+    const uint64_t *w = (const uint64_t *)page;
+    uint64_t v = w[0];
+    int i;
+    for (i = 1; i < PAGE_SIZE / 8; i++)
+        if (w[i] != v)
+            return 0;
+    *fill = v;
+    return 1;
+}
+
+/* Phase one, no Python objects touched: classify and compress. */
+static void
+plan_sectors(Codec *codec, ZSTD_CCtx *cctx, const char *data,
+             Py_ssize_t count, char *scratch, size_t huge_class_size,
+             SectorPlan *plan)
+{
+    Py_ssize_t i;
+    for (i = 0; i < count; i++) {
+        const char *page = data + (i << PAGE_SHIFT);
+        if (same_filled(page, &plan[i].fill)) {
+            plan[i].size = 0;
+            continue;
+        }
+        /* Output that would reach huge_class_size is of no use: a page
+         * that does not fit below it is stored raw, as in zram. */
+        plan[i].size = codec_compress(codec, cctx, page, PAGE_SIZE,
+                                      scratch + (i << PAGE_SHIFT),
+                                      huge_class_size - 1);
+        if (plan[i].size == 0)
+            plan[i].size = PAGE_SIZE;
+    }
+}
+
+/*
+ * write(device, data, first, huge_class_size) -> sectors done
+ *
+ * Stores whole sectors from ``data`` as Device._try_write_sector does,
+ * until a sector needs the Python path.
+ */
+static PyObject *
+SlotPaths_write(SlotPaths *self, PyObject *args)
+{
+    PyObject *device, *data_o, *primary = NULL, *dict_comps = NULL,
+        *comp, *id_o, *t0_o;
+    Py_ssize_t first, count, i = 0, huge_class_size, limit_pages;
+    Py_buffer data;
+    double t0;
+    Codec *codec = NULL;
+    unsigned dict_id;
+    ZSTD_CCtx *cctx = NULL;
+    char *scratch = NULL;
+    SectorPlan *plan = NULL;
+
+    if (!PyArg_ParseTuple(args, "OOnn", &device, &data_o, &first,
+                          &huge_class_size))
+        return NULL;
+    if (PyObject_GetBuffer(data_o, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (get_out_range(self, first, data.len, &count) < 0)
+        goto done;
+    if (huge_class_size < 2 || huge_class_size > PAGE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "huge_class_size out of range");
+        goto done;
+    }
+    if (!(primary = PyObject_GetAttr(device, s_primary)))
+        goto done;
+    if (!PyTuple_Check(primary) || PyTuple_GET_SIZE(primary) != 2) {
+        PyErr_SetString(PyExc_TypeError, "_primary: (id, compressor)");
+        goto done;
+    }
+    id_o = PyTuple_GET_ITEM(primary, 0);
+    comp = PyTuple_GET_ITEM(primary, 1);
+    dict_id = PyLong_AsUnsignedLong(id_o);
+    if (PyErr_Occurred())
+        goto done;
+    if (!(codec = native_of(comp)) || dict_id >= MAX_DICTS)
+        goto done;                      /* 0 done: all of it in Python */
+    if ((limit_pages = attr_ssize(device, s_limit_pages)) < 0)
+        goto done;
+    if (!(t0_o = PyObject_GetAttr(device, s_t0)))
+        goto done;
+    t0 = PyFloat_AsDouble(t0_o);
+    Py_DECREF(t0_o);
+    if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
+        goto done;
+    if (codec->kind == KIND_ZSTD && !(cctx = codec_take_cctx(codec)))
+        goto done;
+    scratch = PyMem_Malloc(count << PAGE_SHIFT);
+    plan = PyMem_Malloc(count * sizeof(*plan));
+    if (!scratch || !plan) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    /* Phase one.  One page compresses in less time than a GIL hand-off
+     * takes, so a single sector keeps the GIL. */
+    if (count > 1) {
+        Py_BEGIN_ALLOW_THREADS
+        plan_sectors(codec, cctx, data.buf, count, scratch, huge_class_size,
+                     plan);
+        Py_END_ALLOW_THREADS
+    } else {
+        plan_sectors(codec, cctx, data.buf, count, scratch, huge_class_size,
+                     plan);
+    }
+
+    /* Phase two: the pool and the slots, holding the GIL. */
+    for (i = 0; i < count; i++) {
+        Py_ssize_t index = first + i;
+        unsigned stripe = index & STRIPE_MASK;
+        uint32_t size = plan[i].size, meta, old_meta;
+        uint64_t handle = 0, old;
+        int64_t *row = self->counters + stripe * N_COUNTERS;
+        int have_new = 0;          /* handle is ours to free on failure */
+
+        if (size == 0) {
+            meta = F_SAME;
+        } else {
+            const char *src = size == PAGE_SIZE ? (const char *)data.buf
+                + (i << PAGE_SHIFT) : scratch + (i << PAGE_SHIFT);
+            Py_ssize_t pages, max_used;
+            ObjPlace p;
+            int found;
+            meta = size == PAGE_SIZE ? F_HUGE
+                                     : (uint32_t)dict_id << DICT_SHIFT;
+            handle = pool_malloc(self->pool, self->class_for, self->views,
+                                 size);
+            if (!handle)
+                goto done;
+            have_new = 1;
+            /* update_used_max(), and the limit as zram_can_store_page() */
+            if ((pages = attr_ssize(self->arena, s_frames_in_use)) < 0
+                    || (max_used = attr_ssize(device, s_max_used_pages)) < 0)
+                goto done_free_new;
+            if (pages > max_used) {
+                PyObject *pages_o = PyLong_FromSsize_t(pages), *r = NULL;
+                if (pages_o)
+                    r = PyObject_CallMethodOneArg(device, s_note_pages_used,
+                                                  pages_o);
+                Py_XDECREF(pages_o);
+                if (!r)
+                    goto done_free_new;
+                Py_DECREF(r);
+            }
+            if (limit_pages && pages > limit_pages)
+                goto undo;                 /* Python raises NoSpaceError */
+            if ((found = obj_place(self, handle, &p)) <= 0)
+                goto done_free_new;
+            memcpy(p.first, src, p.first_len);
+            if (p.second)
+                memcpy(p.second, src + p.first_len, size - p.first_len);
+            if (obj_unplace(&p) < 0)
+                goto done_free_new;
+            meta |= size;
+        }
+
+        if (call_lock(self->lock_acquire[stripe]) < 0)
+            goto done_free_new;
+        old_meta = self->meta[index];
+        old = self->handle[index];
+        if (old_meta & F_WB) {
+            call_lock(self->lock_release[stripe]);
+            goto undo;                     /* the backing device's job */
+        }
+        if (meta & DICT_MASK) {
+            PyObject *key = PyLong_FromUnsignedLong(dict_id);
+            int known = key ? PyDict_Contains(dict_comps, key) : -1;
+            Py_XDECREF(key);
+            if (known <= 0) {
+                /* Retired meanwhile: the Python path compresses again. */
+                call_lock(self->lock_release[stripe]);
+                if (known < 0)
+                    goto done_free_new;
+                goto undo;
+            }
+            self->dict_refs[stripe * MAX_DICTS + dict_id] += 1;
+        }
+        /* _slot_clear_locked(), WB excepted (above) */
+        if (old_meta & F_SAME) {
+            row[C_SAME_PAGES] -= 1;
+            row[C_PAGES_STORED] -= 1;
+            old = 0;
+        } else if (old) {
+            if (old_meta & DICT_MASK)
+                self->dict_refs[stripe * MAX_DICTS
+                                + ((old_meta & DICT_MASK) >> DICT_SHIFT)] -= 1;
+            if (old_meta & F_HUGE)
+                row[C_HUGE_PAGES] -= 1;
+            row[C_COMPR_SIZE] -= old_meta & SIZE_MASK;
+            row[C_PAGES_STORED] -= 1;
+        }
+        self->meta[index] = meta;
+        self->handle[index] = handle ? handle : plan[i].fill;
+        self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
+        row[C_PAGES_STORED] += 1;
+        row[C_NUM_WRITES] += 1;
+        if (meta & F_SAME) {
+            row[C_SAME_PAGES] += 1;
+        } else {
+            row[C_COMPR_SIZE] += size;
+            if (meta & F_HUGE) {
+                row[C_HUGE_PAGES] += 1;
+                row[C_HUGE_SINCE] += 1;
+            }
+        }
+        if (call_lock(self->lock_release[stripe]) < 0)
+            goto done;
+        if (old && pool_free(self->pool, self->handle_class, self->views,
+                             self->arena, old) < 0)
+            goto done;
+        continue;
+
+    undo:
+        /* This sector goes to the Python path: give the object back. */
+        if (have_new && pool_free(self->pool, self->handle_class,
+                                  self->views, self->arena, handle) < 0)
+            goto done;
+        break;
+
+    done_free_new:
+        if (have_new) {
+            PyObject *exc, *val, *tb;
+            PyErr_Fetch(&exc, &val, &tb);
+            pool_free(self->pool, self->handle_class, self->views,
+                      self->arena, handle);
+            PyErr_Clear();
+            PyErr_Restore(exc, val, tb);
+        }
+        goto done;
+    }
+
+done:
+    if (cctx)
+        codec_give_cctx(codec, cctx);
+    PyMem_Free(scratch);
+    PyMem_Free(plan);
+    Py_XDECREF(primary);
+    Py_XDECREF(dict_comps);
+    PyBuffer_Release(&data);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromSsize_t(i);
+}
+
+static PyMethodDef SlotPaths_methods[] = {
+    {"read", (PyCFunction)SlotPaths_read, METH_VARARGS,
+     "read(device, out, first) -> sectors read into out from sector first;"
+     " stops at a sector the Python path must do."},
+    {"write", (PyCFunction)SlotPaths_write, METH_VARARGS,
+     "write(device, data, first, huge_class_size) -> sectors stored from"
+     " data at sector first; stops at a sector the Python path must do."},
+    {"close", (PyCFunction)SlotPaths_close, METH_NOARGS,
+     "Release the slot table's buffers (before its mmaps close)."},
+    {NULL}
+};
+
+static PyTypeObject SlotPathsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "zramd._fastpath.SlotPaths",
+    .tp_basicsize = sizeof(SlotPaths),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SlotPaths(meta, handle, atime, counters, dict_refs, "
+              "stripe_locks, pool): a device's whole-sector read and write "
+              "loops.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)SlotPaths_init,
+    .tp_dealloc = (destructor)SlotPaths_dealloc,
+    .tp_methods = SlotPaths_methods,
+};
+
+/* ---- module ----------------------------------------------------------- */
+
+static PyMethodDef module_methods[] = {
+    {"zs_malloc", fp_zs_malloc, METH_VARARGS,
+     "zs_malloc(pool, size) -> handle: Pool.malloc."},
+    {"zs_free", fp_zs_free, METH_VARARGS,
+     "zs_free(pool, handle): Pool.free."},
+    {"zs_list", fp_zs_list, METH_VARARGS,
+     "zs_list(cls, op, z, g=0): fullness list op 0 link, 1 unlink, 2 move"
+     " (class lock held)."},
+    {NULL}
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT, "zramd._fastpath",
+    "The device's whole-sector loops, the pool's malloc and free, and the"
+    " lz4/zstd codecs in C.", -1, module_methods,
+};
+
+#define INTERN(var, text) \
+    if (!(var = PyUnicode_InternFromString(text))) return NULL
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    PyObject *m;
+    INTERN(s_lock, "lock");
+    INTERN(s_loc, "loc");
+    INTERN(s_sizes, "sizes");
+    INTERN(s_frames, "frames");
+    INTERN(s_size, "size");
+    INTERN(s_header, "header");
+    INTERN(s_ppz, "pages_per_zspage");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s_malloc, "malloc");
+    INTERN(s_free, "free");
+    INTERN(s_native, "native");
+    INTERN(s_frames_in_use, "frames_in_use");
+    INTERN(s_primary, "_primary");
+    INTERN(s_dict_comps, "_dict_comps");
+    INTERN(s_limit_pages, "_limit_pages");
+    INTERN(s_max_used_pages, "_max_used_pages");
+    INTERN(s_note_pages_used, "_note_pages_used");
+    INTERN(s_t0, "_t0");
+    INTERN(s_nonempty, "nonempty");
+    INTERN(s_obj_used, "obj_used");
+    INTERN(s_fullness, "fullness");
+    INTERN(s_huge, "huge");
+    INTERN(s_index, "index");
+    INTERN(s_class_for, "_class_for");
+    INTERN(s_new_zspage, "_new_zspage");
+    INTERN(s_new_row, "_new_row");
+    INTERN(s_release_zspage, "_release_zspage");
+    INTERN(s_pop, "pop");
+    INTERN(s_append, "append");
+    INTERN(s_free_handles, "free_handles");
+    INTERN(s_arena_attr, "_arena");
+    INTERN(s_handle_class, "_handle_class");
+    INTERN(s_views, "_views");
+    {
+        int i;
+        for (i = 0; i < N_COLS; i++)
+            INTERN(col_attr[i], col_names[i]);
+    }
+    if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&SlotPathsType) < 0)
+        return NULL;
+    if (!(m = PyModule_Create(&fastpath_module)))
+        return NULL;
+    Py_INCREF(&CodecType);
+    Py_INCREF(&SlotPathsType);
+    if (PyModule_AddObject(m, "Codec", (PyObject *)&CodecType) < 0
+            || PyModule_AddObject(m, "SlotPaths", (PyObject *)&SlotPathsType) < 0)
+        return NULL;
+    /* The layouts this file was written for; device.py and zsmalloc.py
+     * compare them with their own at import. */
+    if (PyModule_AddIntConstant(m, "PAGE_SIZE", PAGE_SIZE) < 0
+            || PyModule_AddIntConstant(m, "ZRAM_FLAG_SHIFT", ZRAM_FLAG_SHIFT) < 0
+            || PyModule_AddIntConstant(m, "SAME", F_SAME) < 0
+            || PyModule_AddIntConstant(m, "WB", F_WB) < 0
+            || PyModule_AddIntConstant(m, "HUGE", F_HUGE) < 0
+            || PyModule_AddIntConstant(m, "IDLE", F_IDLE) < 0
+            || PyModule_AddIntConstant(m, "COMP_PRIORITY_MASK", COMP_PRIORITY_MASK) < 0
+            || PyModule_AddIntConstant(m, "DICT_SHIFT", DICT_SHIFT) < 0
+            || PyModule_AddIntConstant(m, "MAX_DICTS", MAX_DICTS) < 0
+            || PyModule_AddIntConstant(m, "N_STRIPES", N_STRIPES) < 0
+            || PyModule_AddIntConstant(m, "N_COUNTERS", N_COUNTERS) < 0
+            || PyModule_AddIntConstant(m, "C_PAGES_STORED", C_PAGES_STORED) < 0
+            || PyModule_AddIntConstant(m, "C_COMPR_SIZE", C_COMPR_SIZE) < 0
+            || PyModule_AddIntConstant(m, "C_SAME_PAGES", C_SAME_PAGES) < 0
+            || PyModule_AddIntConstant(m, "C_HUGE_PAGES", C_HUGE_PAGES) < 0
+            || PyModule_AddIntConstant(m, "C_HUGE_SINCE", C_HUGE_SINCE) < 0
+            || PyModule_AddIntConstant(m, "C_NUM_READS", C_NUM_READS) < 0
+            || PyModule_AddIntConstant(m, "C_NUM_WRITES", C_NUM_WRITES) < 0
+            || PyModule_AddIntConstant(m, "HANDLE_CLASS_BITS", HANDLE_CLASS_BITS) < 0
+            || PyModule_AddIntConstant(m, "OBJ_INDEX_BITS", OBJ_INDEX_BITS) < 0
+            || PyModule_AddIntConstant(m, "CHUNK_SHIFT", CHUNK_SHIFT) < 0)
+        return NULL;
+    return m;
+}

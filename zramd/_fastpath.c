@@ -44,6 +44,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
 #include <lz4.h>
 #include <lz4hc.h>
 #define ZSTD_STATIC_LINKING_ONLY
@@ -962,6 +965,162 @@ fp_zs_free(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- the crew: helper threads for one request's pages ---------------------
+ *
+ * nbdkit serves each connection's requests one at a time (zramd runs it
+ * with --threads 1, see docs/operations.md), so a 256 KiB write would
+ * compress its 64 pages on one core while the other waits.  A request's
+ * compression (or decompression) is a Batch of chunks; the calling thread
+ * posts it, works on it itself, and helper threads that are idle join in,
+ * each taking the next chunk until none is left.  No Python object is
+ * touched: the caller has released the GIL and holds every buffer.  The
+ * helpers are started on first use in the process that uses them (a
+ * device made before nbdkit forks gets them in the child).
+ */
+
+#define CREW_MAX 8
+#define CHUNK_PAGES 4
+
+typedef struct Batch {
+    void (*work)(struct Batch *, int who, Py_ssize_t start, Py_ssize_t n);
+    void *args;
+    void *ctx[CREW_MAX + 1];         /* one per participant: zstd contexts */
+    Py_ssize_t count;                /* items */
+    atomic_long next;                /* next chunk's first item */
+    int want;                        /* helpers still welcome (crew lock) */
+    int active;                      /* helpers working on it (crew lock) */
+    int joined;                      /* helpers that ever joined (crew lock) */
+    struct Batch *qnext;
+} Batch;
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t work;             /* a batch was posted */
+    pthread_cond_t done;             /* a helper left a batch */
+    Batch *queue;
+    int size;
+    pid_t pid;                       /* the process the helpers run in */
+} crew = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER, NULL, 0, 0};
+
+static void
+batch_run(Batch *b, int who)
+{
+    for (;;) {
+        Py_ssize_t start = atomic_fetch_add(&b->next, CHUNK_PAGES);
+        if (start >= b->count)
+            return;
+        b->work(b, who, start, b->count - start < CHUNK_PAGES
+                               ? b->count - start : CHUNK_PAGES);
+    }
+}
+
+static void *
+crew_main(void *unused)
+{
+    pthread_mutex_lock(&crew.lock);
+    for (;;) {
+        Batch *b;
+        int who;
+        while (!crew.queue)
+            pthread_cond_wait(&crew.work, &crew.lock);
+        b = crew.queue;
+        who = ++b->joined;
+        if (--b->want == 0)
+            crew.queue = b->qnext;     /* enough hands: off the queue */
+        b->active++;
+        pthread_mutex_unlock(&crew.lock);
+        batch_run(b, who);
+        pthread_mutex_lock(&crew.lock);
+        if (--b->active == 0)
+            pthread_cond_broadcast(&crew.done);
+    }
+    return NULL;
+}
+
+/* Helpers available in this process (started on first call). */
+static int
+crew_ready(void)
+{
+    pid_t pid = getpid();
+    if (crew.pid != pid) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        int i, want = ncpu < 1 ? 1 : ncpu > CREW_MAX ? CREW_MAX : (int)ncpu;
+        pthread_attr_t attr;
+        /* After fork the parent's helpers are gone and its lock state is
+         * meaningless: start afresh. */
+        pthread_mutex_init(&crew.lock, NULL);
+        pthread_cond_init(&crew.work, NULL);
+        pthread_cond_init(&crew.done, NULL);
+        crew.queue = NULL;
+        crew.size = 0;
+        crew.pid = pid;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        for (i = 0; i < want; i++) {
+            pthread_t t;
+            if (pthread_create(&t, &attr, crew_main, NULL) != 0)
+                break;
+            crew.size++;
+        }
+        pthread_attr_destroy(&attr);
+    }
+    return crew.size;
+}
+
+/* How many helpers a batch of ``count`` items can use (call with the GIL
+ * held: it may start them). */
+static int
+crew_hands(Py_ssize_t count)
+{
+    Py_ssize_t chunks = (count + CHUNK_PAGES - 1) / CHUNK_PAGES;
+    int size;
+    if (chunks < 2)
+        return 0;
+    size = crew_ready();
+    return chunks - 1 < size ? (int)(chunks - 1) : size;
+}
+
+/* Run a batch with up to ``hands`` helpers (no GIL needed). */
+static void
+batch_go(Batch *b, int hands)
+{
+    atomic_store(&b->next, 0);
+    b->want = hands;
+    b->active = 0;
+    b->joined = 0;
+    b->qnext = NULL;
+    if (hands) {
+        Batch **tail;
+        pthread_mutex_lock(&crew.lock);
+        for (tail = &crew.queue; *tail; tail = &(*tail)->qnext)
+            ;
+        *tail = b;
+        if (hands > 1)
+            pthread_cond_broadcast(&crew.work);
+        else
+            pthread_cond_signal(&crew.work);
+        pthread_mutex_unlock(&crew.lock);
+    }
+    batch_run(b, 0);
+    if (hands) {
+        pthread_mutex_lock(&crew.lock);
+        if (b->want > 0) {             /* still queued: withdraw it */
+            Batch **p;
+            for (p = &crew.queue; *p; p = &(*p)->qnext)
+                if (*p == b) {
+                    *p = b->qnext;
+                    break;
+                }
+            b->want = 0;
+        }
+        while (b->active)
+            pthread_cond_wait(&crew.done, &crew.lock);
+        pthread_mutex_unlock(&crew.lock);
+    }
+}
+
 /* ---- slot paths ---------------------------------------------------------- */
 
 typedef struct {
@@ -1317,23 +1476,80 @@ get_out_range(SlotPaths *self, Py_ssize_t first, Py_ssize_t len,
     return 0;
 }
 
+typedef struct {
+    Codec *codec;
+    const char *scratch;     /* sector k's object at k << PAGE_SHIFT */
+    char *out;
+    Py_ssize_t *sector;      /* item -> sector position in the request */
+    uint32_t *size;          /* item -> object size */
+    atomic_long failed;      /* lowest sector that did not decompress */
+} DecompArgs;
+
+static void
+decomp_chunk(Batch *b, int who, Py_ssize_t start, Py_ssize_t n)
+{
+    DecompArgs *a = b->args;
+    Py_ssize_t k;
+    for (k = start; k < start + n; k++) {
+        Py_ssize_t pos = a->sector[k];
+        if (codec_decompress(a->codec, b->ctx[who],
+                             a->scratch + (pos << PAGE_SHIFT), a->size[k],
+                             a->out + (pos << PAGE_SHIFT))) {
+            long seen = atomic_load(&a->failed);
+            while (pos < seen
+                   && !atomic_compare_exchange_weak(&a->failed, &seen, pos))
+                ;
+        }
+    }
+}
+
+/* The native codec for a compressed slot's meta, or NULL (no error set
+ * unless -1 is stored in *err). */
+static Codec *
+codec_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
+{
+    unsigned dict_id = (meta & DICT_MASK) >> DICT_SHIFT;
+    PyObject *key = PyLong_FromUnsignedLong(dict_id), *comp;
+    *err = 0;
+    if (!key) {
+        *err = -1;
+        return NULL;
+    }
+    comp = PyDict_GetItemWithError(dict_comps, key);
+    Py_DECREF(key);
+    if (!comp) {
+        *err = PyErr_Occurred() ? -1 : 0;
+        return NULL;
+    }
+    return native_of(comp);
+}
+
 /*
  * read(device, out, first) -> sectors done
  *
  * Fills ``out`` (whole sectors) from sector ``first`` on, as
  * Device._read_sector does with touch=True, until a sector needs the
- * Python path.
+ * Python path.  Phase one, holding the GIL, takes each slot under its
+ * stripe lock: same-filled pages and holes are filled in, huge ones copied
+ * out, compressed objects copied to a scratch area (under the class lock)
+ * and the slot touched.  Phase two decompresses, with the crew and without
+ * the GIL when there are several.  A sector that does not decompress ends
+ * the call there: the sectors from it on are uncounted again (num_reads),
+ * and the Python path reads it and raises the error.
  */
 static PyObject *
 SlotPaths_read(SlotPaths *self, PyObject *args)
 {
     PyObject *device, *out_o, *dict_comps = NULL, *t0_o;
-    Py_ssize_t first, count, i;
+    Py_ssize_t first, count, i = 0, n_items = 0, done, k;
     Py_buffer out;
     double t0;
-    Codec *codec0 = NULL;
-    ZSTD_DCtx *dctx0 = NULL;
     char *scratch = NULL;
+    Py_ssize_t *item_sector = NULL;
+    uint32_t *item_size = NULL;
+    Batch batch = {0};
+    DecompArgs dargs = {0};
+    int hands = 0, n_dctx = 0, locked = -1;
 
     if (!PyArg_ParseTuple(args, "OOn", &device, &out_o, &first))
         return NULL;
@@ -1347,7 +1563,10 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
     Py_DECREF(t0_o);
     if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
         goto error;
-    if (!(scratch = PyMem_Malloc(PAGE_SIZE))) {
+    scratch = PyMem_Malloc(count << PAGE_SHIFT);
+    item_sector = PyMem_Malloc(count * sizeof(*item_sector));
+    item_size = PyMem_Malloc(count * sizeof(*item_size));
+    if (!scratch || !item_sector || !item_size) {
         PyErr_NoMemory();
         goto error;
     }
@@ -1356,12 +1575,14 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
         Py_ssize_t index = first + i;
         unsigned stripe = index & STRIPE_MASK;
         char *dst = (char *)out.buf + (i << PAGE_SHIFT);
+        char *obj = scratch + (i << PAGE_SHIFT);
         uint32_t meta;
         uint64_t handle;
         int stop = 0;
 
         if (call_lock(self->lock_acquire[stripe]) < 0)
             goto error;
+        locked = stripe;
         meta = self->meta[index];
         handle = self->handle[index];
         if (meta & F_SAME) {
@@ -1376,62 +1597,37 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
         } else {
             Codec *codec = NULL;
             ObjPlace p;
-            int found;
+            int found, err;
             if (!(meta & F_HUGE)) {
-                unsigned dict_id = (meta & DICT_MASK) >> DICT_SHIFT;
-                if (dict_id == 0 && codec0) {
-                    codec = codec0;
-                } else {
-                    PyObject *key = PyLong_FromUnsignedLong(dict_id);
-                    PyObject *comp = key ? PyDict_GetItemWithError(dict_comps, key) : NULL;
-                    Py_XDECREF(key);
-                    if (PyErr_Occurred())
-                        goto error_locked;
-                    codec = comp ? native_of(comp) : NULL;
-                    if (dict_id == 0)
-                        codec0 = codec;
-                }
+                codec = codec_for_meta(dict_comps, meta, &err);
+                if (err)
+                    goto error;
+                /* One codec per batch; a page of another dictionary
+                 * (rare: just after training) goes to the Python path. */
+                if (codec && dargs.codec && codec != dargs.codec)
+                    codec = NULL;
             }
             if (!(meta & F_HUGE) && !codec) {
                 stop = 1;
             } else if ((found = obj_place(self, handle, &p)) < 0) {
-                goto error_locked;
+                goto error;
             } else if (!found || p.size != (meta & SIZE_MASK)
                        || ((meta & F_HUGE) && p.size != PAGE_SIZE)) {
                 if (found && obj_unplace(&p) < 0)
-                    goto error_locked;
+                    goto error;
                 stop = 1;
             } else {
-                const char *why = NULL;
-                const char *src = p.first;
-                if (p.second) {
-                    memcpy(scratch, p.first, p.first_len);
-                    memcpy(scratch + p.first_len, p.second,
-                           p.size - p.first_len);
-                    src = scratch;
-                }
-                if (meta & F_HUGE) {
-                    memcpy(dst, src, PAGE_SIZE);
-                } else {
-                    ZSTD_DCtx *dctx = NULL;
-                    if (codec->kind == KIND_ZSTD) {
-                        if (codec == codec0 && dctx0)
-                            dctx = dctx0;
-                        else if (!(dctx = codec_take_dctx(codec))) {
-                            obj_unplace(&p);
-                            goto error_locked;
-                        }
-                    }
-                    why = codec_decompress(codec, dctx, src, p.size, dst);
-                    if (dctx && codec == codec0)
-                        dctx0 = dctx;
-                    else if (dctx)
-                        codec_give_dctx(codec, dctx);
+                char *to = meta & F_HUGE ? dst : obj;
+                memcpy(to, p.first, p.first_len);
+                if (p.second)
+                    memcpy(to + p.first_len, p.second, p.size - p.first_len);
+                if (!(meta & F_HUGE)) {
+                    dargs.codec = codec;
+                    item_sector[n_items] = i;
+                    item_size[n_items++] = p.size;
                 }
                 if (obj_unplace(&p) < 0)
-                    goto error_locked;
-                if (why)
-                    stop = 1;      /* the Python path raises the error */
+                    goto error;
             }
         }
         if (!stop) {
@@ -1441,29 +1637,70 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
             self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
             self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
         }
+        locked = -1;
         if (call_lock(self->lock_release[stripe]) < 0)
             goto error;
         if (stop)
             break;
     }
-    if (dctx0)
-        codec_give_dctx(codec0, dctx0);
+    done = i;
+
+    if (n_items) {
+        hands = n_items > 1 ? crew_hands(n_items) : 0;
+        if (dargs.codec->kind == KIND_ZSTD) {
+            for (n_dctx = 0; n_dctx <= hands; n_dctx++)
+                if (!(batch.ctx[n_dctx] = codec_take_dctx(dargs.codec)))
+                    goto error;
+        }
+        dargs.scratch = scratch;
+        dargs.out = out.buf;
+        dargs.sector = item_sector;
+        dargs.size = item_size;
+        atomic_store(&dargs.failed, LONG_MAX);
+        batch.work = decomp_chunk;
+        batch.args = &dargs;
+        batch.count = n_items;
+        if (n_items > 1) {
+            Py_BEGIN_ALLOW_THREADS
+            batch_go(&batch, hands);
+            Py_END_ALLOW_THREADS
+        } else {
+            batch_go(&batch, 0);
+        }
+        if (atomic_load(&dargs.failed) < done) {
+            /* Uncount what phase one counted from there on. */
+            for (k = atomic_load(&dargs.failed); k < done; k++) {
+                unsigned stripe = (first + k) & STRIPE_MASK;
+                if (call_lock(self->lock_acquire[stripe]) < 0)
+                    goto error;
+                self->counters[stripe * N_COUNTERS + C_NUM_READS] -= 1;
+                if (call_lock(self->lock_release[stripe]) < 0)
+                    goto error;
+            }
+            done = atomic_load(&dargs.failed);
+        }
+    }
+    for (k = 0; k < n_dctx; k++)
+        codec_give_dctx(dargs.codec, batch.ctx[k]);
     PyMem_Free(scratch);
+    PyMem_Free(item_sector);
+    PyMem_Free(item_size);
     Py_DECREF(dict_comps);
     PyBuffer_Release(&out);
-    return PyLong_FromSsize_t(i);
+    return PyLong_FromSsize_t(done);
 
-error_locked:
-    {
+error:
+    if (locked >= 0) {
         PyObject *exc, *val, *tb;
         PyErr_Fetch(&exc, &val, &tb);
-        call_lock(self->lock_release[(first + i) & STRIPE_MASK]);
+        call_lock(self->lock_release[locked]);
         PyErr_Restore(exc, val, tb);
     }
-error:
-    if (dctx0)
-        codec_give_dctx(codec0, dctx0);
+    for (k = 0; k < n_dctx; k++)
+        codec_give_dctx(dargs.codec, batch.ctx[k]);
     PyMem_Free(scratch);
+    PyMem_Free(item_sector);
+    PyMem_Free(item_size);
     Py_XDECREF(dict_comps);
     PyBuffer_Release(&out);
     return NULL;
@@ -1488,15 +1725,28 @@ same_filled(const char *page, uint64_t *fill)
     return 1;
 }
 
-/* Phase one, no Python objects touched: classify and compress. */
+typedef struct {
+    Codec *codec;
+    const char *data;
+    char *scratch;
+    size_t huge_class_size;
+    SectorPlan *plan;
+} PlanArgs;
+
+/* Phase one, no Python objects touched: classify and compress pages
+ * start..start+n-1. */
 static void
-plan_sectors(Codec *codec, ZSTD_CCtx *cctx, const char *data,
-             Py_ssize_t count, char *scratch, size_t huge_class_size,
-             SectorPlan *plan)
+plan_chunk(Batch *b, int who, Py_ssize_t start, Py_ssize_t n)
 {
+    PlanArgs *a = b->args;
+    Codec *codec = a->codec;
+    ZSTD_CCtx *cctx = b->ctx[who];
+    SectorPlan *plan = a->plan;
+    char *scratch = a->scratch;
+    size_t huge_class_size = a->huge_class_size;
     Py_ssize_t i;
-    for (i = 0; i < count; i++) {
-        const char *page = data + (i << PAGE_SHIFT);
+    for (i = start; i < start + n; i++) {
+        const char *page = a->data + (i << PAGE_SHIFT);
         if (same_filled(page, &plan[i].fill)) {
             plan[i].size = 0;
             continue;
@@ -1527,9 +1777,11 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
     double t0;
     Codec *codec = NULL;
     unsigned dict_id;
-    ZSTD_CCtx *cctx = NULL;
     char *scratch = NULL;
     SectorPlan *plan = NULL;
+    Batch batch = {0};
+    PlanArgs pargs;
+    int hands = 0, n_cctx = 0, k;
 
     if (!PyArg_ParseTuple(args, "OOnn", &device, &data_o, &first,
                           &huge_class_size))
@@ -1563,8 +1815,12 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
     Py_DECREF(t0_o);
     if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
         goto done;
-    if (codec->kind == KIND_ZSTD && !(cctx = codec_take_cctx(codec)))
-        goto done;
+    hands = count > 1 ? crew_hands(count) : 0;
+    if (codec->kind == KIND_ZSTD) {
+        for (n_cctx = 0; n_cctx <= hands; n_cctx++)
+            if (!(batch.ctx[n_cctx] = codec_take_cctx(codec)))
+                goto done;
+    }
     scratch = PyMem_Malloc(count << PAGE_SHIFT);
     plan = PyMem_Malloc(count * sizeof(*plan));
     if (!scratch || !plan) {
@@ -1572,16 +1828,23 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
         goto done;
     }
 
-    /* Phase one.  One page compresses in less time than a GIL hand-off
-     * takes, so a single sector keeps the GIL. */
+    /* Phase one: classify and compress, several pages at a time with the
+     * crew.  One page compresses in less time than a GIL hand-off takes,
+     * so a single sector keeps the GIL. */
+    pargs.codec = codec;
+    pargs.data = data.buf;
+    pargs.scratch = scratch;
+    pargs.huge_class_size = huge_class_size;
+    pargs.plan = plan;
+    batch.work = plan_chunk;
+    batch.args = &pargs;
+    batch.count = count;
     if (count > 1) {
         Py_BEGIN_ALLOW_THREADS
-        plan_sectors(codec, cctx, data.buf, count, scratch, huge_class_size,
-                     plan);
+        batch_go(&batch, hands);
         Py_END_ALLOW_THREADS
     } else {
-        plan_sectors(codec, cctx, data.buf, count, scratch, huge_class_size,
-                     plan);
+        batch_go(&batch, 0);
     }
 
     /* Phase two: the pool and the slots, holding the GIL. */
@@ -1710,8 +1973,8 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
     }
 
 done:
-    if (cctx)
-        codec_give_cctx(codec, cctx);
+    for (k = 0; k < n_cctx; k++)
+        codec_give_cctx(codec, batch.ctx[k]);
     PyMem_Free(scratch);
     PyMem_Free(plan);
     Py_XDECREF(primary);

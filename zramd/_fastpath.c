@@ -1622,7 +1622,12 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
                 if (p.second)
                     memcpy(to + p.first_len, p.second, p.size - p.first_len);
                 if (!(meta & F_HUGE)) {
-                    dargs.codec = codec;
+                    if (!dargs.codec) {
+                        /* Held until phase two is over: without the GIL a
+                         * retired dictionary's codec could go meanwhile. */
+                        Py_INCREF(codec);
+                        dargs.codec = codec;
+                    }
                     item_sector[n_items] = i;
                     item_size[n_items++] = p.size;
                 }
@@ -1682,6 +1687,7 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
     }
     for (k = 0; k < n_dctx; k++)
         codec_give_dctx(dargs.codec, batch.ctx[k]);
+    Py_XDECREF(dargs.codec);
     PyMem_Free(scratch);
     PyMem_Free(item_sector);
     PyMem_Free(item_size);
@@ -1698,6 +1704,7 @@ error:
     }
     for (k = 0; k < n_dctx; k++)
         codec_give_dctx(dargs.codec, batch.ctx[k]);
+    Py_XDECREF(dargs.codec);
     PyMem_Free(scratch);
     PyMem_Free(item_sector);
     PyMem_Free(item_size);

@@ -27,6 +27,14 @@ Discard and write-zeroes of whole sectors unlink the slot with
 ``slot_free_extract`` and hand the handle to the pool's deferred free, the
 swap-release path the deferred queue exists for.
 
+Whole sectors, what block devices and nbdcopy send, go through C
+(zramd/_fastpath.c, ``SlotPaths``): the same steps on these same arrays,
+locks and counters, a request per call, compression and decompression
+shared by a crew of helper threads without the GIL.  A sector the C loop
+does not handle (written back, recompressed by a secondary algorithm, a
+codec with no C form, corrupt, over mem_limit) it hands back, and the
+Python methods below do it and raise what there is to raise.
+
 Locking (order: slot stripe lock, then the pool's class locks):
 ``_stripe_locks[i % N_STRIPES]`` guards slot ``i``, that stripe's row
 of counters and its 4 KiB ``_stripe_copies`` buffer (where the pool copies

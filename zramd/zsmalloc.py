@@ -72,6 +72,12 @@ Handles
     stack, and the handle columns are dropped with the zspage columns when
     the class empties, so the handle table too follows the pool down.
 
+In C
+    malloc, free and the fullness-list operations are zramd/_fastpath.c
+    (``zs_malloc``, ``zs_free``, ``zs_list``), working on these columns
+    in place; what grows or shrinks a column (``_new_zspage``,
+    ``_new_row``, ``_release_zspage``) stays here and is called from there.
+
 Fullness groups
     Each class keeps its zspages in 12 groups by use, as get_fullness_group:
     0 (empty), 10%..90% and 99% (1..10), 100% (11).  A group is an intrusive

@@ -794,3 +794,35 @@ def test_extents_with_max_runs_is_a_prefix_of_the_full_list():
                 assert dev.extents(offset, length, k) == full[:k]
     finally:
         dev.close()
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_crew_limit_changes_nothing_but_who_does_the_work(algorithm):
+    """A request's pages compressed and decompressed by the calling thread
+    alone (crew_limit 0) or shared with helper threads: the same objects,
+    the same stats, the same bytes back."""
+    from zramd import _fastpath
+    rnd = random.Random(7)
+    pages = [bytes(4096), b"\x07" * 4096, rnd.randbytes(4096),
+             (b"zram %d " % 3) * 512, rnd.randbytes(2048) * 2]
+    data = b"".join(rnd.choice(pages) for _ in range(96))
+    results = []
+    old = _fastpath.crew_limit()
+    try:
+        for limit in (0, old):
+            _fastpath.crew_limit(limit)
+            dev = Device(1 << 20, algorithm=algorithm)
+            try:
+                dev.write(0, data)
+                dev.write(8192, data[:64 << 10])        # overwrite part
+                back = dev.read(0, len(data))
+                results.append((back, dev.mm_stat(), dev.io_stat()))
+                dev.pool.audit()
+            finally:
+                dev.close()
+    finally:
+        _fastpath.crew_limit(old)
+    assert results[0] == results[1]
+    assert results[0][0] == data[:8192] + data[:64 << 10] + data[8192 + (64 << 10):]
+    with pytest.raises(ValueError, match="crew_limit: 99; accepted: 0..8"):
+        _fastpath.crew_limit(99)

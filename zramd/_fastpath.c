@@ -1071,14 +1071,18 @@ crew_ready(void)
 
 /* How many helpers a batch of ``count`` items can use (call with the GIL
  * held: it may start them). */
+static int crew_limit = CREW_MAX;   /* helpers a batch may use */
+
 static int
 crew_hands(Py_ssize_t count)
 {
     Py_ssize_t chunks = (count + CHUNK_PAGES - 1) / CHUNK_PAGES;
     int size;
-    if (chunks < 2)
+    if (chunks < 2 || crew_limit == 0)
         return 0;
     size = crew_ready();
+    if (size > crew_limit)
+        size = crew_limit;
     return chunks - 1 < size ? (int)(chunks - 1) : size;
 }
 
@@ -2020,7 +2024,26 @@ static PyTypeObject SlotPathsType = {
 
 /* ---- module ----------------------------------------------------------- */
 
+static PyObject *
+fp_crew_limit(PyObject *module, PyObject *args)
+{
+    int limit = -1, old = crew_limit;
+    if (!PyArg_ParseTuple(args, "|i", &limit))
+        return NULL;
+    if (limit > CREW_MAX) {
+        PyErr_Format(PyExc_ValueError, "crew_limit: %d; accepted: 0..%d",
+                     limit, CREW_MAX);
+        return NULL;
+    }
+    if (limit >= 0)
+        crew_limit = limit;
+    return PyLong_FromLong(old);
+}
+
 static PyMethodDef module_methods[] = {
+    {"crew_limit", fp_crew_limit, METH_VARARGS,
+     "crew_limit([n]) -> the previous limit: how many helper threads one"
+     " request may use (0: none, the calling thread does it all)."},
     {"zs_malloc", fp_zs_malloc, METH_VARARGS,
      "zs_malloc(pool, size) -> handle: Pool.malloc."},
     {"zs_free", fp_zs_free, METH_VARARGS,

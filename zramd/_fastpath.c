@@ -1538,8 +1538,8 @@ codec_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
  * out, compressed objects copied to a scratch area (under the class lock)
  * and the slot touched.  Phase two decompresses, with the crew and without
  * the GIL when there are several.  A sector that does not decompress ends
- * the call there: the sectors from it on are uncounted again (num_reads),
- * and the Python path reads it and raises the error.
+ * the call there: the sectors from it on are untouched again (num_reads,
+ * atime, IDLE), and the Python path reads it and raises the error.
  */
 static PyObject *
 SlotPaths_read(SlotPaths *self, PyObject *args)
@@ -1551,6 +1551,9 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
     char *scratch = NULL;
     Py_ssize_t *item_sector = NULL;
     uint32_t *item_size = NULL;
+    uint32_t *was_atime = NULL;        /* each sector's touch, to undo */
+    uint64_t *was_handle = NULL;
+    uint8_t *was_idle = NULL;
     Batch batch = {0};
     DecompArgs dargs = {0};
     int hands = 0, n_dctx = 0, locked = -1;
@@ -1570,7 +1573,11 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
     scratch = PyMem_Malloc(count << PAGE_SHIFT);
     item_sector = PyMem_Malloc(count * sizeof(*item_sector));
     item_size = PyMem_Malloc(count * sizeof(*item_size));
-    if (!scratch || !item_sector || !item_size) {
+    was_atime = PyMem_Malloc(count * sizeof(*was_atime));
+    was_handle = PyMem_Malloc(count * sizeof(*was_handle));
+    was_idle = PyMem_Malloc(count);
+    if (!scratch || !item_sector || !item_size || !was_atime || !was_handle
+            || !was_idle) {
         PyErr_NoMemory();
         goto error;
     }
@@ -1641,6 +1648,9 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
         }
         if (!stop) {
             /* touch: as Device._read_sector(touch=True) */
+            was_atime[i] = self->atime[index];
+            was_handle[i] = handle;
+            was_idle[i] = (meta & F_IDLE) != 0;
             if (meta & F_IDLE)
                 self->meta[index] = meta & ~F_IDLE;
             self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
@@ -1677,12 +1687,21 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
             batch_go(&batch, 0);
         }
         if (atomic_load(&dargs.failed) < done) {
-            /* Uncount what phase one counted from there on. */
+            /* The request ends at the sector that failed: undo phase
+             * one's touch from there on, as if those sectors had not been
+             * read (the Python path reads none of them); the access time
+             * and IDLE flag only where the slot still holds what we saw. */
             for (k = atomic_load(&dargs.failed); k < done; k++) {
-                unsigned stripe = (first + k) & STRIPE_MASK;
+                Py_ssize_t index = first + k;
+                unsigned stripe = index & STRIPE_MASK;
                 if (call_lock(self->lock_acquire[stripe]) < 0)
                     goto error;
                 self->counters[stripe * N_COUNTERS + C_NUM_READS] -= 1;
+                if (self->handle[index] == was_handle[k]) {
+                    self->atime[index] = was_atime[k];
+                    if (was_idle[k])
+                        self->meta[index] |= F_IDLE;
+                }
                 if (call_lock(self->lock_release[stripe]) < 0)
                     goto error;
             }
@@ -1695,6 +1714,9 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
     PyMem_Free(scratch);
     PyMem_Free(item_sector);
     PyMem_Free(item_size);
+    PyMem_Free(was_atime);
+    PyMem_Free(was_handle);
+    PyMem_Free(was_idle);
     Py_DECREF(dict_comps);
     PyBuffer_Release(&out);
     return PyLong_FromSsize_t(done);
@@ -1712,6 +1734,9 @@ error:
     PyMem_Free(scratch);
     PyMem_Free(item_sector);
     PyMem_Free(item_size);
+    PyMem_Free(was_atime);
+    PyMem_Free(was_handle);
+    PyMem_Free(was_idle);
     Py_XDECREF(dict_comps);
     PyBuffer_Release(&out);
     return NULL;
@@ -1735,6 +1760,10 @@ same_filled(const char *page, uint64_t *fill)
     *fill = v;
     return 1;
 }
+
+/* Room for one page's compressed form, however long: the larger of
+ * LZ4_COMPRESSBOUND(4096) (4128) and ZSTD_COMPRESSBOUND(4096) (4174). */
+#define SCRATCH_STRIDE (PAGE_SIZE + 128)
 
 typedef struct {
     Codec *codec;
@@ -1762,12 +1791,14 @@ plan_chunk(Batch *b, int who, Py_ssize_t start, Py_ssize_t n)
             plan[i].size = 0;
             continue;
         }
-        /* Output that would reach huge_class_size is of no use: a page
-         * that does not fit below it is stored raw, as in zram. */
+        /* The whole output, then the kernel's test: a page whose
+         * compressed form reaches huge_class_size is stored raw.  (A
+         * capacity of huge_class_size - 1 would not do: lz4 and zstd
+         * give up a few bytes before the end of a limited buffer.) */
         plan[i].size = codec_compress(codec, cctx, page, PAGE_SIZE,
-                                      scratch + (i << PAGE_SHIFT),
-                                      huge_class_size - 1);
-        if (plan[i].size == 0)
+                                      scratch + i * SCRATCH_STRIDE,
+                                      SCRATCH_STRIDE);
+        if (plan[i].size == 0 || plan[i].size >= huge_class_size)
             plan[i].size = PAGE_SIZE;
     }
 }
@@ -1832,7 +1863,7 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
             if (!(batch.ctx[n_cctx] = codec_take_cctx(codec)))
                 goto done;
     }
-    scratch = PyMem_Malloc(count << PAGE_SHIFT);
+    scratch = PyMem_Malloc(count * SCRATCH_STRIDE);
     plan = PyMem_Malloc(count * sizeof(*plan));
     if (!scratch || !plan) {
         PyErr_NoMemory();
@@ -1871,7 +1902,7 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
             meta = F_SAME;
         } else {
             const char *src = size == PAGE_SIZE ? (const char *)data.buf
-                + (i << PAGE_SHIFT) : scratch + (i << PAGE_SHIFT);
+                + (i << PAGE_SHIFT) : scratch + i * SCRATCH_STRIDE;
             Py_ssize_t pages, max_used;
             ObjPlace p;
             int found;
@@ -1917,11 +1948,17 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
             goto undo;                     /* the backing device's job */
         }
         if (meta & DICT_MASK) {
-            PyObject *key = PyLong_FromUnsignedLong(dict_id);
-            int known = key ? PyDict_Contains(dict_comps, key) : -1;
+            /* The id must still name the dictionary we compressed with:
+             * retired meanwhile, it may name a newer one. */
+            PyObject *key = PyLong_FromUnsignedLong(dict_id), *now = NULL;
+            int known = -1;
+            if (key) {
+                now = PyDict_GetItemWithError(dict_comps, key);
+                known = now == comp ? 1 : PyErr_Occurred() ? -1 : 0;
+            }
             Py_XDECREF(key);
             if (known <= 0) {
-                /* Retired meanwhile: the Python path compresses again. */
+                /* The Python path compresses it again. */
                 call_lock(self->lock_release[stripe]);
                 if (known < 0)
                     goto done_free_new;
@@ -2108,6 +2145,11 @@ PyInit__fastpath(void)
     }
     if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&SlotPathsType) < 0)
         return NULL;
+    if ((size_t)LZ4_compressBound(PAGE_SIZE) > SCRATCH_STRIDE
+            || ZSTD_compressBound(PAGE_SIZE) > SCRATCH_STRIDE) {
+        PyErr_SetString(PyExc_ImportError, "SCRATCH_STRIDE is too small");
+        return NULL;
+    }
     if (!(m = PyModule_Create(&fastpath_module)))
         return NULL;
     Py_INCREF(&CodecType);

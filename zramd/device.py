@@ -350,7 +350,9 @@ class Device:
         with self._stripe_locks[stripe]:
             dict_id = (meta & DICT_MASK) >> DICT_SHIFT
             if dict_id:
-                if dict_id not in self._dict_comps:
+                # The id must still name the dictionary we compressed
+                # with: retired meanwhile, it may name a newer one.
+                if self._dict_comps.get(dict_id) is not comp:
                     self.pool.free(handle)
                     return False
                 self._dict_refs[stripe * MAX_DICTS + dict_id] += 1

@@ -95,6 +95,28 @@ static PyObject *s_lock, *s_loc, *s_sizes, *s_frames, *s_size, *s_header,
 
 enum { KIND_LZ4 = 0, KIND_ZSTD = 1, KIND_LZ4HC = 2 };
 
+/* A growable stack of pointers (a free list). */
+typedef struct {
+    void **items;
+    Py_ssize_t n, cap;
+} PtrStack;
+
+/* Push; 0, or -1 when it cannot grow (the caller frees the item). */
+static int
+ptr_push(PtrStack *st, void *item)
+{
+    if (st->n == st->cap) {
+        Py_ssize_t cap = st->cap ? 2 * st->cap : 4;
+        void **grown = PyMem_Realloc(st->items, cap * sizeof(*grown));
+        if (!grown)
+            return -1;
+        st->items = grown;
+        st->cap = cap;
+    }
+    st->items[st->n++] = item;
+    return 0;
+}
+
 typedef struct {
     PyObject_HEAD
     int kind;
@@ -102,10 +124,7 @@ typedef struct {
     unsigned window_log;           /* zstd: what the decoder accepts */
     ZSTD_CDict *cdict;
     ZSTD_DDict *ddict;
-    ZSTD_CCtx **cctx;              /* free lists, guarded by the GIL */
-    Py_ssize_t n_cctx, cap_cctx;
-    ZSTD_DCtx **dctx;
-    Py_ssize_t n_dctx, cap_dctx;
+    PtrStack cctx, dctx;           /* free contexts, guarded by the GIL */
 } Codec;
 
 static PyTypeObject CodecType;
@@ -123,8 +142,8 @@ codec_take_cctx(Codec *c)
 {
     ZSTD_CCtx *cctx;
     size_t r;
-    if (c->n_cctx)
-        return c->cctx[--c->n_cctx];
+    if (c->cctx.n)
+        return c->cctx.items[--c->cctx.n];
     cctx = ZSTD_createCCtx();
     if (!cctx) {
         PyErr_NoMemory();
@@ -153,17 +172,8 @@ codec_take_cctx(Codec *c)
 static void
 codec_give_cctx(Codec *c, ZSTD_CCtx *cctx)
 {
-    if (c->n_cctx == c->cap_cctx) {
-        Py_ssize_t cap = c->cap_cctx ? 2 * c->cap_cctx : 4;
-        ZSTD_CCtx **grown = PyMem_Realloc(c->cctx, cap * sizeof(*grown));
-        if (!grown) {
-            ZSTD_freeCCtx(cctx);
-            return;
-        }
-        c->cctx = grown;
-        c->cap_cctx = cap;
-    }
-    c->cctx[c->n_cctx++] = cctx;
+    if (ptr_push(&c->cctx, cctx) < 0)
+        ZSTD_freeCCtx(cctx);
 }
 
 static ZSTD_DCtx *
@@ -171,8 +181,8 @@ codec_take_dctx(Codec *c)
 {
     ZSTD_DCtx *dctx;
     size_t r;
-    if (c->n_dctx)
-        return c->dctx[--c->n_dctx];
+    if (c->dctx.n)
+        return c->dctx.items[--c->dctx.n];
     dctx = ZSTD_createDCtx();
     if (!dctx) {
         PyErr_NoMemory();
@@ -194,17 +204,8 @@ codec_take_dctx(Codec *c)
 static void
 codec_give_dctx(Codec *c, ZSTD_DCtx *dctx)
 {
-    if (c->n_dctx == c->cap_dctx) {
-        Py_ssize_t cap = c->cap_dctx ? 2 * c->cap_dctx : 4;
-        ZSTD_DCtx **grown = PyMem_Realloc(c->dctx, cap * sizeof(*grown));
-        if (!grown) {
-            ZSTD_freeDCtx(dctx);
-            return;
-        }
-        c->dctx = grown;
-        c->cap_dctx = cap;
-    }
-    c->dctx[c->n_dctx++] = dctx;
+    if (ptr_push(&c->dctx, dctx) < 0)
+        ZSTD_freeDCtx(dctx);
 }
 
 /* Compress one page into dst (capacity cap); the size, or 0 when it does
@@ -304,12 +305,12 @@ static void
 Codec_dealloc(Codec *self)
 {
     Py_ssize_t i;
-    for (i = 0; i < self->n_cctx; i++)
-        ZSTD_freeCCtx(self->cctx[i]);
-    for (i = 0; i < self->n_dctx; i++)
-        ZSTD_freeDCtx(self->dctx[i]);
-    PyMem_Free(self->cctx);
-    PyMem_Free(self->dctx);
+    for (i = 0; i < self->cctx.n; i++)
+        ZSTD_freeCCtx(self->cctx.items[i]);
+    for (i = 0; i < self->dctx.n; i++)
+        ZSTD_freeDCtx(self->dctx.items[i]);
+    PyMem_Free(self->cctx.items);
+    PyMem_Free(self->dctx.items);
     ZSTD_freeCDict(self->cdict);
     ZSTD_freeDDict(self->ddict);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -392,7 +393,7 @@ static PyMethodDef Codec_methods[] = {
 static PyObject *
 Codec_free_contexts(Codec *self, void *closure)
 {
-    return Py_BuildValue("nn", self->n_cctx, self->n_dctx);
+    return Py_BuildValue("nn", self->cctx.n, self->dctx.n);
 }
 
 static PyGetSetDef Codec_getset[] = {

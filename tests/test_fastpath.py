@@ -1,0 +1,1202 @@
+"""Tests for zramd._fastpath: the device's whole-sector loops in C, the
+pool's malloc and free in C, and the native codecs.
+
+The reference for the C loops is the device itself: ``Device(...,
+native=False)`` sends every sector through the Python paths
+(``_read_sector``, ``_write_sector``), which stay the specification for
+everything the C loops decline.  So most tests here run one request
+sequence on two devices, one with the C loops and one without, and
+require the same bytes, the same slot words (flags, size, priority,
+dictionary id) and the same mm_stat, io_stat and read/write counts, with
+``pool.audit()`` sound on both:
+
+    hypothesis       equivalence state machine, lz4 / lz4hc / zstd
+    hand-made        a sector the C loop must hand back in the middle of a
+                     request: over mem_limit, recompressed with a
+                     secondary algorithm, a trained dictionary (and one
+                     retired meanwhile), a corrupt object, a written-back
+                     slot, a codec with no native form (deflate)
+    threads          overlapping multi-sector I/O with compaction and the
+                     deferred-free drain; every sector ends as one of the
+                     pages written to it, counters add up
+    pool             zs_malloc / zs_free / zs_list error paths: exact
+                     messages, no class lock or column buffer left held
+    codecs           lz4 block interchange with python-lz4, zstd context
+                     free lists
+    fork             multi-sector requests in a child forked after the
+                     crew of helper threads started
+
+Which sectors went to the Python path is observed by wrapping the
+device's ``_read_sector`` / ``_write_sector`` (instance attributes win
+over the class's), so a test can say the C loop stopped at exactly the
+sector it must and nowhere else.
+
+Three tests began as reports of bugs in the C loops: zstd pages a few
+bytes under huge_class_size stored raw (the output buffer was capped at
+the line), a dictionary id retired and reused while a write was between
+compression and its slot lock (the page became unreadable), and a
+corrupt sector leaving it and the sectors after it touched (IDLE
+cleared).  A forked child, as under nbdkit, must get helper threads of
+its own.
+"""
+
+import os
+import random
+import struct
+import threading
+import time
+
+import lz4.block
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from conftest import race
+from zramd import _fastpath
+from zramd.device import HUGE, IDLE, SAME, WB, Device
+from zramd.errors import CorruptDataError, NoSpaceError
+from zramd.zsmalloc import HANDLE_CLASS_BITS, Pool
+
+PAGE = 4096
+# zstd contexts one request may hold: its own and one per crew helper
+# (_fastpath.c starts min(online CPUs, 8) helpers).
+CONTEXTS_MAX = 1 + min(max(os.sysconf("SC_NPROCESSORS_ONLN"), 1), 8)
+
+
+# --------------------------------------------------------------------------
+# Pages.
+
+WORDS = [b"swap", b"zram", b"page", b"kernel", b"memory", b"slot",
+         b"handle", b"class", b"frame", b"zspage", b"\n"]
+
+
+def text_page(seed):
+    """Compressible text, different for every seed."""
+    r = random.Random(seed)
+    out = b" ".join(r.choice(WORDS) + b"%d" % r.randrange(100)
+                    for _ in range(700))
+    return out[:PAGE].ljust(PAGE, b".")
+
+
+def random_page(seed):
+    """Incompressible: stored HUGE."""
+    return random.Random(seed).randbytes(PAGE)
+
+
+def same_page(seed):
+    """One 8-byte word repeated: a SAME slot, no pool object."""
+    return random.Random(seed).randbytes(8) * (PAGE // 8)
+
+
+def half_page(seed):
+    """Half to three quarters random: compresses, but not by much."""
+    r = random.Random(seed)
+    n = r.randrange(PAGE // 2, PAGE * 3 // 4)
+    return r.randbytes(n) + bytes(PAGE - n)
+
+
+def near_huge_page(seed):
+    """3300..3999 random bytes, then zeroes: compresses to either side
+    of huge_class_size (3625 with chain_size 8)."""
+    n = 3300 + seed % 700
+    return random.Random(seed).randbytes(n) + bytes(PAGE - n)
+
+
+PAGE_KINDS = {
+    "zero": lambda seed: bytes(PAGE),
+    "same": same_page,
+    "text": text_page,
+    "random": random_page,
+    "half": half_page,
+    "near_huge": near_huge_page,
+}
+
+
+def make_page(kind, seed):
+    return PAGE_KINDS[kind](seed)
+
+
+def make_bytes(kind, seed, n):
+    """``n`` bytes of a kind, for unaligned writes."""
+    if kind == "zero":
+        return bytes(n)
+    if kind == "same":
+        return (random.Random(seed).randbytes(8) * (n // 8 + 1))[:n]
+    pages = -(-n // PAGE)
+    return b"".join(make_page(kind, seed + i) for i in range(pages))[:n]
+
+
+# --------------------------------------------------------------------------
+# Helpers.
+
+def pair(size, **kw):
+    """(C loops, Python paths): two devices of one configuration."""
+    return (Device(size, native=True, **kw), Device(size, native=False, **kw))
+
+
+def close_all(*devs):
+    for dev in devs:
+        dev.close()
+
+
+def python_path_calls(dev):
+    """Record the sector indices the device sends to its Python paths."""
+    calls = {"read": [], "write": []}
+    read_sector, write_sector = dev._read_sector, dev._write_sector
+
+    def read(index, *args, **kw):
+        calls["read"].append(index)
+        return read_sector(index, *args, **kw)
+
+    def write(index, page):
+        calls["write"].append(index)
+        return write_sector(index, page)
+
+    dev._read_sector = read
+    dev._write_sector = write
+    return calls
+
+
+def slot_words(dev):
+    return [dev.slot_info(i) for i in range(dev.nr_pages)]
+
+
+def counters(dev):
+    return (dev.mm_stat(), dev.io_stat(), dev.num_reads, dev.num_writes)
+
+
+def assert_equivalent(c, py):
+    """Same slots, same stats, same pool accounting; both pools sound."""
+    assert slot_words(c) == slot_words(py)
+    assert counters(c) == counters(py)
+    assert c.pool.total_pages() == py.pool.total_pages()
+    assert c.pool.stats() == py.pool.stats()
+    c.pool.audit()
+    py.pool.audit()
+
+
+def check_identities(dev):
+    """mm_stat adds up to what the slots hold, and the pool holds exactly
+    one object per slot that has one (no leak, no double count)."""
+    stored = same = huge = compr = objects = 0
+    for i in range(dev.nr_pages):
+        info = dev.slot_info(i)
+        if not dev.slot_allocated(i):
+            assert (info.flags, info.size) == (0, 0), (i, info)
+            continue
+        stored += 1
+        if info.flags & SAME:
+            same += 1
+        elif not info.flags & WB:
+            objects += 1
+            compr += info.size
+            huge += bool(info.flags & HUGE)
+    mm = dev.mm_stat()
+    assert mm.orig_data_size == stored * PAGE
+    assert mm.compr_data_size == compr
+    assert (mm.same_pages, mm.huge_pages) == (same, huge)
+    assert mm.mem_used_total == dev.pool.total_pages() * PAGE
+    assert sum(c.obj_used for c in dev.pool.stats().classes) == objects
+
+
+def read_guarded(dev, offset, length):
+    """read_into a window of a larger buffer; the bytes around the window
+    must stay untouched (the C loop writes straight into it)."""
+    guard = b"\xee" * PAGE
+    buf = bytearray(guard + b"\xdd" * length + guard)
+    dev.read_into(offset, memoryview(buf)[PAGE:PAGE + length])
+    assert buf[:PAGE] == guard and buf[PAGE + length:] == guard
+    return bytes(buf[PAGE:PAGE + length])
+
+
+# --------------------------------------------------------------------------
+# (1) Equivalence: the same random requests on both devices and a model.
+
+SECTORS = 24
+SIZE = SECTORS * PAGE
+
+
+@st.composite
+def ranges(draw, aligned=None, max_sectors=6):
+    """(offset, length) inside the disk: whole sectors (what the C loops
+    take) or any bytes."""
+    if aligned is None:
+        aligned = draw(st.booleans())
+    if aligned:
+        first = draw(st.integers(0, SECTORS - 1))
+        n = draw(st.integers(1, min(max_sectors, SECTORS - first)))
+        return first * PAGE, n * PAGE
+    offset = draw(st.integers(0, SIZE - 1))
+    length = draw(st.integers(1, min(2 * PAGE + 300, SIZE - offset)))
+    return offset, length
+
+
+class NativeEquivalence(RuleBasedStateMachine):
+    """One device with the C loops, one without, one bytearray; after
+    every step both read as the model and agree on every slot word and
+    counter."""
+
+    algorithm = None
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.py = pair(SIZE, algorithm=self.algorithm)
+        self.devs = (self.c, self.py)
+        self.model = bytearray(SIZE)
+
+    def teardown(self):
+        close_all(*self.devs)
+
+    def _flush(self):
+        # Whole-sector discards free through the deferred queue; drain it
+        # now so both pools see frees and allocations in the same order.
+        for dev in self.devs:
+            dev.pool.free_deferred_flush()
+
+    @rule(first=st.integers(0, SECTORS - 1),
+          kinds=st.lists(st.sampled_from(sorted(PAGE_KINDS)), min_size=1,
+                         max_size=8),
+          seed=st.integers(0, 1 << 16))
+    def write_sectors(self, first, kinds, seed):
+        kinds = kinds[:SECTORS - first]
+        data = b"".join(make_page(k, seed + i) for i, k in enumerate(kinds))
+        for dev in self.devs:
+            dev.write(first * PAGE, data)
+        self.model[first * PAGE:first * PAGE + len(data)] = data
+
+    @rule(r=ranges(aligned=False), kind=st.sampled_from(sorted(PAGE_KINDS)),
+          seed=st.integers(0, 1 << 16))
+    def write_bytes(self, r, kind, seed):
+        offset, length = r
+        data = make_bytes(kind, seed, length)
+        for dev in self.devs:
+            dev.write(offset, data)
+        self.model[offset:offset + length] = data
+
+    @rule(r=ranges(max_sectors=SECTORS))
+    def read(self, r):
+        offset, length = r
+        want = self.model[offset:offset + length]
+        for dev in self.devs:
+            assert read_guarded(dev, offset, length) == want
+
+    @rule(r=ranges(), zeroes=st.booleans())
+    def discard(self, r, zeroes):
+        offset, length = r
+        for dev in self.devs:
+            if zeroes:
+                dev.write_zeroes(offset, length)
+            else:
+                dev.discard(offset, length)
+        self.model[offset:offset + length] = bytes(length)
+        self._flush()
+
+    @rule()
+    def compact(self):
+        assert self.c.compact() == self.py.compact()
+
+    @rule()
+    def mark_idle(self):
+        assert self.c.mark_idle() == self.py.mark_idle()
+
+    @invariant()
+    def same_everything(self):
+        assert_equivalent(self.c, self.py)
+        for dev in self.devs:
+            assert dev.read(0, SIZE) == self.model
+
+
+EQUIVALENCE_SETTINGS = settings(
+    max_examples=25, stateful_step_count=25, deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+class Lz4Equivalence(NativeEquivalence):
+    algorithm = "lz4"
+
+
+class Lz4hcEquivalence(NativeEquivalence):
+    algorithm = "lz4hc"
+
+
+class ZstdEquivalence(NativeEquivalence):
+    algorithm = "zstd"
+
+
+TestEquivalenceLz4 = Lz4Equivalence.TestCase
+TestEquivalenceLz4.settings = EQUIVALENCE_SETTINGS
+TestEquivalenceLz4hc = Lz4hcEquivalence.TestCase
+TestEquivalenceLz4hc.settings = settings(EQUIVALENCE_SETTINGS,
+                                         max_examples=10)
+TestEquivalenceZstd = ZstdEquivalence.TestCase
+TestEquivalenceZstd.settings = EQUIVALENCE_SETTINGS
+
+
+def near_huge_pages(comp, huge_class_size, below=12):
+    """{compressed size: page} for sizes in [huge_class_size - below,
+    huge_class_size + 8]: a random prefix (any bytes, or bytes of a small
+    alphabet, which zstd's entropy coder shrinks) and zeroes after."""
+    found = {}
+    lo = huge_class_size - below
+    for alphabet in (256, 128, 160, 180, 200, 220, 240):
+        rng = random.Random(alphabet)
+        full = bytes(rng.randrange(alphabet) for _ in range(PAGE))
+        for n in range(2800, PAGE + 1):
+            page = full[:n] + bytes(PAGE - n)
+            size = len(comp.compress(page))
+            if lo <= size <= huge_class_size + 8:
+                found.setdefault(size, page)
+            elif size > huge_class_size + 64:
+                break
+    return found
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "lz4hc", "zstd"])
+def test_huge_line_is_the_same_in_c_and_python(algorithm):
+    """A page is HUGE iff its compressed size reaches huge_class_size, in
+    the C loop as in _try_write_sector (and zram).  The pages just under
+    the line are where a capped output buffer decides otherwise: zstd
+    wants about 8 bytes of room beyond its output, so with a capacity of
+    huge_class_size - 1 pages of 3617..3624 bytes were stored raw."""
+    c, py = pair(32 * PAGE, algorithm=algorithm)
+    try:
+        hcs = c.pool.huge_class_size
+        pages = near_huge_pages(c._compressor, hcs)
+        sizes = sorted(pages)
+        # Not vacuous: pages on both sides of the line and just under it.
+        assert sizes[-1] >= hcs and len([s for s in sizes if s < hcs]) >= 3, \
+            sizes
+        data = b"".join(pages[s] for s in sizes)
+        for dev in (c, py):
+            dev.write(0, data)
+        want = [(HUGE, PAGE) if s >= hcs else (0, s) for s in sizes]
+        assert [(i.flags, i.size) for i in slot_words(py)[:len(sizes)]] \
+            == want
+        assert [(i.flags, i.size) for i in slot_words(c)[:len(sizes)]] \
+            == want, dict(zip(sizes, slot_words(c)))
+        assert_equivalent(c, py)
+        assert c.read(0, len(data)) == data
+    finally:
+        close_all(c, py)
+
+
+def test_deflate_has_no_native_codec_and_goes_through_python():
+    """A primary with no native form: every stored sector is the Python
+    path's, in both directions; SAME and holes stay in C."""
+    c, py = pair(16 * PAGE, algorithm="deflate")
+    try:
+        calls = python_path_calls(c)
+        kinds = ["text", "same", "random", "zero", "text", "half"]
+        data = b"".join(make_page(k, i) for i, k in enumerate(kinds))
+        for dev in (c, py):
+            dev.write(PAGE, data)
+        # Writes: the C loop declines a primary with no codec outright.
+        assert calls["write"] == list(range(1, 1 + len(kinds)))
+        for dev in (c, py):
+            assert read_guarded(dev, 0, 8 * PAGE) == bytes(PAGE) + data \
+                + bytes(PAGE)
+        # Reads: only the sectors holding a deflate object (or a raw HUGE
+        # page, which C copies itself).
+        assert calls["read"] == [1 + i for i, k in enumerate(kinds)
+                                 if k in ("text", "half")]
+        assert_equivalent(c, py)
+    finally:
+        close_all(c, py)
+
+
+# --------------------------------------------------------------------------
+# (2) Sectors the C loop hands back in the middle of a request.
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_mem_limit_reached_part_way(algorithm):
+    limit = 24
+    c, py = pair(64 * PAGE, algorithm=algorithm, mem_limit=limit * PAGE)
+    try:
+        calls = python_path_calls(c)
+        n = 32
+        old = [same_page(1000 + i) for i in range(n)]
+        kinds = ["text", "same", "text", "random", "zero", "half"] + [
+            "random"] * (n - 6)
+        data = [make_page(k, i) for i, k in enumerate(kinds)]
+        for dev in (c, py):
+            dev.write(0, b"".join(old))         # costs no pool memory
+        failed = []
+        for dev in (c, py):
+            with pytest.raises(NoSpaceError) as e:
+                dev.write(0, b"".join(data))
+            failed.append(int(e.value.message.split("sector ")[1]
+                              .split(":")[0]))
+        at = failed[0]
+        assert failed == [at, at]
+        assert 6 < at < n, "the limit must stop the request part way"
+        # The C loop stopped once, at that sector, for Python to raise.
+        assert calls["write"] == [at]
+        for dev in (c, py):
+            assert dev.io_stat().failed_writes == 1
+            assert dev.num_writes == n + at
+            # Stored up to the failing sector; from there on the old pages.
+            assert dev.read(0, n * PAGE) == b"".join(data[:at] + old[at:])
+            assert dev.pool.total_pages() <= limit
+            check_identities(dev)
+        assert_equivalent(c, py)
+        if algorithm == "zstd":
+            assert c._compressor.native.free_contexts[0] <= CONTEXTS_MAX
+        # Room again: the rest of the request goes through.
+        for dev in (c, py):
+            dev.set_mem_limit(0)
+            dev.write(at * PAGE, b"".join(data[at:]))
+            assert dev.read(0, n * PAGE) == b"".join(data)
+        assert_equivalent(c, py)
+    finally:
+        close_all(c, py)
+
+
+def test_recompressed_slots_inside_one_read_and_write():
+    c, py = pair(16 * PAGE, algorithm="lz4")
+    try:
+        data = [text_page(i) for i in range(8)]
+        for dev in (c, py):
+            dev.write(0, b"".join(data))
+            dev.set_recomp_algorithm("zstd", 1, level=9)
+            dev.set_recomp_algorithm("deflate", 2, level=9)
+            assert dev.recompress(pages=[3], priority=1) == 1
+            assert dev.recompress(pages=[5], priority=2) == 1
+        assert [c.slot_info(i).priority for i in range(8)] == \
+            [0, 0, 0, 1, 0, 2, 0, 0]
+        calls = python_path_calls(c)
+        for dev in (c, py):
+            assert read_guarded(dev, 0, 8 * PAGE) == b"".join(data)
+        assert calls["read"] == [3, 5]
+        assert_equivalent(c, py)
+        # A C write over them frees the secondary algorithms' objects.
+        new = [text_page(100 + i) for i in range(8)]
+        for dev in (c, py):
+            dev.write(0, b"".join(new))
+            assert dev.read(0, 8 * PAGE) == b"".join(new)
+            check_identities(dev)
+        assert calls["write"] == []
+        assert {c.slot_info(i).priority for i in range(8)} == {0}
+        assert_equivalent(c, py)
+    finally:
+        close_all(c, py)
+
+
+def dictionary_changes(dev, first, n):
+    """Compressed sectors whose dictionary differs from that of the
+    compressed sector before them."""
+    out, prev = set(), None
+    for i in range(first, first + n):
+        info = dev.slot_info(i)
+        if not dev.slot_allocated(i) or info.flags & (SAME | HUGE | WB):
+            continue
+        if prev is not None and info.dict_id != prev:
+            out.add(i)
+        prev = info.dict_id
+    return out
+
+
+def stored_text(dev, first, n, seed):
+    data = [text_page(seed + i) for i in range(n)]
+    dev.write(first * PAGE, b"".join(data))
+    return data
+
+
+def test_trained_dictionary_pages_mixed_in_one_request():
+    c, py = pair(96 * PAGE, algorithm="zstd")
+    try:
+        model = bytearray(96 * PAGE)
+        for dev in (c, py):
+            stored_text(dev, 0, 40, 0)
+        model[:40 * PAGE] = b"".join(text_page(i) for i in range(40))
+        ids = [dev.train_dictionary(dict_size=2048) for dev in (c, py)]
+        assert ids == [1, 1]
+        # Every other sector rewritten: dictionary 0 and 1 alternate, plus
+        # SAME and HUGE pages that carry no dictionary.
+        for i in range(0, 40, 2):
+            kind = ("text", "text", "same", "random")[i // 2 % 4]
+            page = make_page(kind, 500 + i)
+            for dev in (c, py):
+                dev.write(i * PAGE, page)
+            model[i * PAGE:(i + 1) * PAGE] = page
+        # And one multi-sector write past the old pages.
+        more = b"".join(text_page(900 + i) for i in range(12))
+        for dev in (c, py):
+            dev.write(40 * PAGE, more)
+        model[40 * PAGE:52 * PAGE] = more
+        dict_of = [c.slot_info(i).dict_id for i in range(52)]
+        assert dict_of[1:40:2] == [0] * 20
+        assert set(dict_of[40:52]) == {1}
+        assert {dict_of[i] for i in range(0, 40, 8)} == {1}
+        calls = python_path_calls(c)
+        # One dictionary in the request: all of it in C.
+        for dev in (c, py):
+            assert read_guarded(dev, 40 * PAGE, 12 * PAGE) == \
+                model[40 * PAGE:52 * PAGE]
+        assert calls["read"] == []
+        # Both dictionaries in one request.
+        for dev in (c, py):
+            assert read_guarded(dev, 0, 96 * PAGE) == model
+            assert dev.dictionary_ids() == [0, 1]
+            assert dev.dictionary_id() == 1
+        # The C loop decompresses a request with one codec; what it may
+        # hand to Python is a sector of another dictionary than the
+        # stored sector before it (and nothing else).
+        assert set(calls["read"]) <= dictionary_changes(c, 0, 96)
+        assert_equivalent(c, py)
+        for comp in (c._compressor, c._dict_comps[1]):
+            assert 1 <= comp.native.free_contexts[1] <= CONTEXTS_MAX
+        # A second dictionary; once no page uses the first, it is retired.
+        for dev in (c, py):
+            assert dev.train_dictionary(dict_size=4096) == 2
+            for i in range(52):
+                if dev.slot_info(i).dict_id == 1:
+                    dev.write(i * PAGE, model[i * PAGE:(i + 1) * PAGE])
+            dev.pool.free_deferred_flush()
+            assert dev.train_dictionary(dict_size=2048) == 1
+            assert dev.dictionary_ids() == [0, 1, 2]
+            assert dev.read(0, 96 * PAGE) == model
+        assert_equivalent(c, py)
+    finally:
+        close_all(c, py)
+
+
+def hook_between_compress_and_store(dev, action):
+    """Run ``action`` once, inside the write path after the page was
+    compressed and allocated and before its slot lock is taken: both paths
+    report the pool's size through _note_pages_used there."""
+    fired = []
+    note = dev._note_pages_used
+
+    def hooked(pages):
+        if not fired:
+            fired.append(pages)
+            action()
+        note(pages)
+
+    dev._max_used_pages = 0              # so the first sector reports
+    dev._note_pages_used = hooked
+    return fired
+
+
+def test_dictionary_retired_meanwhile_goes_to_python():
+    """The write compressed with dictionary 1; before it stores, another
+    dictionary becomes current and 1 is retired: the C loop hands the
+    sector back and the Python path compresses it again with 2."""
+    c, py = pair(64 * PAGE, algorithm="zstd")
+    try:
+        new = [text_page(700 + i) for i in range(6)]
+        calls = python_path_calls(c)
+        for dev in (c, py):
+            stored_text(dev, 0, 32, 0)
+            assert dev.train_dictionary(dict_size=2048) == 1
+
+            def retire(dev=dev):
+                assert dev.train_dictionary(dict_size=4096) == 2
+                dev._retire_dictionaries()
+                assert dev.dictionary_ids() == [0, 2]
+
+            fired = hook_between_compress_and_store(dev, retire)
+            dev.write(40 * PAGE, b"".join(new))
+            assert fired
+            assert [dev.slot_info(40 + i).dict_id for i in range(6)] == \
+                [2] * 6
+            assert dev.read(40 * PAGE, 6 * PAGE) == b"".join(new)
+            assert dev.dictionary_ids() == [0, 2]
+        assert calls["write"] == [40]
+        assert_equivalent(c, py)
+    finally:
+        close_all(c, py)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dictionary_id_reused_meanwhile(native):
+    """As above, but a second training retires 1 and hands its id to a
+    new dictionary before the write stores: the page must not be stored
+    under an id that now names another dictionary (a store that checked
+    only that the id is still known made every such page unreadable)."""
+    dev = Device(64 * PAGE, algorithm="zstd", native=native)
+    try:
+        stored_text(dev, 0, 32, 0)
+        assert dev.train_dictionary(dict_size=2048) == 1
+
+        def retrain():
+            assert dev.train_dictionary(dict_size=4096) == 2
+            assert dev.train_dictionary(dict_size=3000) == 1
+
+        new = [text_page(700 + i) for i in range(4)]
+        fired = hook_between_compress_and_store(dev, retrain)
+        dev.write(40 * PAGE, b"".join(new))
+        assert fired and dev.dictionary_ids() == [0, 1, 2]
+        assert dev.read(40 * PAGE, 4 * PAGE) == b"".join(new)
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_corrupt_object_inside_a_read(algorithm):
+    c, py = pair(16 * PAGE, algorithm=algorithm)
+    try:
+        data = [text_page(i) for i in range(6)]
+        calls = python_path_calls(c)
+        errors = []
+        for dev in (c, py):
+            dev.write(0, b"".join(data))
+            info = dev.slot_info(3)
+            assert not info.flags & (HUGE | SAME)
+            dev.pool.obj_write(dev._handle[3], b"\xff" * info.size)
+            assert dev.mark_idle() == 6
+            buf = bytearray(6 * PAGE)
+            with pytest.raises(CorruptDataError) as e:
+                dev.read_into(0, buf)
+            errors.append(str(e.value))
+            assert "%s decompress: slot 3: " % algorithm in str(e.value)
+            assert dev.io_stat().failed_reads == 1
+            # Counted: the three sectors read before it, not it.
+            assert dev.num_reads == 3
+            assert buf[:3 * PAGE] == b"".join(data[:3])
+            assert [bool(dev.slot_info(i).flags & IDLE)
+                    for i in range(6)] == [False] * 3 + [True] * 3
+            # The sectors after it still read, one request later.
+            assert dev.read(4 * PAGE, 2 * PAGE) == b"".join(data[4:])
+            assert dev.num_reads == 5
+        assert errors[0] == errors[1]
+        assert calls["read"] == [3]
+        assert_equivalent(c, py)
+        if algorithm == "zstd":
+            assert 1 <= c._compressor.native.free_contexts[1] <= CONTEXTS_MAX
+    finally:
+        close_all(c, py)
+
+
+def test_two_corrupt_objects_in_a_request_the_crew_decompresses():
+    """The C read copies and touches every sector of a request first and
+    decompresses afterwards, several chunks at once: with two corrupt
+    objects the request must fail at the lower one whichever chunk fails
+    first, and leave it and every sector after it (compressed, SAME,
+    HUGE) untouched, as the Python path and zram_bio_read do."""
+    n = 24
+    c, py = pair(n * PAGE, algorithm="zstd")
+    try:
+        kinds = ("text", "same", "random", "text", "half", "text")
+        data = [make_page(kinds[i % len(kinds)], i) for i in range(n)]
+        for i in (5, 14):
+            data[i] = bytes(PAGE)
+        for dev in (c, py):
+            dev.write(0, b"".join(data))
+            for i in (5, 14):
+                dev.discard(i * PAGE, PAGE)     # holes
+            dev.pool.free_deferred_flush()
+            for i in (10, 17):
+                info = dev.slot_info(i)
+                assert not info.flags & (HUGE | SAME)
+                dev.pool.obj_write(dev._handle[i], b"\xff" * info.size)
+        for rep in range(1, 9):
+            for dev in (c, py):
+                # All stored sectors at first; then those the failed read
+                # touched, 0..9 but the hole at 5, and no other.
+                assert dev.mark_idle() == (n - 2 if rep == 1 else 9)
+                with pytest.raises(CorruptDataError, match="slot 10: "):
+                    dev.read(0, n * PAGE)
+                assert dev.io_stat().failed_reads == rep
+                assert dev.num_reads == 10 * rep
+            assert_equivalent(c, py)
+        assert [bool(c.slot_info(i).flags & IDLE) for i in range(n)] == [
+            False] * 10 + [i not in (5, 14) for i in range(10, n)]
+        assert c.read(18 * PAGE, 6 * PAGE) == b"".join(data[18:])
+    finally:
+        close_all(c, py)
+
+
+def test_written_back_slots_inside_one_read_and_write(tmp_path):
+    devs = []
+    try:
+        for native in (True, False):
+            path = tmp_path / ("backing-%d.img" % native)
+            with open(path, "wb") as f:
+                f.truncate(32 * PAGE)
+            devs.append(Device(16 * PAGE, algorithm="lz4", native=native,
+                               backing_dev=str(path)))
+        c, py = devs
+        data = [text_page(i) for i in range(4)] + [random_page(4)] + [
+            text_page(i) for i in range(5, 8)]
+        for dev in devs:
+            dev.write(0, b"".join(data))
+            dev.mark_idle()
+            assert dev.writeback("idle", pages=[2, 4, 6]) == 3
+            assert dev.bd_stat().bd_count == 3
+            assert [i for i in range(8) if dev.slot_info(i).flags & WB] \
+                == [2, 4, 6]
+        calls = python_path_calls(c)
+        for dev in devs:
+            assert read_guarded(dev, 0, 8 * PAGE) == b"".join(data)
+        assert calls["read"] == [2, 4, 6]
+        assert_equivalent(c, py)
+        # A multi-sector write over them: the C loop leaves each WB slot
+        # to Python, which frees its block.
+        new = [text_page(50 + i) for i in range(8)]
+        for dev in devs:
+            dev.write(0, b"".join(new))
+            assert dev.read(0, 8 * PAGE) == b"".join(new)
+            assert dev.bd_stat().bd_count == 0
+            check_identities(dev)
+        assert calls["write"] == [2, 4, 6]
+        assert_equivalent(c, py)
+        assert c.bd_stat() == py.bd_stat()
+    finally:
+        close_all(*devs)
+
+
+def test_slotpaths_argument_checks():
+    dev = Device(8 * PAGE, native=True)
+    paths = dev._paths
+    hcs = dev.pool.huge_class_size
+    try:
+        for first, n in ((0, 4095), (-1, PAGE), (8, PAGE), (5, 4 * PAGE)):
+            with pytest.raises(ValueError, match="not whole sectors"):
+                paths.read(dev, bytearray(n), first)
+            with pytest.raises(ValueError, match="not whole sectors"):
+                paths.write(dev, bytes(n), first, hcs)
+        for bad in (0, 1, PAGE + 1):
+            with pytest.raises(ValueError, match="huge_class_size"):
+                paths.write(dev, bytes(PAGE), 0, bad)
+        with pytest.raises(BufferError):
+            paths.read(dev, bytes(PAGE), 0)     # not writable
+        assert paths.write(dev, text_page(1), 7, hcs) == 1
+        out = bytearray(PAGE)
+        assert paths.read(dev, out, 7) == 1 and out == text_page(1)
+        assert (dev.num_reads, dev.num_writes) == (1, 1)
+    finally:
+        dev.close()
+    # Closed with the device: the slot table's maps are gone.
+    with pytest.raises(ValueError, match="closed"):
+        paths.read(dev, bytearray(PAGE), 0)
+    with pytest.raises(ValueError, match="closed"):
+        paths.write(dev, bytes(PAGE), 0, hcs)
+
+
+# --------------------------------------------------------------------------
+# (3) Threads: overlapping multi-sector requests, compaction, drains.
+
+_TAG = struct.Struct("<HHI")             # sector, thread, version
+_SAME_PAGES = 4                          # every 4th version: a SAME page
+
+
+def tagged_page(index, tid, version):
+    """A page only (index, tid, version) makes: SAME pages carry the tag
+    as their fill word; others start with it."""
+    tag = _TAG.pack(index, tid, version)
+    kind = version % _SAME_PAGES
+    if kind == 0:
+        return tag * (PAGE // 8)
+    seed = (index << 32) ^ (tid << 24) ^ version
+    body = (text_page, random_page, half_page)[kind - 1](seed)
+    return b"TAG!" + tag + body[12:]
+
+
+def decode_page(page):
+    """(index, tid, version) of a tagged page, or None for zeroes; raises
+    AssertionError for anything else (a torn or foreign page)."""
+    if page == bytes(PAGE):
+        return None
+    if page[:4] == b"TAG!":
+        tag = _TAG.unpack_from(page, 4)
+    else:
+        tag = _TAG.unpack_from(page, 0)
+    assert tagged_page(*tag) == page, "not a page anyone wrote: %r" % (
+        page[:16],)
+    return tag
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_threads_overlapping_requests_with_compaction(algorithm):
+    n_threads, sectors, steps = 4, 48, 150
+    dev = Device(sectors * PAGE, algorithm=algorithm, native=True)
+    errors = []
+    written = [set() for _ in range(sectors)]    # (tid, version) per sector
+    discarded = set()
+    totals = {"reads": 0, "writes": 0, "freed": 0}
+    totals_lock = threading.Lock()
+    done = threading.Event()
+
+    def worker(tid):
+        try:
+            rng = random.Random(tid)
+            mine = {"reads": 0, "writes": 0, "freed": 0}
+            for version in range(1, steps + 1):
+                first = rng.randrange(sectors)
+                n = rng.randint(1, min(8, sectors - first))
+                op = rng.random()
+                if op < 0.5:
+                    pages = [tagged_page(first + i, tid, version + i)
+                             for i in range(n)]
+                    for i in range(n):
+                        written[first + i].add((tid, version + i))
+                    dev.write(first * PAGE, b"".join(pages))
+                    mine["writes"] += n
+                elif op < 0.85:
+                    got = dev.read(first * PAGE, n * PAGE)
+                    mine["reads"] += n
+                    for i in range(n):
+                        tag = decode_page(got[i * PAGE:(i + 1) * PAGE])
+                        if tag is not None and tag[0] != first + i:
+                            raise AssertionError("sector %d holds sector"
+                                                 " %d's page" % (first + i,
+                                                                 tag[0]))
+                else:
+                    discarded.update(range(first, first + n))
+                    dev.discard(first * PAGE, n * PAGE)
+                    mine["freed"] += n
+            with totals_lock:
+                for key in totals:
+                    totals[key] += mine[key]
+        except BaseException as e:          # noqa: B902 -- report any
+            errors.append((tid, e))
+
+    def compactor():
+        try:
+            while not done.is_set():
+                dev.compact()
+                dev.pool.free_deferred_flush()
+                time.sleep(0.002)
+        except BaseException as e:          # noqa: B902
+            errors.append(("compactor", e))
+
+    threads = [threading.Thread(target=worker, args=(t,))
+               for t in range(n_threads)]
+    try:
+        race(threads, threading.Thread(target=compactor), done)
+        assert not errors, errors
+        dev.pool.free_deferred_flush()
+        final = dev.read(0, sectors * PAGE)
+        for i in range(sectors):
+            tag = decode_page(final[i * PAGE:(i + 1) * PAGE])
+            if tag is None:
+                assert i in discarded or not written[i], i
+            else:
+                assert tag[0] == i and tag[1:] in written[i], (i, tag)
+        assert dev.num_writes == totals["writes"]
+        assert dev.num_reads == totals["reads"] + sectors
+        assert dev.io_stat().notify_free == totals["freed"]
+        assert dev.io_stat().failed_reads == dev.io_stat().failed_writes == 0
+        check_identities(dev)
+        dev.pool.audit()
+        if algorithm == "zstd":
+            cctx, dctx = dev._compressor.native.free_contexts
+            assert 1 <= cctx <= n_threads * CONTEXTS_MAX
+            assert 1 <= dctx <= n_threads * CONTEXTS_MAX
+    finally:
+        dev.close()
+
+
+def test_multi_sector_requests_in_a_forked_child():
+    """nbdkit forks after the device is made: the helper threads that
+    share a request's pages were started in the parent and do not exist
+    in the child, which must start its own (or do the work alone) rather
+    than wait for them."""
+    dev = Device(64 * PAGE, algorithm="zstd", native=True)
+    try:
+        data = b"".join(make_page(("text", "half", "near_huge")[i % 3], i)
+                        for i in range(32))
+        dev.write(0, data)                  # the parent's helpers start
+        assert dev.read(0, len(data)) == data
+        pid = os.fork()
+        if pid == 0:                        # the child: report by status
+            status = 1
+            try:
+                new = data[::-1]
+                dev.write(16 * PAGE, new)
+                if (dev.read(16 * PAGE, len(new)) == new
+                        and dev.read(0, 16 * PAGE) == data[:16 * PAGE]):
+                    status = 0
+            finally:
+                os._exit(status)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the child hung on a multi-sector request")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's own helpers still serve it.
+        dev.write(0, data[::-1])
+        assert dev.read(0, len(data)) == data[::-1]
+    finally:
+        dev.close()
+
+
+# --------------------------------------------------------------------------
+# (4) The pool's malloc, free and list operations in C.
+#
+# tests/test_zsmalloc.py has the pool's state machine against a dict
+# model; what is C's own here is the argument checks and the error paths:
+# each must leave no class lock held and no column buffer exported (an
+# array with an exported buffer can no longer grow, so the next malloc
+# needing a zspage or a handle row would fail).
+
+COLUMNS = ("heads", "counts", "inuse", "unused", "freeobj", "group", "prev",
+           "next", "frames", "handle", "loc", "sizes")
+
+
+def assert_pool_released(pool):
+    """No class lock held, every column resizable (no buffer exported)."""
+    for cls in pool.classes:
+        assert not cls.lock.locked(), "class %d lock left held" % cls.index
+        with cls.lock:
+            for name in COLUMNS:
+                col = getattr(cls, name)
+                col.append(0)           # BufferError if still exported
+                col.pop()
+
+
+@pytest.fixture
+def pool():
+    p = Pool()
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("size", [0, -1, PAGE + 1, 1 << 20])
+def test_malloc_bad_sizes(pool, size):
+    want = "malloc: size %d; accepted: 1..4096" % size
+    with pytest.raises(ValueError) as e:
+        pool.malloc(size)
+    assert str(e.value) == want
+    with pytest.raises(ValueError) as e:
+        _fastpath.zs_malloc(pool, size)
+    assert str(e.value) == want
+    assert pool.total_pages() == 0
+    assert_pool_released(pool)
+    pool.audit()
+
+
+def merged_index(pool):
+    """A class index that names no class (merged into a neighbour)."""
+    real = {cls.index for cls in pool.classes}
+    return next(i for i in range(255) if i not in real)
+
+
+def bad_handles(pool, live, freed):
+    """Handles that are not allocated, each of a different kind."""
+    cls_byte = live & 0xFF
+    return {
+        "double free": freed,
+        "row 0": cls_byte,
+        "row past the table": (1 << 20) << HANDLE_CLASS_BITS | cls_byte,
+        "merged class": 1 << HANDLE_CLASS_BITS | merged_index(pool),
+        "class byte 255": 1 << HANDLE_CLASS_BITS | 255,
+    }
+
+
+@pytest.mark.parametrize("what", ["double free", "row 0",
+                                  "row past the table", "merged class",
+                                  "class byte 255"])
+@pytest.mark.parametrize("free", ["Pool.free", "zs_free"])
+@pytest.mark.parametrize("size", [100, PAGE])
+def test_free_of_unallocated_handle(pool, what, free, size):
+    live = pool.malloc(size)
+    pool.obj_write(live, b"\x42" * size)
+    freed = pool.malloc(size)
+    pool.free(freed)
+    handle = bad_handles(pool, live, freed)[what]
+    before = pool.stats()
+    with pytest.raises(ValueError) as e:
+        if free == "Pool.free":
+            pool.free(handle)
+        else:
+            _fastpath.zs_free(pool, handle)
+    assert str(e.value) == "free: handle %d is not allocated" % handle
+    assert pool.stats() == before
+    assert_pool_released(pool)
+    pool.audit()
+    # The class still works: the live object is intact and more
+    # allocations, new zspages included, go through.
+    local = bytearray(PAGE)
+    view = pool.obj_read_begin(live, local)
+    try:
+        assert bytes(view) == b"\x42" * size
+    finally:
+        pool.obj_read_end(live, view)
+    more = [pool.malloc(size) for _ in range(40)]
+    pool.audit()
+    for h in more + [live]:
+        pool.free(h)
+    assert pool.total_pages() == 0
+    pool.audit()
+
+
+def test_zs_list_out_of_range(pool):
+    hs = [pool.malloc(200) for _ in range(30)]
+    cls = pool._class_for[200]
+    z = next(i for i in range(len(cls.inuse)) if cls.group[i] < 12)
+    with cls.lock:
+        for args in ((0, len(cls.inuse), 0), (0, -1, 0), (2, z, 12),
+                     (2, z, -1), (1, 1 << 30)):
+            with pytest.raises(IndexError, match="out of range"):
+                _fastpath.zs_list(cls, *args)
+    assert_pool_released(pool)
+    pool.audit()
+    for h in hs:
+        pool.free(h)
+    assert pool.total_pages() == 0
+
+
+POOL_OPS = st.lists(st.one_of(
+    st.tuples(st.just("malloc"),
+              st.one_of(st.integers(1, PAGE),
+                        st.sampled_from([1, 24, 25, 3624, 3625, PAGE]))),
+    st.tuples(st.just("free"), st.integers(0, 1 << 16)),
+    st.tuples(st.just("bad free"), st.sampled_from(
+        ["double free", "row 0", "row past the table", "merged class",
+         "class byte 255"]), st.booleans()),
+    st.tuples(st.just("rewrite"), st.integers(0, 1 << 16)),
+    st.tuples(st.just("compact")),
+), max_size=60)
+
+
+@pytest.mark.parametrize("chain", [4, 8])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(ops=POOL_OPS)
+def test_pool_ops_with_refused_frees(chain, ops):
+    """Random malloc / free / rewrite / compact with refused frees of
+    every kind between them, against a dict model: each refusal has the
+    exact message, changes nothing and leaves nothing held."""
+    pool = Pool(chain_size=chain)
+    live = {}
+    freed = []
+    tag = 0
+    local = bytearray(PAGE)
+    try:
+        for op in ops:
+            if op[0] == "malloc":
+                h = pool.malloc(op[1])
+                assert h not in live
+                tag += 1
+                live[h] = random.Random(tag).randbytes(op[1])
+                pool.obj_write(h, live[h])
+            elif op[0] in ("free", "rewrite") and live:
+                h = sorted(live)[op[1] % len(live)]
+                if op[0] == "free":
+                    pool.free(h)
+                    del live[h]
+                    freed.append(h)
+                else:
+                    tag += 1
+                    live[h] = random.Random(tag).randbytes(len(live[h]))
+                    pool.obj_write(h, live[h])
+            elif op[0] == "bad free" and live:
+                h = bad_handles(pool, sorted(live)[0], 0)[op[1]]
+                if op[1] == "double free":
+                    dead = [f for f in freed if f not in live]
+                    if not dead:
+                        continue
+                    h = dead[-1]
+                used = sum(c.obj_used for c in pool.classes)
+                with pytest.raises(ValueError) as e:
+                    if op[2]:
+                        pool.free(h)
+                    else:
+                        _fastpath.zs_free(pool, h)
+                assert str(e.value) == "free: handle %d is not allocated" % h
+                assert sum(c.obj_used for c in pool.classes) == used
+            elif op[0] == "compact":
+                pool.compact()
+            assert not any(cls.lock.locked() for cls in pool.classes)
+        assert_pool_released(pool)
+        pool.audit()
+        for h, data in live.items():
+            view = pool.obj_read_begin(h, local)
+            try:
+                assert bytes(view) == data, h
+            finally:
+                pool.obj_read_end(h, view)
+        for h in list(live):
+            pool.free(h)
+        assert pool.total_pages() == 0
+        pool.audit()
+    finally:
+        pool.close()
+
+
+# --------------------------------------------------------------------------
+# (5) Codecs.
+
+CODEC_PAGES = [text_page(1), half_page(2), random_page(3), same_page(4),
+               bytes(PAGE)]
+
+
+@pytest.mark.parametrize("level", [1, 9, 12])
+def test_lz4hc_output_is_lz4_blocks_python_lz4_reads(level):
+    codec = _fastpath.Codec("lz4hc", level)
+    plain = _fastpath.Codec("lz4")
+    for page in CODEC_PAGES:
+        data = codec.compress(page)
+        assert lz4.block.decompress(data, uncompressed_size=PAGE) == page
+        assert plain.decompress(data) == page
+        # And the other way: python-lz4's high-compression blocks.
+        theirs = lz4.block.compress(page, mode="high_compression",
+                                    compression=level, store_size=False)
+        assert codec.decompress(theirs) == page
+
+
+@pytest.mark.parametrize("mode", ["default", "fast", "high_compression"])
+def test_lz4_codec_reads_python_lz4_blocks(mode):
+    codec = _fastpath.Codec("lz4")
+    for page in CODEC_PAGES:
+        data = lz4.block.compress(page, mode=mode, store_size=False)
+        assert codec.decompress(data) == page
+        ours = codec.compress(page)
+        assert lz4.block.decompress(ours, uncompressed_size=PAGE) == page
+    # Not a page: python-lz4's block of 4095 bytes is refused as short.
+    with pytest.raises(ValueError, match="short block"):
+        codec.decompress(lz4.block.compress(bytes(PAGE - 1),
+                                            store_size=False))
+
+
+def test_zstd_contexts_stay_one_each_sequentially():
+    codec = _fastpath.Codec("zstd", 3)
+    assert codec.free_contexts == (0, 0)
+    for i in range(50):
+        page = CODEC_PAGES[i % len(CODEC_PAGES)]
+        assert codec.decompress(codec.compress(page)) == page
+        assert codec.free_contexts == (1, 1)
+    with pytest.raises(ValueError):
+        codec.decompress(b"\xff" * 100)
+    assert codec.free_contexts == (1, 1)
+    # Through a device: one context for a single sector; a request of
+    # several takes one per crew hand, and gives every one back.
+    dev = Device(32 * PAGE, algorithm="zstd", native=True)
+    try:
+        native = dev._compressor.native
+        for _ in range(3):
+            dev.write(PAGE, text_page(9))
+            assert dev.read(PAGE, PAGE) == text_page(9)
+            assert native.free_contexts == (1, 1)
+        data = b"".join(CODEC_PAGES * 4)
+        seen = []
+        for _ in range(4):
+            dev.write(0, data)
+            assert dev.read(0, len(data)) == data
+            seen.append(native.free_contexts)
+        # As many as ever ran at once, and no more after the first round:
+        # none is lost or made twice.
+        assert seen == [seen[0]] * 4, seen
+        assert all(1 <= n <= CONTEXTS_MAX for n in seen[0]), seen
+        assert native.decompress(native.compress(data[:PAGE])) == data[:PAGE]
+        assert native.free_contexts == seen[0]
+    finally:
+        dev.close()
+
+
+def test_codec_construction_errors():
+    with pytest.raises(ValueError, match="lz4 takes no dictionary"):
+        _fastpath.Codec("lz4", 0, b"dict")
+    with pytest.raises(ValueError, match="no native codec for deflate"):
+        _fastpath.Codec("deflate")
+    with pytest.raises(ValueError, match="up to 65536"):
+        _fastpath.Codec("lz4").compress(bytes(16 * PAGE + 1))

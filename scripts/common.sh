@@ -48,9 +48,11 @@ ensure_packages() {
 # Installs this clone for /usr/bin/python3 (editable), unless it already
 # is and its C extension is newer than its source.
 install_zramd() {
-    local found built
+    local found built= so
     found=$(cd / && "$PYTHON" -c 'import zramd; print(zramd.__file__)' 2>/dev/null) || found=
-    built=$(ls "$REPO"/zramd/_fastpath.*.so 2>/dev/null | head -n 1)
+    for so in "$REPO"/zramd/_fastpath.*.so; do
+        [ -e "$so" ] && built=$so
+    done
     if [ "$found" = "$REPO/zramd/__init__.py" ] && [ -x /usr/local/bin/zramd ] &&
             [ -n "$built" ] && [ "$built" -nt "$REPO/zramd/_fastpath.c" ]; then
         return 0

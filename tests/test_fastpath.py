@@ -43,6 +43,7 @@ its own.
 import os
 import random
 import struct
+import sys
 import threading
 import time
 
@@ -752,7 +753,9 @@ def test_slotpaths_argument_checks():
     paths = dev._paths
     hcs = dev.pool.huge_class_size
     try:
-        for first, n in ((0, 4095), (-1, PAGE), (8, PAGE), (5, 4 * PAGE)):
+        # (sys.maxsize, PAGE): first + count must not wrap round.
+        for first, n in ((0, 4095), (-1, PAGE), (8, PAGE), (5, 4 * PAGE),
+                         (sys.maxsize, PAGE), (sys.maxsize - 1, 2 * PAGE)):
             with pytest.raises(ValueError, match="not whole sectors"):
                 paths.read(dev, bytearray(n), first)
             with pytest.raises(ValueError, match="not whole sectors"):
@@ -773,6 +776,36 @@ def test_slotpaths_argument_checks():
         paths.read(dev, bytearray(PAGE), 0)
     with pytest.raises(ValueError, match="closed"):
         paths.write(dev, bytes(PAGE), 0, hcs)
+
+
+def test_slotpaths_refuse_to_close_during_a_call():
+    """A read waiting for a stripe lock has let other threads run: closing
+    its SlotPaths then (the device's close) must refuse, not unmap the
+    table under it."""
+    dev = Device(8 * PAGE, native=True)
+    try:
+        dev.write(0, text_page(1) + text_page(2))
+        out = bytearray(2 * PAGE)
+        lock = dev._stripe_locks[1]
+        lock.acquire()
+        reader = threading.Thread(target=dev.read_into, args=(0, out))
+        reader.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not dev._paths.busy:           # blocked on sector 1
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            time.sleep(0.05)
+            with pytest.raises(BufferError, match="1 read/write calls in"
+                               " progress"):
+                dev._paths.close()
+        finally:
+            lock.release()
+        reader.join(10)
+        assert not reader.is_alive()
+        assert out == text_page(1) + text_page(2)
+    finally:
+        dev.close()
 
 
 # --------------------------------------------------------------------------
@@ -1038,10 +1071,34 @@ def test_zs_list_out_of_range(pool):
                      (2, z, -1), (1, 1 << 30)):
             with pytest.raises(IndexError, match="out of range"):
                 _fastpath.zs_list(cls, *args)
+        # Unlinking a zspage that is on no list (ISOLATED, FREE) would
+        # index the 12 group heads with 254 or 255.
+        cls.unlink(z)
+        with pytest.raises(IndexError, match="on no fullness list"):
+            cls.unlink(z)
+        with pytest.raises(IndexError, match="on no fullness list"):
+            cls.move(z, 3)
+        cls.link(z, cls.fullness[cls.inuse[z]])
     assert_pool_released(pool)
     pool.audit()
     for h in hs:
         pool.free(h)
+    assert pool.total_pages() == 0
+
+
+def test_free_with_a_zspage_id_past_the_columns(pool):
+    """A handle row naming a zspage the class does not have raises; it
+    must not write past the class's columns."""
+    h = pool.malloc(200)
+    cls = pool._class_for[200]
+    row = h >> HANDLE_CLASS_BITS
+    good = cls.loc[row]
+    cls.loc[row] = (len(cls.inuse) + 40) << 12
+    with pytest.raises(IndexError, match="out of range"):
+        pool.free(h)
+    cls.loc[row] = good
+    pool.audit()
+    pool.free(h)
     assert pool.total_pages() == 0
 
 

@@ -27,10 +27,10 @@
  * released (the pages are the caller's buffer, the output a private
  * scratch area), so compression on one nbdkit thread overlaps Python work
  * on another; the pool and slot updates follow with the GIL held.  A
- * class lock is held only while an object's bytes are copied in or out,
- * never across a call that could block, so a buffer taken on a class's
- * columns (array objects that grow) is never held while another thread
- * could resize them.
+ * buffer taken on a class's columns (array objects that grow) is held
+ * only under the class lock and never across a call that could run
+ * Python code or drop the GIL, so no other thread resizes a column under
+ * it.  A SlotPaths refuses to close while a call is in progress.
  *
  * Codec is one configured compressor: lz4 (LZ4_compress_fast, the kernel's
  * call, acceleration 1) or zstd at a level, with an optional dictionary,
@@ -41,6 +41,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -259,6 +260,10 @@ Codec_init(Codec *self, PyObject *args, PyObject *kwds)
     const char *algorithm;
     int level = 0;
     Py_buffer dict = {NULL};
+    if (self->cdict || self->cctx.n || self->dctx.n || self->window_log) {
+        PyErr_SetString(PyExc_TypeError, "Codec: already initialised");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|iz*", kwlist,
                                      &algorithm, &level, &dict))
         return -1;
@@ -433,6 +438,7 @@ static PyTypeObject CodecType = {
 #define ZS_HANDLE_SIZE 8
 #define ZS_MAX_ALLOC_SIZE PAGE_SIZE
 #define ZS_INUSE_RATIO_100 11
+#define NR_FULLNESS_GROUPS 12
 #define GROUPS_WITH_ROOM ((1L << ZS_INUSE_RATIO_100) - 1)
 #define ZS_ISOLATED 254
 #define OBJ_ALLOCATED_TAG 1
@@ -563,18 +569,28 @@ list_unlink(Cols *c, int32_t z)
     COL(c, COL_GROUP, uint8_t)[z] = ZS_ISOLATED;
 }
 
-/* Bounds for the list functions called from Python. */
+/* Whether zspage z has a row in every column taken in c (and, with
+ * on_list, sits on a fullness list), else IndexError.  The pool's columns
+ * are trusted no further than this: a wrong id must not write outside
+ * them. */
 static int
-check_zspage(Cols *c, long z, long g)
+check_zspage(Cols *c, long z, int on_list)
 {
-    if (z < 0 || z >= c->b[COL_GROUP].len || z >= c->b[COL_PREV].len / 4
-            || z >= c->b[COL_NEXT].len / 4
-            || g < 0 || g >= c->b[COL_HEADS].len / 4) {
-        PyErr_Format(PyExc_IndexError, "zspage %ld or group %ld out of range",
-                     z, g);
-        return -1;
+    int i;
+    for (i = 0; i < N_COLS; i++) {
+        if (!(c->mask & (1u << i)) || i == COL_HEADS || i == COL_COUNTS
+                || i == COL_FRAMES || i == COL_LOC || i == COL_SIZES)
+            continue;
+        if (z < 0 || z >= c->b[i].len / col_itemsize[i])
+            goto bad;
     }
+    if (on_list && COL(c, COL_GROUP, uint8_t)[z] >= NR_FULLNESS_GROUPS)
+        goto bad;
     return 0;
+bad:
+    PyErr_Format(PyExc_IndexError, "zspage %ld out of range%s", z,
+                 on_list ? " or on no fullness list" : "");
+    return -1;
 }
 
 /* zs_list(cls, op, z, g): op 0 link, 1 unlink, 2 move (unlink, link). */
@@ -589,7 +605,10 @@ fp_zs_list(PyObject *module, PyObject *args)
         return NULL;
     if (cols_take(&c, cls, LIST_COLS) < 0)
         return NULL;
-    if (check_zspage(&c, z, g) < 0) {
+    if (check_zspage(&c, z, op != 0) < 0
+            || (op != 1 && (g < 0 || g >= NR_FULLNESS_GROUPS))) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_IndexError, "group %ld out of range", g);
         cols_drop(&c);
         return NULL;
     }
@@ -719,14 +738,21 @@ pool_malloc(PyObject *pool, PyObject *class_for, PyObject *views, long size)
             goto out;
     }
     handle = (uint64_t)row << HANDLE_CLASS_BITS | (uint64_t)index;
-    if (!(fullness = PyObject_GetAttr(cls, s_fullness)) || !PyBytes_Check(fullness))
+    if (!(fullness = PyObject_GetAttr(cls, s_fullness)))
         goto out_fail;
+    if (!PyBytes_Check(fullness)) {
+        PyErr_SetString(PyExc_TypeError, "malloc: fullness is not bytes");
+        goto out_fail;
+    }
     if (cols_take(&c, cls, ~0u & ~(huge ? 0 : 1u << COL_HANDLE)) < 0)
         goto out_fail;
     if (z < 0)
         z = COL(&c, COL_HEADS, int32_t)[g];
-    if (z < 0 || z >= c.b[COL_INUSE].len / 2 || row >= c.b[COL_SIZES].len / 2) {
-        PyErr_SetString(PyExc_RuntimeError, "malloc: pool columns disagree");
+    if (check_zspage(&c, z, g != ZS_ISOLATED) < 0
+            || row >= c.b[COL_SIZES].len / 2 || row >= c.b[COL_LOC].len / 8) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError,
+                            "malloc: pool columns disagree");
         cols_drop(&c);
         goto out_fail;
     }
@@ -777,6 +803,8 @@ pool_malloc(PyObject *pool, PyObject *class_for, PyObject *views, long size)
 
 out_fail:
     handle = 0;
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_RuntimeError, "malloc failed");
 out:
     Py_XDECREF(fullness);
     if (PyErr_Occurred()) {
@@ -823,6 +851,10 @@ pool_free(PyObject *pool, PyObject *handle_class, PyObject *views,
         goto out;
     }
     loc = COL(&c, COL_LOC, uint64_t)[row];
+    if (check_zspage(&c, (long)(loc >> OBJ_INDEX_BITS), 1) < 0) {
+        cols_drop(&c);
+        goto out;
+    }
     COL(&c, COL_LOC, uint64_t)[row] = 0;
     COL(&c, COL_SIZES, uint16_t)[row] = 0;
     z = (int32_t)(loc >> OBJ_INDEX_BITS);
@@ -1145,6 +1177,7 @@ typedef struct {
     PyObject *views;                     /* list: the arena's chunk views */
     PyObject *arena;
     int open;
+    int busy;                            /* read/write calls in progress */
 } SlotPaths;
 
 static PyTypeObject SlotPathsType;
@@ -1217,6 +1250,19 @@ SlotPaths_release(SlotPaths *self)
     Py_CLEAR(self->arena);
 }
 
+/* A read or write may let other threads run (waiting for a lock, or
+ * while the crew works): those must not close or rebuild what it uses. */
+static int
+refuse_if_busy(SlotPaths *self, const char *op)
+{
+    if (self->busy) {
+        PyErr_Format(PyExc_BufferError, "SlotPaths.%s: %d read/write calls"
+                     " in progress", op, self->busy);
+        return -1;
+    }
+    return 0;
+}
+
 static int
 SlotPaths_init(SlotPaths *self, PyObject *args, PyObject *kwds)
 {
@@ -1227,6 +1273,8 @@ SlotPaths_init(SlotPaths *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO", kwlist,
                                      &meta, &handle, &atime, &counters, &refs,
                                      &locks, &pool))
+        return -1;
+    if (refuse_if_busy(self, "__init__") < 0)
         return -1;
     SlotPaths_release(self);
     if (!PySequence_Check(locks) || PySequence_Size(locks) != N_STRIPES) {
@@ -1318,6 +1366,8 @@ SlotPaths_dealloc(SlotPaths *self)
 static PyObject *
 SlotPaths_close(SlotPaths *self, PyObject *unused)
 {
+    if (refuse_if_busy(self, "close") < 0)
+        return NULL;
     SlotPaths_release(self);
     Py_RETURN_NONE;
 }
@@ -1340,7 +1390,9 @@ frame_address(PyObject *views, uint32_t frame)
     if (chunk >= PyList_GET_SIZE(views))
         return NULL;
     view = PyList_GET_ITEM(views, chunk);
-    if (!PyMemoryView_Check(view))
+    /* A released view (the arena closed) maps nothing any more. */
+    if (!PyMemoryView_Check(view)
+            || ((PyMemoryViewObject *)view)->flags & _Py_MEMORYVIEW_RELEASED)
         return NULL;
     return (char *)PyMemoryView_GET_BUFFER(view)->buf
         + ((Py_ssize_t)(frame & CHUNK_MASK) << PAGE_SHIFT);
@@ -1411,7 +1463,7 @@ obj_place(SlotPaths *self, uint64_t handle, ObjPlace *p)
     off = start & PAGE_MASK;
     p->first_len = PAGE_SIZE - off;
     p->second = NULL;
-    if (slot >= p->frames.len / 4
+    if (p->size > PAGE_SIZE || slot < 0 || slot >= p->frames.len / 4
             || !(p->first = frame_address(self->views, frames[slot])))
         goto corrupt;
     p->first += off;
@@ -1429,7 +1481,7 @@ corrupt:
     PyBuffer_Release(&p->sizes);
     PyBuffer_Release(&p->frames);
     PyErr_Format(PyExc_RuntimeError, "pool: handle %llu points outside the"
-                 " arena", (unsigned long long)handle);
+                 " arena (or the pool is closed)", (unsigned long long)handle);
 fail_locked:
     r = PyObject_CallMethodNoArgs(p->lock, s_release);
     Py_XDECREF(r);
@@ -1473,7 +1525,8 @@ get_out_range(SlotPaths *self, Py_ssize_t first, Py_ssize_t len,
         PyErr_SetString(PyExc_ValueError, "closed");
         return -1;
     }
-    if (len % PAGE_SIZE || first < 0 || first + len / PAGE_SIZE > self->nr_pages) {
+    if (len % PAGE_SIZE || first < 0 || first > self->nr_pages
+            || len / PAGE_SIZE > self->nr_pages - first) {
         PyErr_SetString(PyExc_ValueError, "not whole sectors inside the disk");
         return -1;
     }
@@ -1537,13 +1590,13 @@ codec_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
  * Python path.  Phase one, holding the GIL, takes each slot under its
  * stripe lock: same-filled pages and holes are filled in, huge ones copied
  * out, compressed objects copied to a scratch area (under the class lock)
- * and the slot touched.  Phase two decompresses, with the crew and without
- * the GIL when there are several.  A sector that does not decompress ends
- * the call there: the sectors from it on are untouched again (num_reads,
- * atime, IDLE), and the Python path reads it and raises the error.
+ * and what the slot held noted.  Phase two decompresses, with the crew and
+ * without the GIL when there are several.  A sector that does not
+ * decompress ends the call there, and the Python path reads it and raises
+ * the error.  Phase three counts and touches the sectors read.
  */
 static PyObject *
-SlotPaths_read(SlotPaths *self, PyObject *args)
+slot_paths_read(SlotPaths *self, PyObject *args)
 {
     PyObject *device, *out_o, *dict_comps = NULL, *t0_o;
     Py_ssize_t first, count, i = 0, n_items = 0, done, k;
@@ -1552,9 +1605,8 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
     char *scratch = NULL;
     Py_ssize_t *item_sector = NULL;
     uint32_t *item_size = NULL;
-    uint32_t *was_atime = NULL;        /* each sector's touch, to undo */
+    uint32_t *was_meta = NULL;         /* what phase one saw, to touch */
     uint64_t *was_handle = NULL;
-    uint8_t *was_idle = NULL;
     Batch batch = {0};
     DecompArgs dargs = {0};
     int hands = 0, n_dctx = 0, locked = -1;
@@ -1569,16 +1621,16 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
         goto error;
     t0 = PyFloat_AsDouble(t0_o);
     Py_DECREF(t0_o);
+    if (t0 == -1.0 && PyErr_Occurred())
+        goto error;
     if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
         goto error;
     scratch = PyMem_Malloc(count << PAGE_SHIFT);
     item_sector = PyMem_Malloc(count * sizeof(*item_sector));
     item_size = PyMem_Malloc(count * sizeof(*item_size));
-    was_atime = PyMem_Malloc(count * sizeof(*was_atime));
+    was_meta = PyMem_Malloc(count * sizeof(*was_meta));
     was_handle = PyMem_Malloc(count * sizeof(*was_handle));
-    was_idle = PyMem_Malloc(count);
-    if (!scratch || !item_sector || !item_size || !was_atime || !was_handle
-            || !was_idle) {
+    if (!scratch || !item_sector || !item_size || !was_meta || !was_handle) {
         PyErr_NoMemory();
         goto error;
     }
@@ -1598,10 +1650,9 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
         meta = self->meta[index];
         handle = self->handle[index];
         if (meta & F_SAME) {
-            uint64_t *words = (uint64_t *)dst;
             int w;
-            for (w = 0; w < PAGE_SIZE / 8; w++)
-                words[w] = handle;
+            for (w = 0; w < PAGE_SIZE; w += 8)
+                memcpy(dst + w, &handle, 8);
         } else if (!handle) {
             memset(dst, 0, PAGE_SIZE);
         } else if (meta & (F_WB | COMP_PRIORITY_MASK)) {
@@ -1647,16 +1698,8 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
                     goto error;
             }
         }
-        if (!stop) {
-            /* touch: as Device._read_sector(touch=True) */
-            was_atime[i] = self->atime[index];
-            was_handle[i] = handle;
-            was_idle[i] = (meta & F_IDLE) != 0;
-            if (meta & F_IDLE)
-                self->meta[index] = meta & ~F_IDLE;
-            self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
-            self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
-        }
+        was_meta[i] = meta;
+        was_handle[i] = handle;
         locked = -1;
         if (call_lock(self->lock_release[stripe]) < 0)
             goto error;
@@ -1687,27 +1730,29 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
         } else {
             batch_go(&batch, 0);
         }
-        if (atomic_load(&dargs.failed) < done) {
-            /* The request ends at the sector that failed: undo phase
-             * one's touch from there on, as if those sectors had not been
-             * read (the Python path reads none of them); the access time
-             * and IDLE flag only where the slot still holds what we saw. */
-            for (k = atomic_load(&dargs.failed); k < done; k++) {
-                Py_ssize_t index = first + k;
-                unsigned stripe = index & STRIPE_MASK;
-                if (call_lock(self->lock_acquire[stripe]) < 0)
-                    goto error;
-                self->counters[stripe * N_COUNTERS + C_NUM_READS] -= 1;
-                if (self->handle[index] == was_handle[k]) {
-                    self->atime[index] = was_atime[k];
-                    if (was_idle[k])
-                        self->meta[index] |= F_IDLE;
-                }
-                if (call_lock(self->lock_release[stripe]) < 0)
-                    goto error;
-            }
+        if (atomic_load(&dargs.failed) < done)
             done = atomic_load(&dargs.failed);
+    }
+
+    /* Phase three: the sectors read are counted and touched (atime, IDLE
+     * cleared) as Device._read_sector(touch=True) does; not those from a
+     * sector that failed on, which the Python path reads and fails.  A
+     * slot rewritten or marked idle since phase one was not what this
+     * read saw, and keeps what its writer or mark_idle made it. */
+    for (k = 0; k < done; k++) {
+        Py_ssize_t index = first + k;
+        unsigned stripe = index & STRIPE_MASK;
+        if (call_lock(self->lock_acquire[stripe]) < 0)
+            goto error;
+        self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
+        if (self->meta[index] == was_meta[k]
+                && self->handle[index] == was_handle[k]) {
+            if (was_meta[k] & F_IDLE)
+                self->meta[index] = was_meta[k] & ~F_IDLE;
+            self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
         }
+        if (call_lock(self->lock_release[stripe]) < 0)
+            goto error;
     }
     for (k = 0; k < n_dctx; k++)
         codec_give_dctx(dargs.codec, batch.ctx[k]);
@@ -1715,9 +1760,8 @@ SlotPaths_read(SlotPaths *self, PyObject *args)
     PyMem_Free(scratch);
     PyMem_Free(item_sector);
     PyMem_Free(item_size);
-    PyMem_Free(was_atime);
+    PyMem_Free(was_meta);
     PyMem_Free(was_handle);
-    PyMem_Free(was_idle);
     Py_DECREF(dict_comps);
     PyBuffer_Release(&out);
     return PyLong_FromSsize_t(done);
@@ -1735,9 +1779,8 @@ error:
     PyMem_Free(scratch);
     PyMem_Free(item_sector);
     PyMem_Free(item_size);
-    PyMem_Free(was_atime);
+    PyMem_Free(was_meta);
     PyMem_Free(was_handle);
-    PyMem_Free(was_idle);
     Py_XDECREF(dict_comps);
     PyBuffer_Release(&out);
     return NULL;
@@ -1749,15 +1792,23 @@ typedef struct {
     uint64_t fill;          /* SAME: the repeated 8-byte value */
 } SectorPlan;
 
+/* The fill value is the page's first 8 bytes as a little-endian integer
+ * (device.py's int.from_bytes(head, "little")): this machine's order. */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the slot table's fill values are little-endian"
+#endif
+
 static int
 same_filled(const char *page, uint64_t *fill)
 {
-    const uint64_t *w = (const uint64_t *)page;
-    uint64_t v = w[0];
+    uint64_t v, w;
     int i;
-    for (i = 1; i < PAGE_SIZE / 8; i++)
-        if (w[i] != v)
+    memcpy(&v, page, 8);               /* the buffer need not be aligned */
+    for (i = 8; i < PAGE_SIZE; i += 8) {
+        memcpy(&w, page + i, 8);
+        if (w != v)
             return 0;
+    }
     *fill = v;
     return 1;
 }
@@ -1811,7 +1862,7 @@ plan_chunk(Batch *b, int who, Py_ssize_t start, Py_ssize_t n)
  * until a sector needs the Python path.
  */
 static PyObject *
-SlotPaths_write(SlotPaths *self, PyObject *args)
+slot_paths_write(SlotPaths *self, PyObject *args)
 {
     PyObject *device, *data_o, *primary = NULL, *dict_comps = NULL,
         *comp, *id_o, *t0_o;
@@ -1850,12 +1901,15 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
         goto done;
     if (!(codec = native_of(comp)) || dict_id >= MAX_DICTS)
         goto done;                      /* 0 done: all of it in Python */
+    Py_INCREF(codec);                   /* used without the GIL */
     if ((limit_pages = attr_ssize(device, s_limit_pages)) < 0)
         goto done;
     if (!(t0_o = PyObject_GetAttr(device, s_t0)))
         goto done;
     t0 = PyFloat_AsDouble(t0_o);
     Py_DECREF(t0_o);
+    if (t0 == -1.0 && PyErr_Occurred())
+        goto done;
     if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
         goto done;
     hands = count > 1 ? crew_hands(count) : 0;
@@ -1945,7 +1999,8 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
         old_meta = self->meta[index];
         old = self->handle[index];
         if (old_meta & F_WB) {
-            call_lock(self->lock_release[stripe]);
+            if (call_lock(self->lock_release[stripe]) < 0)
+                goto done_free_new;
             goto undo;                     /* the backing device's job */
         }
         if (meta & DICT_MASK) {
@@ -1960,8 +2015,7 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
             Py_XDECREF(key);
             if (known <= 0) {
                 /* The Python path compresses it again. */
-                call_lock(self->lock_release[stripe]);
-                if (known < 0)
+                if (call_lock(self->lock_release[stripe]) < 0 || known < 0)
                     goto done_free_new;
                 goto undo;
             }
@@ -2024,6 +2078,7 @@ SlotPaths_write(SlotPaths *self, PyObject *args)
 done:
     for (k = 0; k < n_cctx; k++)
         codec_give_cctx(codec, batch.ctx[k]);
+    Py_XDECREF(codec);
     PyMem_Free(scratch);
     PyMem_Free(plan);
     Py_XDECREF(primary);
@@ -2032,6 +2087,26 @@ done:
     if (PyErr_Occurred())
         return NULL;
     return PyLong_FromSsize_t(i);
+}
+
+static PyObject *
+SlotPaths_read(SlotPaths *self, PyObject *args)
+{
+    PyObject *r;
+    self->busy++;
+    r = slot_paths_read(self, args);
+    self->busy--;
+    return r;
+}
+
+static PyObject *
+SlotPaths_write(SlotPaths *self, PyObject *args)
+{
+    PyObject *r;
+    self->busy++;
+    r = slot_paths_write(self, args);
+    self->busy--;
+    return r;
 }
 
 static PyMethodDef SlotPaths_methods[] = {
@@ -2043,6 +2118,12 @@ static PyMethodDef SlotPaths_methods[] = {
      " data at sector first; stops at a sector the Python path must do."},
     {"close", (PyCFunction)SlotPaths_close, METH_NOARGS,
      "Release the slot table's buffers (before its mmaps close)."},
+    {NULL}
+};
+
+static PyMemberDef SlotPaths_members[] = {
+    {"busy", T_INT, offsetof(SlotPaths, busy), READONLY,
+     "read/write calls in progress"},
     {NULL}
 };
 
@@ -2058,6 +2139,7 @@ static PyTypeObject SlotPathsType = {
     .tp_init = (initproc)SlotPaths_init,
     .tp_dealloc = (destructor)SlotPaths_dealloc,
     .tp_methods = SlotPaths_methods,
+    .tp_members = SlotPaths_members,
 };
 
 /* ---- module ----------------------------------------------------------- */
@@ -2065,15 +2147,15 @@ static PyTypeObject SlotPathsType = {
 static PyObject *
 fp_crew_limit(PyObject *module, PyObject *args)
 {
-    int limit = -1, old = crew_limit;
+    int limit = INT_MIN, old = crew_limit;
     if (!PyArg_ParseTuple(args, "|i", &limit))
         return NULL;
-    if (limit > CREW_MAX) {
+    if (limit != INT_MIN && (limit < 0 || limit > CREW_MAX)) {
         PyErr_Format(PyExc_ValueError, "crew_limit: %d; accepted: 0..%d",
                      limit, CREW_MAX);
         return NULL;
     }
-    if (limit >= 0)
+    if (limit != INT_MIN)
         crew_limit = limit;
     return PyLong_FromLong(old);
 }

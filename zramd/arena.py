@@ -147,7 +147,7 @@ class Arena:
                 view.release()
             for chunk in self._chunks:
                 chunk.close()
-            self.views = []
+            self.views.clear()        # in place: the pool and C hold it
             self._chunks = []
             self._free = array("I")
             self.frames_in_use = 0

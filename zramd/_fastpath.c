@@ -1,32 +1,39 @@
 /*
- * zramd._fastpath: the device's whole-sector read and write loops, and the
- * lz4 and zstd codecs, in C.
+ * zramd._fastpath: the device's whole-sector read and write loops, the
+ * pool's malloc, free and fullness lists, and the lz4, lz4hc and zstd
+ * codecs, in C.
  *
- * Why C: a 4 KiB sector costs the Python paths in device.py about 30,000
+ * Why C: a 4 KiB sector cost the Python paths in device.py about 30,000
  * instructions to read and 65,000 to write besides the compressor itself
  * (callgrind, docs/benchmarks.md), and all of it under the GIL; the client
  * sends 64 sectors per 256 KiB request.  Here a request is one call.
  *
  * What it works on: nothing of its own.  The slot table (the device's
  * three mmap arrays and its counter rows), the stripe locks, the pool's
- * per-class handle and frame columns and the arena's chunk views all stay
- * the Python objects device.py and zsmalloc.py document; this module reads
- * and writes them in place through the buffer protocol, takes the same
- * threading.Lock objects in the same order (slot stripe, then class), and
- * allocates and frees through the pool's own ``malloc`` and ``free``.  So
- * there is one data structure and one allocator, and the Python paths
- * remain the reference for everything this module declines: a sector that
- * is written back, recompressed with a secondary algorithm, compressed
- * with a codec that has no native form, corrupt, or over the memory limit
- * makes the loop stop and return how many sectors it did; device.py does
- * that one sector itself (raising the right error if there is one) and
- * calls again for the rest.
+ * per-class handle and zspage columns and the arena's chunk views all
+ * stay the Python objects device.py and zsmalloc.py document; this module
+ * reads and writes them in place through the buffer protocol and takes
+ * the same threading.Lock objects in the same order (slot stripe, then
+ * class).  So there is one data structure and one allocator, and the
+ * Python paths remain the reference for everything this module declines:
+ * a sector that is written back, recompressed with a secondary algorithm,
+ * compressed with a codec that has no native form, corrupt, or over the
+ * memory limit makes the loop stop and return how many sectors it did;
+ * device.py does that one sector itself (raising the right error if there
+ * is one) and calls again for the rest.
  *
- * The GIL: every step that touches a Python object runs holding it.  A
- * write of more than one sector first compresses all of them with the GIL
- * released (the pages are the caller's buffer, the output a private
- * scratch area), so compression on one nbdkit thread overlaps Python work
- * on another; the pool and slot updates follow with the GIL held.  A
+ *     write(request)                       read(request)
+ *     1 crew, no GIL: same-filled?         1 GIL, per sector under its
+ *       compress every page to scratch       stripe lock: fill SAME/holes,
+ *     2 GIL, per sector: zs_malloc,          copy HUGE out, copy objects
+ *       copy in (class lock), swap the       to scratch (class lock)
+ *       slot (stripe lock), zs_free old    2 crew, no GIL: decompress
+ *                                          3 GIL: count and touch the
+ *                                            sectors read (stripe lock)
+ *
+ * The GIL: every step that touches a Python object runs holding it; the
+ * crew's steps touch only the caller's buffers and private scratch areas,
+ * so compression on one nbdkit thread overlaps Python work on another.  A
  * buffer taken on a class's columns (array objects that grow) is held
  * only under the class lock and never across a call that could run
  * Python code or drop the GIL, so no other thread resizes a column under

@@ -1616,7 +1616,14 @@ slot_paths_read(SlotPaths *self, PyObject *args)
     uint64_t *was_handle = NULL;
     Batch batch = {0};
     DecompArgs dargs = {0};
-    int hands = 0, n_dctx = 0, locked = -1;
+    int hands = 0, n_dctx = 0, locked = -1, touched = 0;
+    /* A single sector (fio, swap-ins) needs no heap and no crew: read,
+     * decompress and touch it in one go under its lock, as the Python
+     * path does. */
+    char one_scratch[PAGE_SIZE];
+    Py_ssize_t one_sector;
+    uint32_t one_size, one_meta;
+    uint64_t one_handle;
 
     if (!PyArg_ParseTuple(args, "OOn", &device, &out_o, &first))
         return NULL;
@@ -1632,14 +1639,23 @@ slot_paths_read(SlotPaths *self, PyObject *args)
         goto error;
     if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
         goto error;
-    scratch = PyMem_Malloc(count << PAGE_SHIFT);
-    item_sector = PyMem_Malloc(count * sizeof(*item_sector));
-    item_size = PyMem_Malloc(count * sizeof(*item_size));
-    was_meta = PyMem_Malloc(count * sizeof(*was_meta));
-    was_handle = PyMem_Malloc(count * sizeof(*was_handle));
-    if (!scratch || !item_sector || !item_size || !was_meta || !was_handle) {
-        PyErr_NoMemory();
-        goto error;
+    if (count == 1) {
+        scratch = one_scratch;
+        item_sector = &one_sector;
+        item_size = &one_size;
+        was_meta = &one_meta;
+        was_handle = &one_handle;
+    } else {
+        scratch = PyMem_Malloc(count << PAGE_SHIFT);
+        item_sector = PyMem_Malloc(count * sizeof(*item_sector));
+        item_size = PyMem_Malloc(count * sizeof(*item_size));
+        was_meta = PyMem_Malloc(count * sizeof(*was_meta));
+        was_handle = PyMem_Malloc(count * sizeof(*was_handle));
+        if (!scratch || !item_sector || !item_size || !was_meta
+                || !was_handle) {
+            PyErr_NoMemory();
+            goto error;
+        }
     }
 
     for (i = 0; i < count; i++) {
@@ -1691,7 +1707,20 @@ slot_paths_read(SlotPaths *self, PyObject *args)
                 memcpy(to, p.first, p.first_len);
                 if (p.second)
                     memcpy(to + p.first_len, p.second, p.size - p.first_len);
-                if (!(meta & F_HUGE)) {
+                if (count == 1 && !(meta & F_HUGE)) {
+                    ZSTD_DCtx *dctx = NULL;
+                    const char *why;
+                    if (codec->kind == KIND_ZSTD
+                            && !(dctx = codec_take_dctx(codec))) {
+                        obj_unplace(&p);
+                        goto error;
+                    }
+                    why = codec_decompress(codec, dctx, obj, p.size, dst);
+                    if (dctx)
+                        codec_give_dctx(codec, dctx);
+                    if (why)
+                        stop = 1;      /* the Python path raises it */
+                } else if (!(meta & F_HUGE)) {
                     if (!dargs.codec) {
                         /* Held until phase two is over: without the GIL a
                          * retired dictionary's codec could go meanwhile. */
@@ -1707,6 +1736,14 @@ slot_paths_read(SlotPaths *self, PyObject *args)
         }
         was_meta[i] = meta;
         was_handle[i] = handle;
+        if (count == 1 && !stop) {
+            /* touch now: as Device._read_sector(touch=True) */
+            if (meta & F_IDLE)
+                self->meta[index] = meta & ~F_IDLE;
+            self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
+            self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
+            touched = 1;
+        }
         locked = -1;
         if (call_lock(self->lock_release[stripe]) < 0)
             goto error;
@@ -1746,7 +1783,7 @@ slot_paths_read(SlotPaths *self, PyObject *args)
      * sector that failed on, which the Python path reads and fails.  A
      * slot rewritten or marked idle since phase one was not what this
      * read saw, and keeps what its writer or mark_idle made it. */
-    for (k = 0; k < done; k++) {
+    for (k = touched ? done : 0; k < done; k++) {
         Py_ssize_t index = first + k;
         unsigned stripe = index & STRIPE_MASK;
         if (call_lock(self->lock_acquire[stripe]) < 0)
@@ -1764,11 +1801,13 @@ slot_paths_read(SlotPaths *self, PyObject *args)
     for (k = 0; k < n_dctx; k++)
         codec_give_dctx(dargs.codec, batch.ctx[k]);
     Py_XDECREF(dargs.codec);
-    PyMem_Free(scratch);
-    PyMem_Free(item_sector);
-    PyMem_Free(item_size);
-    PyMem_Free(was_meta);
-    PyMem_Free(was_handle);
+    if (scratch != one_scratch) {
+        PyMem_Free(scratch);
+        PyMem_Free(item_sector);
+        PyMem_Free(item_size);
+        PyMem_Free(was_meta);
+        PyMem_Free(was_handle);
+    }
     Py_DECREF(dict_comps);
     PyBuffer_Release(&out);
     return PyLong_FromSsize_t(done);
@@ -1783,11 +1822,13 @@ error:
     for (k = 0; k < n_dctx; k++)
         codec_give_dctx(dargs.codec, batch.ctx[k]);
     Py_XDECREF(dargs.codec);
-    PyMem_Free(scratch);
-    PyMem_Free(item_sector);
-    PyMem_Free(item_size);
-    PyMem_Free(was_meta);
-    PyMem_Free(was_handle);
+    if (scratch != one_scratch) {
+        PyMem_Free(scratch);
+        PyMem_Free(item_sector);
+        PyMem_Free(item_size);
+        PyMem_Free(was_meta);
+        PyMem_Free(was_handle);
+    }
     Py_XDECREF(dict_comps);
     PyBuffer_Release(&out);
     return NULL;

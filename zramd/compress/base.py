@@ -12,9 +12,13 @@ error, a truncated or over-long stream, trailing bytes, an output that is
 not exactly one page, becomes ``CorruptDataError`` (EIO) naming the backend
 and the slot, so the device can fail that one read and count it.
 
-A backend subclass sets the class attributes below and, if it holds
-per-thread working contexts, keeps them in a ``threading.local``: objects
-such as zstandard's (de)compressors must never be shared between threads.
+A backend subclass sets the class attributes below.  Working contexts
+(zstd's compressors and decompressors) must never be used by two threads
+at once: the C codecs keep them on a free list, taken and given back
+under the GIL, as many as calls ever ran at once.  A backend with a C
+codec sets ``native`` to it (a ``zramd._fastpath.Codec``); the device's C
+loops then compress and decompress with it directly, and pages of a
+backend without one go through ``compress``/``decompress`` here.
 """
 
 from .. import PAGE_SIZE
@@ -36,6 +40,9 @@ class Compressor:
     default_level = None
     #: Whether the backend accepts a dictionary (``dict_path``).
     takes_dict = False
+    #: The C codec (zramd._fastpath.Codec) doing this backend's work, or
+    #: None: the device's C loops hand such pages to the Python path.
+    native = None
 
     def __init__(self, level=None, dictionary=None):
         """``level`` is already checked against ``levels`` (None: the

@@ -648,7 +648,8 @@ lock_release_keep_error(PyObject *lock)
     PyErr_Restore(exc, val, tb);
 }
 
-static Py_ssize_t
+/* An int attribute into *out: 0, or -1 with an error set. */
+static int
 attr_long(PyObject *obj, PyObject *name, long *out)
 {
     PyObject *v = PyObject_GetAttr(obj, name);
@@ -689,12 +690,110 @@ obj_header(Cols *c, PyObject *views, long csize, long ppz, int32_t z,
     return base ? base + (start & PAGE_MASK) : NULL;
 }
 
+/* _take_obj: hand a free object of zspage z (which has room) to handle,
+ * from its free list, else its first never-used index; a huge class's
+ * one object keeps the handle in the zspage's column instead of a header.
+ * Counts it in inuse (obj_used is the caller's).  The index, or -1 with
+ * an error set.  Columns taken: FREEOBJ, UNUSED, INUSE, FRAMES (and
+ * HANDLE for a huge class). */
+static long
+obj_take(Cols *c, PyObject *views, long csize, long ppz, int huge, int32_t z,
+         uint64_t handle)
+{
+    long idx, reuse = COL(c, COL_FREEOBJ, int16_t)[z];
+    if (reuse < 0) {
+        idx = COL(c, COL_UNUSED, uint16_t)[z];
+        COL(c, COL_UNUSED, uint16_t)[z] = idx + 1;
+    } else {
+        idx = reuse;
+    }
+    if (huge) {
+        COL(c, COL_FREEOBJ, int16_t)[z] = -1;
+        COL(c, COL_HANDLE, uint64_t)[z] = handle;
+    } else {
+        char *hdr = obj_header(c, views, csize, ppz, z, idx);
+        uint64_t word;
+        if (!hdr) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "pool: frame outside the arena");
+            return -1;
+        }
+        if (reuse >= 0) {
+            memcpy(&word, hdr, 8);
+            COL(c, COL_FREEOBJ, int16_t)[z] = (int16_t)((word >> 1) - 1);
+        }
+        word = handle << 1 | OBJ_ALLOCATED_TAG;
+        memcpy(hdr, &word, 8);
+    }
+    COL(c, COL_INUSE, uint16_t)[z] += 1;
+    return idx;
+}
+
+/* _put_obj: object idx of zspage z (not a huge class: its header becomes
+ * the free-list link) back on the zspage's free list; uncounts it in
+ * inuse (obj_used is the caller's).  0, or -1 with an error set.
+ * Columns taken: FREEOBJ, INUSE, FRAMES. */
+static int
+obj_put(Cols *c, PyObject *views, long csize, long ppz, int32_t z, long idx)
+{
+    char *hdr = obj_header(c, views, csize, ppz, z, idx);
+    uint64_t word;
+    if (!hdr) {
+        PyErr_SetString(PyExc_RuntimeError, "pool: frame outside the arena");
+        return -1;
+    }
+    word = (uint64_t)(COL(c, COL_FREEOBJ, int16_t)[z] + 1) << 1;
+    memcpy(hdr, &word, 8);
+    COL(c, COL_FREEOBJ, int16_t)[z] = idx;
+    COL(c, COL_INUSE, uint16_t)[z] -= 1;
+    return 0;
+}
+
+#define OBJ_COLS ((1u << COL_FREEOBJ) | (1u << COL_UNUSED) \
+                  | (1u << COL_INUSE) | (1u << COL_FRAMES))
+
+/* zs_obj(cls, views, op, z, arg): op 0 takes an object of zspage z for
+ * handle arg and returns its index; op 1 puts object arg back.  For
+ * compaction (class lock held). */
+static PyObject *
+fp_zs_obj(PyObject *module, PyObject *args)
+{
+    PyObject *cls, *views;
+    int op;
+    long z, csize, ppz, huge, r = 0;
+    unsigned long long arg;
+    Cols c;
+    if (!PyArg_ParseTuple(args, "OO!ilK", &cls, &PyList_Type, &views, &op,
+                          &z, &arg))
+        return NULL;
+    if (attr_long(cls, s_size, &csize) < 0 || attr_long(cls, s_ppz, &ppz) < 0
+            || attr_long(cls, s_huge, &huge) < 0)
+        return NULL;
+    if (cols_take(&c, cls, OBJ_COLS | (huge ? 1u << COL_HANDLE : 0)) < 0)
+        return NULL;
+    if (check_zspage(&c, z, 0) < 0) {
+        cols_drop(&c);
+        return NULL;
+    }
+    if (op == 0)
+        r = obj_take(&c, views, csize, ppz, huge, z, arg);
+    else if (huge)
+        PyErr_SetString(PyExc_ValueError, "zs_obj: a huge class has no"
+                        " free list");
+    else
+        r = obj_put(&c, views, csize, ppz, z, (long)arg);
+    cols_drop(&c);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(r);
+}
+
 /* zs_malloc(pool, size) -> handle.  Pool.malloc in full; size checked. */
 static uint64_t
 pool_malloc(PyObject *pool, PyObject *class_for, PyObject *views, long size)
 {
     PyObject *cls, *lock = NULL, *fullness = NULL, *r;
-    long csize, ppz, index, huge, nonempty, z, g, row, idx, reuse, inuse;
+    long csize, ppz, index, huge, nonempty, z, g, row, idx, inuse;
     long new_group;
     uint64_t handle = 0;
     Cols c;
@@ -763,34 +862,11 @@ pool_malloc(PyObject *pool, PyObject *class_for, PyObject *views, long size)
         cols_drop(&c);
         goto out_fail;
     }
-    /* _take_obj */
-    reuse = COL(&c, COL_FREEOBJ, int16_t)[z];
-    if (reuse < 0) {
-        idx = COL(&c, COL_UNUSED, uint16_t)[z];
-        COL(&c, COL_UNUSED, uint16_t)[z] = idx + 1;
-    } else {
-        idx = reuse;
+    if ((idx = obj_take(&c, views, csize, ppz, huge, z, handle)) < 0) {
+        cols_drop(&c);
+        goto out_fail;
     }
-    if (huge) {
-        COL(&c, COL_FREEOBJ, int16_t)[z] = -1;
-        COL(&c, COL_HANDLE, uint64_t)[z] = handle;
-    } else {
-        char *hdr = obj_header(&c, views, csize, ppz, z, idx);
-        uint64_t word;
-        if (!hdr) {
-            PyErr_SetString(PyExc_RuntimeError, "malloc: frame outside the arena");
-            cols_drop(&c);
-            goto out_fail;
-        }
-        if (reuse >= 0) {
-            memcpy(&word, hdr, 8);
-            COL(&c, COL_FREEOBJ, int16_t)[z] = (int16_t)((word >> 1) - 1);
-        }
-        word = handle << 1 | OBJ_ALLOCATED_TAG;
-        memcpy(hdr, &word, 8);
-    }
-    inuse = COL(&c, COL_INUSE, uint16_t)[z] + 1;
-    COL(&c, COL_INUSE, uint16_t)[z] = inuse;
+    inuse = COL(&c, COL_INUSE, uint16_t)[z];
     if (inuse >= PyBytes_GET_SIZE(fullness)) {
         PyErr_SetString(PyExc_RuntimeError, "malloc: zspage over-full");
         cols_drop(&c);
@@ -831,7 +907,7 @@ pool_free(PyObject *pool, PyObject *handle_class, PyObject *views,
 {
     PyObject *cls, *lock, *frames = NULL, *r;
     uint64_t row = handle >> HANDLE_CLASS_BITS, loc;
-    long csize, ppz, inuse, idx;
+    long csize, ppz, inuse;
     int32_t z;
     Cols c;
 
@@ -885,26 +961,19 @@ pool_free(PyObject *pool, PyObject *handle_class, PyObject *views,
         Py_DECREF(r);
     }
     inuse = COL(&c, COL_INUSE, uint16_t)[z] - 1;
-    COL(&c, COL_INUSE, uint16_t)[z] = inuse;
     if (inuse) {
-        /* _put_obj; a huge zspage (one object) never gets here, so the
-         * object has a header. */
+        /* a huge zspage (one object) never gets here, so the object has
+         * a header */
         PyObject *fullness = PyObject_GetAttr(cls, s_fullness);
-        char *hdr;
-        uint64_t word;
         long new_group;
-        idx = loc & OBJ_INDEX_MASK;
-        hdr = obj_header(&c, views, csize, ppz, z, idx);
-        if (!fullness || !PyBytes_Check(fullness) || !hdr) {
+        if (!fullness || !PyBytes_Check(fullness)
+                || obj_put(&c, views, csize, ppz, z, loc & OBJ_INDEX_MASK) < 0) {
             Py_XDECREF(fullness);
             if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_RuntimeError, "free: pool columns disagree");
+                PyErr_SetString(PyExc_TypeError, "free: fullness is not bytes");
             cols_drop(&c);
             goto out;
         }
-        word = (uint64_t)(COL(&c, COL_FREEOBJ, int16_t)[z] + 1) << 1;
-        memcpy(hdr, &word, 8);
-        COL(&c, COL_FREEOBJ, int16_t)[z] = idx;
         new_group = (unsigned char)PyBytes_AS_STRING(fullness)[inuse];
         Py_DECREF(fullness);
         if (new_group != COL(&c, COL_GROUP, uint8_t)[z]) {
@@ -915,6 +984,7 @@ pool_free(PyObject *pool, PyObject *handle_class, PyObject *views,
             goto out;
     } else {
         PyObject *zo;
+        COL(&c, COL_INUSE, uint16_t)[z] = 0;
         list_unlink(&c, z);
         if (cols_put(&c) < 0)
             goto out;
@@ -1214,18 +1284,6 @@ take_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize,
     return 0;
 }
 
-static Py_ssize_t
-attr_ssize(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    Py_ssize_t n;
-    if (!v)
-        return -1;
-    n = PyLong_AsSsize_t(v);
-    Py_DECREF(v);
-    return n;
-}
-
 static double
 now_monotonic(void)
 {
@@ -1412,14 +1470,15 @@ obj_place(SlotPaths *self, uint64_t handle, ObjPlace *p)
 {
     PyObject *cls, *r;
     uint64_t row = handle >> HANDLE_CLASS_BITS, loc;
-    Py_ssize_t csize, header, ppz, start, slot;
+    long csize, header, ppz;
+    Py_ssize_t start, slot;
     uint32_t *frames;
     unsigned off;
 
     cls = PyList_GET_ITEM(self->handle_class, handle & HANDLE_CLASS_MASK);
-    if ((csize = attr_ssize(cls, s_size)) < 0
-            || (header = attr_ssize(cls, s_header)) < 0
-            || (ppz = attr_ssize(cls, s_ppz)) < 0)
+    if (attr_long(cls, s_size, &csize) < 0
+            || attr_long(cls, s_header, &header) < 0
+            || attr_long(cls, s_ppz, &ppz) < 0)
         return -1;
     if (!(p->lock = PyObject_GetAttr(cls, s_lock)))
         return -1;
@@ -1617,6 +1676,7 @@ slot_paths_read(SlotPaths *self, PyObject *args)
     Batch batch = {0};
     DecompArgs dargs = {0};
     int hands = 0, n_dctx = 0, locked = -1, touched = 0;
+    unsigned batch_dict = 0;           /* dargs.codec's dictionary id */
     /* A single sector (fio, swap-ins) needs no heap and no crew: read,
      * decompress and touch it in one go under its lock, as the Python
      * path does. */
@@ -1685,13 +1745,22 @@ slot_paths_read(SlotPaths *self, PyObject *args)
             ObjPlace p;
             int found, err;
             if (!(meta & F_HUGE)) {
-                codec = codec_for_meta(dict_comps, meta, &err);
-                if (err)
-                    goto error;
-                /* One codec per batch; a page of another dictionary
-                 * (rare: just after training) goes to the Python path. */
-                if (codec && dargs.codec && codec != dargs.codec)
-                    codec = NULL;
+                unsigned dict_id = (meta & DICT_MASK) >> DICT_SHIFT;
+                if (dargs.codec && dict_id == batch_dict) {
+                    codec = dargs.codec;   /* held: no lookup per sector */
+                } else {
+                    codec = codec_for_meta(dict_comps, meta, &err);
+                    if (err)
+                        goto error;
+                    /* One codec per batch; a page of another dictionary
+                     * (rare: just after training) goes to the Python
+                     * path.  (A page that does not decompress with the
+                     * batch's codec goes there too.) */
+                    if (codec && dargs.codec && codec != dargs.codec)
+                        codec = NULL;
+                    if (codec && !dargs.codec)
+                        batch_dict = dict_id;
+                }
             }
             if (!(meta & F_HUGE) && !codec) {
                 stop = 1;
@@ -1914,7 +1983,8 @@ slot_paths_write(SlotPaths *self, PyObject *args)
 {
     PyObject *device, *data_o, *primary = NULL, *dict_comps = NULL,
         *comp, *id_o, *t0_o;
-    Py_ssize_t first, count, i = 0, huge_class_size, limit_pages;
+    Py_ssize_t first, count, i = 0, huge_class_size;
+    long limit_pages;
     Py_buffer data;
     double t0;
     Codec *codec = NULL;
@@ -1950,7 +2020,7 @@ slot_paths_write(SlotPaths *self, PyObject *args)
     if (!(codec = native_of(comp)) || dict_id >= MAX_DICTS)
         goto done;                      /* 0 done: all of it in Python */
     Py_INCREF(codec);                   /* used without the GIL */
-    if ((limit_pages = attr_ssize(device, s_limit_pages)) < 0)
+    if (attr_long(device, s_limit_pages, &limit_pages) < 0)
         goto done;
     if (!(t0_o = PyObject_GetAttr(device, s_t0)))
         goto done;
@@ -2006,7 +2076,7 @@ slot_paths_write(SlotPaths *self, PyObject *args)
         } else {
             const char *src = size == PAGE_SIZE ? (const char *)data.buf
                 + (i << PAGE_SHIFT) : scratch + i * SCRATCH_STRIDE;
-            Py_ssize_t pages, max_used;
+            long pages, max_used;
             ObjPlace p;
             int found;
             meta = size == PAGE_SIZE ? F_HUGE
@@ -2017,11 +2087,11 @@ slot_paths_write(SlotPaths *self, PyObject *args)
                 goto done;
             have_new = 1;
             /* update_used_max(), and the limit as zram_can_store_page() */
-            if ((pages = attr_ssize(self->arena, s_frames_in_use)) < 0
-                    || (max_used = attr_ssize(device, s_max_used_pages)) < 0)
+            if (attr_long(self->arena, s_frames_in_use, &pages) < 0
+                    || attr_long(device, s_max_used_pages, &max_used) < 0)
                 goto done_free_new;
             if (pages > max_used) {
-                PyObject *pages_o = PyLong_FromSsize_t(pages), *r = NULL;
+                PyObject *pages_o = PyLong_FromLong(pages), *r = NULL;
                 if (pages_o)
                     r = PyObject_CallMethodOneArg(device, s_note_pages_used,
                                                   pages_o);
@@ -2216,6 +2286,10 @@ static PyMethodDef module_methods[] = {
      "zs_malloc(pool, size) -> handle: Pool.malloc."},
     {"zs_free", fp_zs_free, METH_VARARGS,
      "zs_free(pool, handle): Pool.free."},
+    {"zs_obj", fp_zs_obj, METH_VARARGS,
+     "zs_obj(cls, views, op, z, arg): op 0 takes an object of zspage z for"
+     " handle arg and returns its index, op 1 puts object arg back (class"
+     " lock held; obj_used is the caller's)."},
     {"zs_list", fp_zs_list, METH_VARARGS,
      "zs_list(cls, op, z, g=0): fullness list op 0 link, 1 unlink, 2 move"
      " (class lock held)."},

@@ -73,9 +73,10 @@ Handles
     the class empties, so the handle table too follows the pool down.
 
 In C
-    malloc, free and the fullness-list operations are zramd/_fastpath.c
-    (``zs_malloc``, ``zs_free``, ``zs_list``), working on these columns
-    in place; what grows or shrinks a column (``_new_zspage``,
+    malloc, free, the fullness-list operations and taking or putting back
+    one object are zramd/_fastpath.c (``zs_malloc``, ``zs_free``,
+    ``zs_list``, ``zs_obj``; compaction uses the last two), working on
+    these columns in place; what grows or shrinks a column (``_new_zspage``,
     ``_new_row``, ``_release_zspage``) stays here and is called from there.
 
 Fullness groups
@@ -136,8 +137,6 @@ ZS_INUSE_RATIO_10 = 1
 ZS_INUSE_RATIO_99 = 10
 ZS_INUSE_RATIO_100 = 11
 NR_FULLNESS_GROUPS = 12
-# Groups whose zspages have room: bits 0..10 of SizeClass.nonempty.
-GROUPS_WITH_ROOM = (1 << ZS_INUSE_RATIO_100) - 1
 # Values of the group column for a zspage on no list.
 ZS_ISOLATED = 254            # off its list while compaction works on it
 ZS_FREE = 255                # released: the id waits on free_ids
@@ -165,10 +164,10 @@ if (_fastpath.HANDLE_CLASS_BITS, _fastpath.OBJ_INDEX_BITS,
 _zs_malloc = _fastpath.zs_malloc
 _zs_free = _fastpath.zs_free
 _zs_list = _fastpath.zs_list
+_zs_obj = _fastpath.zs_obj
 
 _header = struct.Struct("<Q")
 _unpack_header = _header.unpack_from
-_pack_header = _header.pack_into
 
 
 def chain_size_for(class_size, chain_size):
@@ -436,29 +435,17 @@ class Pool:
 
     def _take_obj(self, cls, z, handle):
         """Hand out a free object of zspage ``z`` to ``handle`` (class lock
-        held; ``z`` has room; not a huge class); returns its index.  The
-        caller regroups.  malloc has its own copy of this, inline."""
-        idx = cls.freeobj[z]
-        if idx < 0:
-            idx = cls.unused[z]
-            cls.unused[z] = idx + 1
-            view, off = self._locate(cls, z, idx * cls.size)
-        else:
-            view, off = self._locate(cls, z, idx * cls.size)
-            cls.freeobj[z] = (_unpack_header(view, off)[0] >> 1) - 1
-        _pack_header(view, off, handle << 1 | OBJ_ALLOCATED_TAG)
-        cls.inuse[z] += 1
+        held; ``z`` has room); returns its index.  The caller regroups.
+        In C (zs_obj), the code malloc uses."""
+        idx = _zs_obj(cls, self._views, 0, z, handle)
         cls.obj_used += 1
         return idx
 
     def _put_obj(self, cls, z, idx):
         """Return object ``idx`` to zspage ``z``'s free list (lock held;
-        not a huge class).  The caller regroups or releases the zspage;
-        free has its own copy of this, inline."""
-        view, off = self._locate(cls, z, idx * cls.size)
-        _pack_header(view, off, (cls.freeobj[z] + 1) << 1)
-        cls.freeobj[z] = idx
-        cls.inuse[z] -= 1
+        not a huge class).  The caller regroups or releases the zspage.
+        In C (zs_obj), the code free uses."""
+        _zs_obj(cls, self._views, 1, z, idx)
         cls.obj_used -= 1
 
     # ---- public API ----------------------------------------------------

@@ -503,12 +503,15 @@ cols_take(Cols *c, PyObject *cls, unsigned mask)
         Py_DECREF(col);
         c->mask |= 1u << i;
     }
-    if (!(v = PyObject_GetAttr(cls, s_nonempty)))
-        goto fail;
-    c->nonempty = c->nonempty0 = PyLong_AsLong(v);
-    Py_DECREF(v);
-    if (c->nonempty == -1 && PyErr_Occurred())
-        goto fail;
+    c->nonempty = c->nonempty0 = 0;
+    if (mask & (1u << COL_HEADS)) {    /* the lists' bit map goes with them */
+        if (!(v = PyObject_GetAttr(cls, s_nonempty)))
+            goto fail;
+        c->nonempty = c->nonempty0 = PyLong_AsLong(v);
+        Py_DECREF(v);
+        if (c->nonempty == -1 && PyErr_Occurred())
+            goto fail;
+    }
     return 0;
 fail:
     cols_drop(c);
@@ -676,18 +679,25 @@ add_to_attr(PyObject *obj, PyObject *name, long delta)
 }
 
 
+/* Byte ``start`` of zspage z's chain of frames, as Pool._locate (FRAMES
+ * taken), or NULL when the zspage has no such frame in the arena. */
+static char *
+chain_address(Cols *c, PyObject *views, long ppz, int32_t z, long start)
+{
+    long slot = (long)z * ppz + (start >> PAGE_SHIFT);
+    char *base;
+    if (z < 0 || start < 0 || slot >= c->b[COL_FRAMES].len / 4)
+        return NULL;
+    base = frame_address(views, COL(c, COL_FRAMES, uint32_t)[slot]);
+    return base ? base + (start & PAGE_MASK) : NULL;
+}
+
 /* The header slot of object idx of zspage z (not a huge class). */
 static char *
 obj_header(Cols *c, PyObject *views, long csize, long ppz, int32_t z,
            long idx)
 {
-    long start = idx * csize;
-    long slot = (long)z * ppz + (start >> PAGE_SHIFT);
-    char *base;
-    if (slot >= c->b[COL_FRAMES].len / 4)
-        return NULL;
-    base = frame_address(views, COL(c, COL_FRAMES, uint32_t)[slot]);
-    return base ? base + (start & PAGE_MASK) : NULL;
+    return chain_address(c, views, ppz, z, idx * csize);
 }
 
 /* _take_obj: hand a free object of zspage z (which has room) to handle,
@@ -1440,7 +1450,7 @@ SlotPaths_close(SlotPaths *self, PyObject *unused)
 /* An object's place in the frames: filled in under its class lock. */
 typedef struct {
     PyObject *lock;                 /* the class lock, held */
-    Py_buffer loc, sizes, frames;
+    Cols cols;                      /* its LOC, SIZES and FRAMES */
     unsigned size;                  /* the object's size */
     char *first;                    /* its bytes in the first frame */
     unsigned first_len;
@@ -1463,17 +1473,18 @@ frame_address(PyObject *views, uint32_t frame)
         + ((Py_ssize_t)(frame & CHUNK_MASK) << PAGE_SHIFT);
 }
 
+static int obj_unlock(ObjPlace *p);
+
 /* Take handle's class lock and find its bytes.  1: found (lock held, call
  * obj_unplace); 0: not a live handle (nothing held); -1: Python error. */
 static int
 obj_place(SlotPaths *self, uint64_t handle, ObjPlace *p)
 {
-    PyObject *cls, *r;
+    PyObject *cls;
+    Cols *c = &p->cols;
     uint64_t row = handle >> HANDLE_CLASS_BITS, loc;
-    long csize, header, ppz;
-    Py_ssize_t start, slot;
-    uint32_t *frames;
-    unsigned off;
+    long csize, header, ppz, start;
+    int32_t z;
 
     cls = PyList_GET_ITEM(self->handle_class, handle & HANDLE_CLASS_MASK);
     if (attr_long(cls, s_size, &csize) < 0
@@ -1482,60 +1493,31 @@ obj_place(SlotPaths *self, uint64_t handle, ObjPlace *p)
         return -1;
     if (!(p->lock = PyObject_GetAttr(cls, s_lock)))
         return -1;
-    if (!(r = PyObject_CallMethodNoArgs(p->lock, s_acquire))) {
+    if (lock_call(p->lock, s_acquire) < 0) {
         Py_DECREF(p->lock);
         return -1;
     }
-    Py_DECREF(r);
     /* Now the columns cannot change under us: take them. */
-    {
-        PyObject *loc_o = PyObject_GetAttr(cls, s_loc);
-        PyObject *sizes_o = PyObject_GetAttr(cls, s_sizes);
-        PyObject *frames_o = PyObject_GetAttr(cls, s_frames);
-        int ok = loc_o && sizes_o && frames_o
-            && take_buffer(loc_o, &p->loc, 8, "loc") == 0;
-        if (ok && take_buffer(sizes_o, &p->sizes, 2, "sizes") < 0) {
-            PyBuffer_Release(&p->loc);
-            ok = 0;
-        }
-        if (ok && take_buffer(frames_o, &p->frames, 4, "frames") < 0) {
-            PyBuffer_Release(&p->loc);
-            PyBuffer_Release(&p->sizes);
-            ok = 0;
-        }
-        Py_XDECREF(loc_o);
-        Py_XDECREF(sizes_o);
-        Py_XDECREF(frames_o);
-        if (!ok)
-            goto fail_locked;
+    if (cols_take(c, cls, (1u << COL_LOC) | (1u << COL_SIZES)
+                  | (1u << COL_FRAMES)) < 0)
+        goto fail_locked;
+    if (row == 0 || row >= (uint64_t)(c->b[COL_SIZES].len / 2)
+            || !COL(c, COL_SIZES, uint16_t)[row]) {
+        cols_drop(c);
+        return obj_unlock(p) < 0 ? -1 : 0;
     }
-    if (row == 0 || row >= (uint64_t)(p->sizes.len / 2)
-            || !((uint16_t *)p->sizes.buf)[row]) {
-        PyBuffer_Release(&p->loc);
-        PyBuffer_Release(&p->sizes);
-        PyBuffer_Release(&p->frames);
-        r = PyObject_CallMethodNoArgs(p->lock, s_release);
-        Py_DECREF(p->lock);
-        if (!r)
-            return -1;
-        Py_DECREF(r);
-        return 0;
-    }
-    p->size = ((uint16_t *)p->sizes.buf)[row];
-    loc = ((uint64_t *)p->loc.buf)[row];
-    frames = p->frames.buf;
-    start = (Py_ssize_t)(loc & OBJ_INDEX_MASK) * csize + header;
-    slot = (Py_ssize_t)(loc >> OBJ_INDEX_BITS) * ppz + (start >> PAGE_SHIFT);
-    off = start & PAGE_MASK;
-    p->first_len = PAGE_SIZE - off;
+    p->size = COL(c, COL_SIZES, uint16_t)[row];
+    loc = COL(c, COL_LOC, uint64_t)[row];
+    z = (int32_t)(loc >> OBJ_INDEX_BITS);
+    start = (long)(loc & OBJ_INDEX_MASK) * csize + header;
+    p->first_len = PAGE_SIZE - (start & PAGE_MASK);
     p->second = NULL;
-    if (p->size > PAGE_SIZE || slot < 0 || slot >= p->frames.len / 4
-            || !(p->first = frame_address(self->views, frames[slot])))
+    if (p->size > PAGE_SIZE
+            || !(p->first = chain_address(c, self->views, ppz, z, start)))
         goto corrupt;
-    p->first += off;
     if (p->size > p->first_len) {
-        if (slot + 1 >= p->frames.len / 4
-                || !(p->second = frame_address(self->views, frames[slot + 1])))
+        if (!(p->second = chain_address(c, self->views, ppz, z,
+                                        start + p->first_len)))
             goto corrupt;
     } else {
         p->first_len = p->size;
@@ -1543,31 +1525,29 @@ obj_place(SlotPaths *self, uint64_t handle, ObjPlace *p)
     return 1;
 
 corrupt:
-    PyBuffer_Release(&p->loc);
-    PyBuffer_Release(&p->sizes);
-    PyBuffer_Release(&p->frames);
+    cols_drop(c);
     PyErr_Format(PyExc_RuntimeError, "pool: handle %llu points outside the"
                  " arena (or the pool is closed)", (unsigned long long)handle);
 fail_locked:
-    r = PyObject_CallMethodNoArgs(p->lock, s_release);
-    Py_XDECREF(r);
+    lock_release_keep_error(p->lock);
     Py_DECREF(p->lock);
     return -1;
+}
+
+/* Let the class lock go (the columns already are). */
+static int
+obj_unlock(ObjPlace *p)
+{
+    int r = lock_call(p->lock, s_release);
+    Py_DECREF(p->lock);
+    return r;
 }
 
 static int
 obj_unplace(ObjPlace *p)
 {
-    PyObject *r;
-    PyBuffer_Release(&p->loc);
-    PyBuffer_Release(&p->sizes);
-    PyBuffer_Release(&p->frames);
-    r = PyObject_CallMethodNoArgs(p->lock, s_release);
-    Py_DECREF(p->lock);
-    if (!r)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    cols_drop(&p->cols);
+    return obj_unlock(p);
 }
 
 /* The native codec of a compressor object, or NULL (no error set). */

@@ -29,8 +29,9 @@ class Lz4(Compressor):
     def __init__(self, level=None, dictionary=None):
         super().__init__(level, dictionary)
         # The device's C paths use it directly; it holds no state
-        # between calls, so every thread shares it.
-        self.native = _fastpath.Codec("lz4")
+        # between calls, so every thread shares it.  (lz4hc: the same,
+        # with LZ4_compress_HC at its level.)
+        self.native = _fastpath.Codec(self.name, self.level or 0)
 
     def compress(self, page):
         return self.native.compress(page)

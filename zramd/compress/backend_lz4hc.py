@@ -6,7 +6,6 @@ so pages decompress with plain lz4 at lz4 speed: the choice for data written
 once and read often.
 """
 
-from .. import _fastpath
 from .backend_lz4 import Lz4
 
 
@@ -15,7 +14,3 @@ class Lz4HC(Lz4):
     levels = range(1, 13)
     default_level = 9
 
-    def __init__(self, level=None, dictionary=None):
-        super().__init__(level, dictionary)
-        # LZ4_compress_HC at our level; decompression is lz4's.
-        self.native = _fastpath.Codec("lz4hc", self.level)

@@ -505,6 +505,36 @@ def test_the_units_command_sequence(env):
     assert env.left() == []
 
 
+def test_serve_restarts_over_the_sockets_of_the_last_server(env):
+    # systemctl restart, or Restart=on-failure after a crash: nbdkit left
+    # its NBD socket in the preserved runtime directory, and nbdkit will
+    # not listen on an existing path.
+    env.configure("[zagain]\nzram-size = 16\nmount-point = /mnt/zagain\n")
+    os.makedirs(env.run)
+    run = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "zramd.attach"]
+    for attempt in range(2):
+        server = subprocess.Popen(cmd + ["serve", "--root", env.root,
+                                         "zagain"],
+                                  env=run, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        try:
+            r = subprocess.run(cmd + ["wait", "--timeout", "30", "zagain"],
+                               env=run, capture_output=True, text=True,
+                               timeout=60)
+            assert r.returncode == 0, (attempt, r.stderr, server.poll())
+            assert server.poll() is None, attempt
+        finally:
+            server.kill()             # no clean exit: as after a crash
+            server.wait(20)
+        assert os.path.exists(os.path.join(env.run, "zagain.nbd"))
+    for leftover in ("zagain.nbd", "zagain.sock"):
+        p = os.path.join(env.run, leftover)
+        if os.path.exists(p):
+            os.unlink(p)
+    assert env.left() == []
+
+
 WORKLOAD = """\
 import hashlib, os, random, sys
 with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:

@@ -355,18 +355,29 @@ def serve(name, root="/"):
     ExecStart of zramd@.service: same PID, so systemd watches nbdkit)."""
     dev = _select(config.load(root), [name])[0]
     os.makedirs(paths.runtime_dir(), mode=0o755, exist_ok=True)
+    # A restart (or Restart=on-failure after a crash) finds the last
+    # server's sockets in the preserved runtime directory.
+    _remove_stale_sockets(dev.name)
     argv = server_command(dev)
     env = server_environment()
     limit_stack()
     os.execvpe(argv[0], argv, env)
 
 
+def _remove_stale_sockets(name):
+    """Remove device ``name``'s NBD and control sockets when nobody answers
+    on them: nbdkit leaves its -U socket behind when it exits and refuses
+    to start on an existing one ("Address already in use")."""
+    for path, answers in ((paths.nbd_socket(name), _nbd_answers),
+                          (paths.control_socket(name), _answers)):
+        if os.path.exists(path) and answers(path) is None:
+            _unlink(path)
+
+
 def _start_server(dev, state):
     nbd = paths.nbd_socket(dev.name)
     control = paths.control_socket(dev.name)
-    for path in (nbd, control):      # stale sockets of a dead server
-        if os.path.exists(path) and _answers(path) is None:
-            _unlink(path)
+    _remove_stale_sockets(dev.name)
     log_path = os.path.join(paths.runtime_dir(), dev.name + ".log")
     argv = server_command(dev, nbd_socket=nbd, control=control)
     with open(log_path, "wb") as log:

@@ -408,6 +408,12 @@ def test_unknown_name_and_idle_down(env):
     assert attach.down() == []
 
 
+def test_cli_down_of_a_device_not_up_says_so(env, capsys):
+    assert attach.main(["down", "--root", env.root, "nosuch"]) == 0
+    assert capsys.readouterr().err == (
+        "zramd: nosuch: not up, nothing to take down\n")
+
+
 def test_down_refuses_busy_mount_and_keeps_state(env):
     mnt = os.path.join(env.mnt, "busy")
     env.configure("[zbusy]\nzram-size = 32\nfs-type = ext4\n"

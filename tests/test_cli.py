@@ -372,6 +372,16 @@ def test_top(runtime, capsys):
     assert abs(reads / writes - 2) < 0.1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (("-n", "0"), "iterations must be positive"),
+    (("-n", "-1"), "iterations must be positive"),
+    (("-d", "0"), "delay must be positive"),
+])
+def test_top_bad_arguments(runtime, capsys, argv, message):
+    runtime("zramd0", Busy())
+    assert run(capsys, "top", *argv) == (1, "", "zramd: top: %s\n" % message)
+
+
 def test_top_missing_device(runtime, capsys):
     assert run(capsys, "top", "-n", "1", "nosuch") == (
         1, "", "zramd: nosuch: no such device\n")

@@ -127,6 +127,7 @@ def test_classes_is_the_debugfs_table(served):
     ("1G", 1 << 30), ("512m", 512 << 20), ("4096", 4096), ("0", 0),
     ("0x1000", 4096), ("8K\n", 8192), ("3k", 3072), ("1T", 1 << 40),
     ("010", 8), ("0X10m", 16 << 20),
+    ("0xffffffffffffffff", (1 << 64) - 1), ("15E", 15 << 60),
 ])
 def test_mem_limit_memparse(served, value, limit):
     device, server = served
@@ -142,13 +143,27 @@ def test_mem_limit_roundtrip(served):
     assert ask(server, "get mm_stat")["value"].split()[3] == "1073741824"
 
 
-@pytest.mark.parametrize("value", ["abc", "1Q", "-5", "1.5G", "G", "1 G"])
+@pytest.mark.parametrize("value", ["abc", "1Q", "-5", "1.5G", "G", "1 G",
+                                   "16E", "18446744073709551616",
+                                   "0xffffffffffffffffffff"])
 def test_mem_limit_bad_value(served, value):
     device, server = served
     reply = ask(server, "set mem_limit " + value)
     assert reply["ok"] is False and reply["errno"] == errno.EINVAL
     assert reply["error"].startswith("mem_limit: invalid value")
     assert "K, M, G" in reply["error"]
+    assert device.calls == []
+
+
+@pytest.mark.parametrize("value", ["18446744073709551616", "0x10000000000000000"])
+def test_u64_attributes_refuse_what_does_not_fit(served, value):
+    # The kernel's kstrtoull answers -ERANGE; a value taken here would
+    # overflow the C side's page counts later, failing every write.
+    device, server = served
+    for attr in ("writeback_limit", "idle"):
+        reply = ask(server, "set %s %s" % (attr, value))
+        assert reply["ok"] is False and reply["errno"] == errno.EINVAL, reply
+        assert reply["error"].startswith(attr + ": invalid value")
     assert device.calls == []
 
 
@@ -162,6 +177,19 @@ def test_mem_used_max_reset(served):
     assert reply["error"] == ("mem_used_max: invalid value '5': accepted: 0 "
                               "(resets the peak to the current usage)")
     assert device.calls == [("reset_mem_used_max",)]
+
+
+def test_set_with_an_empty_value(served):
+    # "echo > compact" writes only a newline; zramd attr NAME compact ""
+    # sends "set compact " and is taken, and an empty value where one is
+    # needed is refused by the attribute, naming it.
+    device, server = served
+    assert ask(server, "set compact ")["ok"]
+    assert device.calls == [("compact",)]
+    reply = ask(server, "set mem_limit ")
+    assert reply["ok"] is False and reply["errno"] == errno.EINVAL
+    assert reply["error"].startswith("mem_limit: invalid value ''")
+    assert device.calls == [("compact",)]
 
 
 def test_compact_and_idle(served):

@@ -836,9 +836,15 @@ def _cmd_up(args):
 
 def _cmd_down(args):
     try:
-        down(args.names or None, root=args.root)
+        done = down(args.names or None, root=args.root)
     except ZramdError as e:
         return _report(e)
+    # Not an error (zramd-attach@NAME's ExecStop must succeed on a device
+    # that never came up), but a mistyped name should not pass unseen.
+    for name in args.names:
+        if name not in done:
+            print("zramd: %s: not up, nothing to take down" % name,
+                  file=sys.stderr)
     return 0
 
 

@@ -429,6 +429,9 @@ def cmd_top(args):
     if args.delay <= 0:
         sys.stderr.write("%s: top: delay must be positive\n" % PROG)
         return 1
+    if args.iterations is not None and args.iterations <= 0:
+        sys.stderr.write("%s: top: iterations must be positive\n" % PROG)
+        return 1
     tty = sys.stdout.isatty()
     previous = {}       # name -> (monotonic time, num_reads, num_writes)
     keys = _Keys()

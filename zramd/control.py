@@ -19,7 +19,9 @@ JSON out, one line each way::
                            <--   {"version":1,"ok":false,"errno":22,
                                   "error":"bogus: unknown request; ..."}\\n
 
-Requests: ``get ATTR``, ``set ATTR VALUE``, ``status`` (everything the
+Requests: ``get ATTR``, ``set ATTR VALUE`` (VALUE is the rest of the
+line, and may be empty: ``set compact `` with its trailing space is
+``echo > compact``), ``status`` (everything the
 ``zramd`` table needs in one go), ``attrs`` (the attribute table) and
 ``ping``.  Every reply carries ``"version": 1`` and ``"ok"``; fields are
 only ever added, never renamed (the stats are an interface, see
@@ -127,6 +129,15 @@ class RemoteError(ControlError):
 _NUMBER = r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*"
 _MEMPARSE = re.compile(r"(%s)([kmgtpe]?)" % _NUMBER, re.IGNORECASE)
 _MEMPARSE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+#: The kernel's values are u64: kstrtoull refuses more (-ERANGE), where
+#: memparse would wrap around silently; we refuse both.
+U64_MAX = (1 << 64) - 1
+
+
+def _u64(value, text):
+    if value > U64_MAX:
+        raise ValueError("%s: more than 2^64 - 1" % text)
+    return value
 
 
 def _strtoull(digits):
@@ -149,7 +160,8 @@ def memparse(text):
     m = _MEMPARSE.fullmatch(text.strip())
     if not m:
         raise ValueError(text)
-    return _strtoull(m.group(1)) << _MEMPARSE_SHIFT[m.group(2).lower()]
+    return _u64(_strtoull(m.group(1)) << _MEMPARSE_SHIFT[m.group(2).lower()],
+                text)
 
 
 def _kstrtoull(text):
@@ -159,7 +171,7 @@ def _kstrtoull(text):
     m = re.fullmatch(r"\+?(%s)" % _NUMBER, text)
     if not m:
         raise ValueError(text)
-    return _strtoull(m.group(1))
+    return _u64(_strtoull(m.group(1)), text)
 
 
 def _store_mem_limit(device, value):
@@ -167,8 +179,9 @@ def _store_mem_limit(device, value):
         limit = memparse(value)
     except ValueError:
         raise InvalidRequestError(
-            "mem_limit: invalid value %r: accepted: a size in bytes, "
-            "optionally followed by K, M, G, T, P or E (0 = no limit)"
+            "mem_limit: invalid value %r: accepted: a size in bytes up to "
+            "2^64 - 1, optionally followed by K, M, G, T, P or E "
+            "(0 = no limit)"
             % value) from None
     device.set_mem_limit(limit)
 
@@ -219,8 +232,8 @@ def _number(attr, key, text):
     try:
         return _kstrtoull(text)
     except ValueError:
-        raise InvalidRequestError("%s: %s=%r: accepted: a number"
-                                  % (attr, key, text)) from None
+        raise InvalidRequestError("%s: %s=%r: accepted: a number up to"
+                                  " 2^64 - 1" % (attr, key, text)) from None
 
 
 def _store_recomp_algorithm(device, value):
@@ -280,10 +293,12 @@ def _store_backing_dev(device, value):
 
 def _store_writeback_limit(device, value):
     try:
-        device.set_writeback_limit(_kstrtoull(value))
+        limit = _kstrtoull(value)
     except ValueError:
         raise InvalidRequestError("writeback_limit: invalid value %r:"
-                                  " accepted: pages (4 KiB)" % value) from None
+                                  " accepted: pages (4 KiB), up to 2^64 - 1"
+                                  % value) from None
+    device.set_writeback_limit(limit)
 
 
 def _store_writeback_limit_enable(device, value):
@@ -675,8 +690,10 @@ class ControlServer:
             if op == "get" and len(words) == 2:
                 return _reply(ok=True, attr=words[1],
                               value=show_attribute(self.device, words[1]))
-            if op == "set" and len(words) == 3:
-                store_attribute(self.device, words[1], words[2])
+            if op == "set" and (len(words) == 3 or len(words) == 2
+                                and text[-1:].isspace()):
+                value = words[2] if len(words) == 3 else ""
+                store_attribute(self.device, words[1], value)
                 return _reply(ok=True, attr=words[1])
             if op == "status" and len(words) == 1:
                 return _reply(ok=True, **device_status(self.device,

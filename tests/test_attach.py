@@ -15,7 +15,7 @@ import pytest
 
 from conftest import blockdev_missing
 from nbdkit_server import NbdkitServer
-from zramd import attach, control
+from zramd import attach, config, control
 from zramd.errors import ConfigError, ZramdError
 
 MiB = 1 << 20
@@ -607,6 +607,29 @@ def test_down_goes_in_reverse_order_of_up(env, monkeypatch):
     assert attach.down() == ["zc", "za", "zb"] == taken
     taken.clear()
     assert attach.down(["zb", "zc", "zz"]) == ["zc", "zb"] == taken
+
+
+@pytest.mark.parametrize("conf, commands", [
+    ("[zs]\nzram-size = 16\n",
+     [["mkswap", "/dev/loop9"],
+      ["swapon", "--priority", "100", "--options=discard", "/dev/loop9"]]),
+    ("[zs]\nzram-size = 16\noptions =\n",
+     [["mkswap", "/dev/loop9"], ["swapon", "--priority", "100", "/dev/loop9"]]),
+    ("[zs]\nzram-size = 16\nmount-point = /mnt/zs\noptions =\n",
+     [["mkfs", "-t", "ext2", "-q", "/dev/loop9"],
+      ["mount", "-t", "ext2", "/dev/loop9", "/mnt/zs"]]),
+])
+def test_use_commands_and_empty_options(env, monkeypatch, conf, commands):
+    # "options =" is zram-generator's way of saying no options at all: no
+    # -o for mount, no --options for swapon.
+    env.configure(conf)
+    (dev,) = config.load(env.root).values()
+    ran = []
+    monkeypatch.setattr(attach, "_run", lambda name, argv: ran.append(argv))
+    monkeypatch.setattr(attach, "_write_state", lambda state: None)
+    monkeypatch.setattr(attach.os, "makedirs", lambda *a, **k: None)
+    attach._use(dev, {"block_device": "/dev/loop9"})
+    assert ran == commands
 
 
 def test_nbd_client_commands(env, monkeypatch):

@@ -167,7 +167,39 @@ def test_empty_value_resets_to_default(root):
     write(root, "etc/zramd/zramd.conf.d/10.conf",
           "[d]\nfs-type=\nmount-point=\noptions=\n")
     d = config.load(root)["d"]
-    assert (d.fs_type, d.mount_point, d.options) == ("swap", None, "discard")
+    # options = is zram-generator's "no options" (how discard is turned
+    # off), not a reset to the default.
+    assert (d.fs_type, d.mount_point, d.options) == ("swap", None, "")
+
+
+def test_zram_generator_keys(root):
+    # MemTotal 8388608 kB = 8192 MiB (the root fixture).
+    write(root, "etc/zramd/zramd.conf", """\
+[small-only]
+host-memory-limit = 4096
+[fits]
+host-memory-limit = 8192
+zram-resident-limit = ram / 8
+writeback-device = /dev/zvol/pool/wb
+[unlimited]
+host-memory-limit = none
+zram-resident-limit = 0
+""")
+    devs = config.load(root)
+    assert list(devs) == ["fits", "unlimited"]
+    fits = devs["fits"]
+    assert (fits.mem_limit, fits.writeback_device) == (
+        1024 * MiB, "/dev/zvol/pool/wb")
+    assert fits.plugin_params()[-2:] == ["mem_limit=%d" % (1024 * MiB),
+                                         "backing_dev=/dev/zvol/pool/wb"]
+    assert devs["unlimited"].mem_limit == 0
+
+
+def test_ram_is_whole_mib(root):
+    # zram-generator's own test figure: 8013220 kB is 7825 MiB, not 7825.41.
+    write(root, "proc/meminfo", "MemTotal:        8013220 kB\n")
+    write(root, "etc/zramd/zramd.conf", "[z]\nzram-size = ram / 2\n")
+    assert config.load(root)["z"].size == 7825 * MiB // 2 // 4096 * 4096
 
 
 def test_line_continuation(root):
@@ -285,6 +317,16 @@ def test_sizes(value, expected):
     ("[zramd0]\njust words\n", 2, "expected 'key = value' or '[section]'"),
     ("[zramd0\n", 1, "malformed section header"),
     ("[bad/name]\n", 1, "[bad/name]: bad device name"),
+    ("[zramd0]\nhost-memory-limit = 4G\n", 2, "[zramd0] host-memory-limit: '4G': expected 'none' or whole MiB"),
+    ("[zramd0]\nmem-limit = 1G\nzram-resident-limit = 512\n", 2, "[zramd0] mem-limit: and zram-resident-limit both set"),
+    ("[zramd0]\nzram-resident-limit = -ram\n", 2, "[zramd0] zram-resident-limit: '-ram' is negative"),
+    ("[zramd0]\nwriteback-device = sdb2\n", 2, "[zramd0] writeback-device: 'sdb2' is not an absolute path"),
+    # What only the plugin's own checks know: refused here, so that the
+    # generator enables nothing the server would then refuse.
+    ("[zramd0]\ncompression-algorithm = lz4(level=3)\n", 2, "[zramd0] compression-algorithm: level: lz4 takes no level; got 3"),
+    ("[zramd0]\ncompression-algorithm = zstd(level=99)\n", 2, "[zramd0] compression-algorithm: level: 99 out of range for zstd"),
+    ("[zramd0]\ncompression-algorithm = zstd(dict=/nonexistent/x.dict)\n", 2, "[zramd0] compression-algorithm: dict: cannot read /nonexistent/x.dict"),
+    ("[zramd0]\nzram-size = 1e30\n", 2, "[zramd0] zram-size: size: '1048576000000000020850540374818553856' is too large"),
 ])
 def test_errors_name_file_line_and_key(root, body, line, fragment):
     path = write(root, "etc/zramd/zramd.conf", body)

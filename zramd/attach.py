@@ -555,8 +555,9 @@ def _use(dev, state):
         _run(dev.name, ["mkswap", device])
         state.update(use="swap", mount_point=None)
         _write_state(state)
-        _run(dev.name, ["swapon", "--priority", str(dev.swap_priority),
-                        "--options=" + dev.options, device])
+        options = ["--options=" + dev.options] if dev.options else []
+        _run(dev.name, ["swapon", "--priority", str(dev.swap_priority)]
+             + options + [device])
     else:
         mkfs = ["mkfs", "-t", dev.fs_type]
         if dev.fs_type.startswith("ext") or dev.fs_type in ("xfs", "btrfs"):
@@ -566,8 +567,9 @@ def _use(dev, state):
         state.update(use="fs", mount_point=dev.mount_point,
                      fs_type=dev.fs_type)
         _write_state(state)
-        _run(dev.name, ["mount", "-t", dev.fs_type, "-o", dev.options,
-                        device, dev.mount_point])
+        options = ["-o", dev.options] if dev.options else []
+        _run(dev.name, ["mount", "-t", dev.fs_type] + options
+             + [device, dev.mount_point])
 
 
 # ---------------------------------------------------------------------------

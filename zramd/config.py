@@ -11,6 +11,9 @@ is one section named for it; every key is optional::
     mount-point = /var/compressed         # file-system devices only
     options = discard                     # swapon -o / mount -o
     mem-limit = 1G                        # cap on the pool (0: none)
+    zram-resident-limit = ram / 8         # the same cap, in MiB of ram
+    host-memory-limit = 9048              # MiB: no device on more RAM
+    writeback-device = /dev/sdb2          # backing_dev for writeback
 
 Files are read from four directories, lowest precedence first::
 
@@ -30,7 +33,7 @@ The syntax is systemd's (systemd.syntax(5)) as far as zramd needs it:
 ``[section]`` headers, ``key = value`` lines, comments starting with ``#``
 or ``;``, blank lines, a trailing backslash that continues a value on the
 next line, and an empty value (``key =``) that resets the key to its
-default.  Anything else, an unknown key, or a bad value is a
+default (but ``options =`` means no options, as in zram-generator).  Anything else, an unknown key, or a bad value is a
 :class:`~zramd.errors.ConfigError` naming the file, line, section and key;
 :func:`load` either returns the whole configuration or raises, so a bad file
 changes nothing.
@@ -69,7 +72,8 @@ DEFAULT_FS_TYPE = "ext2"
 KNOWN_ALGORITHMS = ("lz4", "lz4hc", "zstd", "deflate")
 
 KEYS = ("zram-size", "compression-algorithm", "swap-priority", "fs-type",
-        "mount-point", "options", "mem-limit")
+        "mount-point", "options", "mem-limit", "zram-resident-limit",
+        "host-memory-limit", "writeback-device")
 
 #: A device name is used in file names and systemd instance names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -99,6 +103,7 @@ class DeviceConfig:
     mount_point: str | None = None
     options: str = DEFAULT_OPTIONS
     mem_limit: int = 0
+    writeback_device: str | None = None
     sources: tuple = ()
 
     @property
@@ -114,6 +119,8 @@ class DeviceConfig:
             params.append("dict=%s" % self.dict_path)
         if self.mem_limit:
             params.append("mem_limit=%d" % self.mem_limit)
+        if self.writeback_device is not None:
+            params.append("backing_dev=%s" % self.writeback_device)
         return params
 
 
@@ -209,14 +216,15 @@ def parse_file(path):
 
 
 def mem_total_mib(root="/"):
-    """MemTotal of ``ROOT/proc/meminfo`` in MiB (a float)."""
+    """MemTotal of ``ROOT/proc/meminfo`` in whole MiB, as zram-generator
+    counts it."""
     path = os.path.join(root, "proc/meminfo")
     try:
         with open(path) as f:
             for line in f:
                 fields = line.split()
                 if fields[:1] == ["MemTotal:"]:
-                    return int(fields[1]) / 1024
+                    return int(fields[1]) // 1024
     except (OSError, ValueError, IndexError) as e:
         raise ConfigError("%s: cannot read MemTotal: %s" % (path, e)) from None
     raise ConfigError("%s: no MemTotal line" % path)
@@ -226,7 +234,8 @@ def load(root="/", ram_mib=None):
     """Read the whole configuration under ``root``.
 
     Returns ``{name: DeviceConfig}`` in the order devices first appear,
-    leaving out devices whose size is 0.  ``ram_mib`` overrides MemTotal.
+    leaving out devices whose size is 0 and those whose host-memory-limit
+    is below the machine's RAM.  ``ram_mib`` overrides MemTotal.
     Raises ConfigError (file, line, section and key) and nothing else.
     """
     raw = {}             # name -> {key: (value, path, lineno)}
@@ -236,7 +245,7 @@ def load(root="/", ram_mib=None):
             keys = raw.setdefault(section, {})
             if key is None:
                 pass
-            elif value:
+            elif value or key == "options":   # 'options =': none at all
                 keys[key] = (value, path, lineno)
             else:                    # 'key =' resets it, as in systemd
                 keys.pop(key, None)
@@ -250,7 +259,7 @@ def load(root="/", ram_mib=None):
     devices = {}
     for name, keys in raw.items():
         dev = _device(name, keys, ram_mib, tuple(sources[name]))
-        if dev.size > 0:
+        if dev is not None and dev.size > 0:
             devices[name] = dev
     return devices
 
@@ -271,6 +280,9 @@ def _device(name, keys, ram_mib, sources):
         except ConfigError as e:
             raise ConfigError("%s: %s" % (where(key), e.message)) from None
 
+    host_limit = get("host-memory-limit", _parse_host_memory_limit, None)
+    if host_limit is not None and ram_mib > host_limit:
+        return None          # more RAM than the limit: zram-generator skips
     size_expr = keys["zram-size"][0] if "zram-size" in keys else DEFAULT_SIZE
     size_mib = get("zram-size", lambda v: evaluate(v, {"ram": ram_mib}),
                    evaluate(DEFAULT_SIZE, {"ram": ram_mib}))
@@ -294,12 +306,60 @@ def _device(name, keys, ram_mib, sources):
         raise ConfigError("%s: file system %r needs a mount-point"
                           % (where("fs-type"), fs_type))
     options = get("options", _parse_options, DEFAULT_OPTIONS)
+    if "mem-limit" in keys and "zram-resident-limit" in keys:
+        raise ConfigError("%s: and zram-resident-limit both set; accepted: "
+                          "one of them" % where("mem-limit"))
     mem_limit = get("mem-limit", parse_size, 0)
-    return DeviceConfig(name=name, size=size, size_expr=size_expr,
-                        algorithm=algorithm, level=level, dict_path=dict_path,
-                        swap_priority=priority, fs_type=fs_type,
-                        mount_point=mount_point, options=options,
-                        mem_limit=mem_limit, sources=sources)
+    resident_mib = get("zram-resident-limit",
+                       lambda v: evaluate(v, {"ram": ram_mib}), 0)
+    if resident_mib < 0:
+        raise ConfigError("%s: %r is negative (%g MiB)"
+                          % (where("zram-resident-limit"),
+                             keys["zram-resident-limit"][0], resident_mib))
+    if resident_mib:
+        mem_limit = int(resident_mib * MiB)
+    writeback_device = get("writeback-device", _parse_absolute_path, None)
+    dev = DeviceConfig(name=name, size=size, size_expr=size_expr,
+                       algorithm=algorithm, level=level, dict_path=dict_path,
+                       swap_priority=priority, fs_type=fs_type,
+                       mount_point=mount_point, options=options,
+                       mem_limit=mem_limit, writeback_device=writeback_device,
+                       sources=sources)
+    if dev.size > 0:
+        _check_with_plugin(dev, keys, where)
+    return dev
+
+
+#: The plugin parameter each zramd.conf key becomes.
+_PLUGIN_KEY_SOURCE = {"size": "zram-size", "algorithm": "compression-algorithm",
+                      "level": "compression-algorithm",
+                      "dict": "compression-algorithm", "mem_limit": "mem-limit"}
+
+
+def _check_with_plugin(dev, keys, where):
+    """Refuse now what the server would refuse at start-up (a level the
+    algorithm does not take, an unreadable dictionary, a size too large),
+    through the plugin's own parameter checks, so that the generator
+    enables nothing for a bad file."""
+    try:
+        from zramd.params import ParamParser
+    except ImportError as e:
+        raise ConfigError("[%s]: cannot check the device with the plugin's "
+                          "parameters: %s" % (dev.name, e)) from None
+    parser = ParamParser()
+    try:
+        for param in dev.plugin_params():
+            key, _, value = param.partition("=")
+            if key == "backing_dev":
+                continue     # may not exist yet when the generator runs
+            parser.set(key, value)
+        parser.set("name", dev.name)
+        parser.complete(check_control=False)
+    except ConfigError as e:
+        plugin_key = e.message.partition(":")[0]
+        key = _PLUGIN_KEY_SOURCE.get(plugin_key, "compression-algorithm")
+        place = where(key) if key in keys else "[%s] %s" % (dev.name, key)
+        raise ConfigError("%s: %s" % (place, e.message)) from None
 
 
 def algorithms():
@@ -371,10 +431,23 @@ def _parse_fs_type(value):
 
 
 def _parse_mount_point(value):
+    norm = os.path.normpath(_parse_absolute_path(value))
+    return norm if norm != "//" else "/"
+
+
+def _parse_absolute_path(value):
     if not os.path.isabs(value):
         raise ConfigError("%r is not an absolute path" % value)
-    norm = os.path.normpath(value)
-    return norm if norm != "//" else "/"
+    return value
+
+
+def _parse_host_memory_limit(value):
+    """``none`` or whole MiB, as zram-generator takes it."""
+    if value == "none":
+        return None
+    if not value.isdigit():
+        raise ConfigError("%r: expected 'none' or whole MiB" % value)
+    return int(value)
 
 
 def _parse_options(value):

@@ -240,3 +240,32 @@ def test_help_text_has_a_line_per_key():
     lines = params.help_text().splitlines()
     assert [line.split("=", 1)[0] for line in lines] == list(params.KEYS)
     assert lines[0].startswith("size=<SIZE>") and "(required)" in lines[0]
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (("policy_writeback=idle",),
+     "policy_writeback: the policy runs only with policy_interval=SECONDS"),
+    (("policy_idle_age=60",),
+     "policy_idle_age: the policy runs only with policy_interval=SECONDS"),
+    (("policy_interval=0", "policy_max_pages=5"),
+     "policy_max_pages: the policy runs only with policy_interval=SECONDS"),
+    (("policy_interval=10", "policy_writeback=idle"),
+     "policy_writeback: nothing to write back to; accepted with "
+     "backing_dev=PATH"),
+    (("policy_interval=10", "policy_recompress=idle"),
+     "policy_recompress: no algorithm to recompress with; accepted with "
+     "recomp_algorithm=ALGO"),
+])
+def test_policy_that_could_never_act_is_refused(runtime_dir, pairs, message):
+    assert refused("size=1G", *pairs).startswith(message)
+
+
+def test_policy_with_what_it_needs(runtime_dir, tmp_path):
+    backing = tmp_path / "wb"
+    backing.write_bytes(bytes(1 << 20))
+    p = parsed("size=1G", "policy_interval=10", "policy_idle_age=60",
+               "policy_writeback=idle", "backing_dev=%s" % backing,
+               "policy_recompress=huge", "recomp_algorithm=zstd")
+    assert p.policy_kwargs() == dict(interval=10, idle_age=60,
+                                     recompress_type="huge",
+                                     writeback_type="idle", max_pages=0)

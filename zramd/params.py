@@ -306,6 +306,7 @@ class ParamParser:
         name = values.get("name", DEFAULT_NAME)
         values.setdefault("control", paths.control_socket(name))
         params = Params(**values)
+        _check_policy(params, self._values)
         if check_compressor:
             _check_compressor(params)
             for algorithm, priority, level in params.recomp_algorithm:
@@ -319,6 +320,24 @@ class ParamParser:
         if check_control:
             _check_control(params.control)
         return params
+
+
+def _check_policy(params, given):
+    """Refuse policy settings that could never take effect: without
+    policy_interval the policy never runs, and its steps need what they
+    write back to or recompress with."""
+    if not params.policy_interval:
+        for key in ("policy_idle_age", "policy_recompress",
+                    "policy_writeback", "policy_max_pages"):
+            if key in given:
+                raise ConfigError("%s: the policy runs only with "
+                                  "policy_interval=SECONDS (> 0)" % key)
+    if params.policy_writeback and params.backing_dev is None:
+        raise ConfigError("policy_writeback: nothing to write back to; "
+                          "accepted with backing_dev=PATH")
+    if params.policy_recompress and not params.recomp_algorithm:
+        raise ConfigError("policy_recompress: no algorithm to recompress "
+                          "with; accepted with recomp_algorithm=ALGO")
 
 
 def _parse_seconds(key, text, accepted="seconds >= 0"):

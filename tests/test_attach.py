@@ -469,6 +469,33 @@ def test_add_subcommands_parses():
     assert (a.command, a.names, a.func) == ("down", [], attach._cmd_down)
 
 
+UNIT_CMD = [sys.executable, "-m", "zramd.attach"]
+
+
+def _serve_as_the_unit(env, name):
+    """zramd@NAME's ExecStart and ExecStartPost: ``serve`` (exec nbdkit,
+    same pid), then ``wait`` until it answers.  Returns the server."""
+    run = dict(os.environ, PYTHONPATH=REPO)
+    server = subprocess.Popen(UNIT_CMD + ["serve", "--root", env.root, name],
+                              env=run, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    r = subprocess.run(UNIT_CMD + ["wait", "--timeout", "30", name],
+                       env=run, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 or server.poll() is not None:
+        server.kill()
+        server.wait(20)
+        pytest.fail("serve %s: %s (server exit %s)"
+                    % (name, r.stderr, server.returncode))
+    return server
+
+
+def _remove_server_sockets(env, name):
+    for leftover in (name + ".nbd", name + ".sock"):
+        p = os.path.join(env.run, leftover)
+        if os.path.exists(p):
+            os.unlink(p)
+
+
 def test_the_units_command_sequence(env):
     # What systemd does with zramd@NAME and zramd-attach@NAME, minus
     # systemd: serve (exec nbdkit, same pid), wait, up --no-server, down,
@@ -476,15 +503,9 @@ def test_the_units_command_sequence(env):
     env.configure("[zunit]\nzram-size = 32\n")
     os.makedirs(env.run)
     run = dict(os.environ, PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "zramd.attach"]
-    server = subprocess.Popen(cmd + ["serve", "--root", env.root, "zunit"],
-                              env=run, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+    cmd = UNIT_CMD
+    server = _serve_as_the_unit(env, "zunit")
     try:
-        r = subprocess.run(cmd + ["wait", "--timeout", "30", "zunit"],
-                           env=run, capture_output=True, text=True,
-                           timeout=60)
-        assert r.returncode == 0, (r.stderr, server.poll())
         argv = cmdline(server.pid)            # exec'd: same pid, nbdkit now
         assert argv[0] == b"nbdkit" and b"--swap" in argv
         assert b"--foreground" in argv
@@ -504,10 +525,7 @@ def test_the_units_command_sequence(env):
     finally:
         server.terminate()
         server.wait(20)
-    for leftover in ("zunit.nbd", "zunit.sock"):
-        p = os.path.join(env.run, leftover)
-        if os.path.exists(p):
-            os.unlink(p)
+    _remove_server_sockets(env, "zunit")
     assert env.left() == []
 
 
@@ -517,27 +535,12 @@ def test_serve_restarts_over_the_sockets_of_the_last_server(env):
     # not listen on an existing path.
     env.configure("[zagain]\nzram-size = 16\nmount-point = /mnt/zagain\n")
     os.makedirs(env.run)
-    run = dict(os.environ, PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "zramd.attach"]
     for attempt in range(2):
-        server = subprocess.Popen(cmd + ["serve", "--root", env.root,
-                                         "zagain"],
-                                  env=run, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
-        try:
-            r = subprocess.run(cmd + ["wait", "--timeout", "30", "zagain"],
-                               env=run, capture_output=True, text=True,
-                               timeout=60)
-            assert r.returncode == 0, (attempt, r.stderr, server.poll())
-            assert server.poll() is None, attempt
-        finally:
-            server.kill()             # no clean exit: as after a crash
-            server.wait(20)
+        server = _serve_as_the_unit(env, "zagain")
+        server.kill()                 # no clean exit: as after a crash
+        server.wait(20)
         assert os.path.exists(os.path.join(env.run, "zagain.nbd"))
-    for leftover in ("zagain.nbd", "zagain.sock"):
-        p = os.path.join(env.run, leftover)
-        if os.path.exists(p):
-            os.unlink(p)
+    _remove_server_sockets(env, "zagain")
     assert env.left() == []
 
 

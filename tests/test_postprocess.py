@@ -18,7 +18,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
 
 from zramd import PAGE_SIZE, control
 from zramd.device import (COMP_PRIORITY_MASK, HUGE, IDLE, INCOMPRESSIBLE,
-                          SAME, WB, Device)
+                          PP_SLOT, SAME, WB, Device)
 from zramd.errors import InvalidRequestError, ZramdError
 from zramd.policy import Policy
 from zramd.stats import BdStat, PolicyStat
@@ -60,6 +60,8 @@ def check_identities(dev):
         if not dev.slot_allocated(i):
             assert info.flags == 0 and info.size == 0
             continue
+        # Only a pass in progress holds PP_SLOT.
+        assert not info.flags & PP_SLOT, (i, info)
         stored += 1
         if info.flags & SAME:
             same += 1
@@ -301,6 +303,118 @@ def test_writeback_limit(backing):
     dev.writeback_limit_enable = False
     assert dev.writeback("huge") > 0
     assert dev.read(0, SIZE) == data
+    dev.close()
+
+
+class Meddling:
+    """A compressor that runs ``action`` (once) in the middle of a
+    recompress pass: after the page was taken, before its result is put
+    back."""
+
+    def __init__(self, comp, action):
+        self.comp, self.action, self.name = comp, action, comp.name
+
+    def compress(self, page):
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+        return self.comp.compress(page)
+
+    def decompress(self, data, slot=None):
+        return self.comp.decompress(data, slot)
+
+
+def meddle_with_write_page(dev, action):
+    """Run ``action`` (once) while writeback writes a page out."""
+    write_page = dev._backing.write_page
+
+    def hooked(blk, page):
+        write_page(blk, page)
+        if hooked.action is not None:
+            action, hooked.action = hooked.action, None
+            action()
+
+    hooked.action = action
+    dev._backing.write_page = hooked
+
+
+def test_read_during_writeback_keeps_the_result(backing):
+    """A read while the page is being written out clears only IDLE: the
+    page is still what the pass took, so it goes to the backing device,
+    and PP_SLOT never stays behind (it did: the page was skipped by every
+    later pass)."""
+    dev, data = filled_device(backing)
+    dev.mark_idle()
+    meddle_with_write_page(dev, lambda: dev.read(0, PAGE_SIZE))
+    assert dev.writeback("idle", pages=[0]) == 1
+    assert dev.slot_info(0).flags == WB
+    assert dev.bd_stat().bd_count == 1
+    assert dev.read(0, SIZE) == data
+    check_identities(dev)
+    dev.close()
+
+
+def test_read_during_recompress_keeps_the_result(backing):
+    dev, data = filled_device(backing)
+    dev.set_recomp_algorithm("zstd", 1)
+    zstd = dev._compressors[1]
+    dev._compressors[1] = Meddling(zstd, lambda: dev.read(0, PAGE_SIZE))
+    dev.mark_idle()
+    assert dev.recompress("idle", pages=[0]) == 1
+    assert dev.slot_info(0).priority == 1
+    assert not dev.slot_info(0).flags & (PP_SLOT | IDLE)
+    dev._compressors[1] = zstd
+    assert dev.read(0, SIZE) == data
+    check_identities(dev)
+    dev.close()
+
+
+def test_rewrite_during_a_pass_drops_its_result(backing):
+    dev, data = filled_device(backing)
+    new = text_page(random.Random(77))
+    dev.mark_idle()
+    meddle_with_write_page(dev, lambda: dev.write(0, new))
+    assert dev.writeback("idle", pages=[0]) == 0
+    assert dev.bd_stat().bd_count == 0          # its block given back
+    dev.set_recomp_algorithm("zstd", 1)
+    zstd = dev._compressors[1]
+    dev._compressors[1] = Meddling(zstd, lambda: dev.write(PAGE_SIZE, new))
+    assert dev.recompress(pages=[1]) == 0
+    dev._compressors[1] = zstd
+    assert dev.read(0, SIZE) == new + new + data[2 * PAGE_SIZE:]
+    check_identities(dev)
+    # Nothing left flagged: both pages can be post-processed again.
+    assert dev.recompress(pages=[0, 1]) == 2
+    check_identities(dev)
+    dev.close()
+
+
+@pytest.mark.parametrize("step", ["recompress", "writeback"])
+def test_pass_that_raises_releases_its_slot(backing, step):
+    """An exception in the unlocked part of a pass (here not even a
+    ZramdError) leaves the page as it was, without PP_SLOT."""
+    dev, data = filled_device(backing)
+    dev.set_recomp_algorithm("zstd", 1)
+
+    def fail():
+        raise RuntimeError("injected")
+
+    zstd = dev._compressors[1]
+    if step == "recompress":
+        dev._compressors[1] = Meddling(zstd, fail)
+    else:
+        dev._backing.alloc_block = fail
+    with pytest.raises(RuntimeError, match="injected"):
+        dev.recompress() if step == "recompress" else dev.writeback(None)
+    dev._compressors[1] = zstd
+    vars(dev._backing).pop("alloc_block", None)
+    assert dev.read(0, SIZE) == data
+    check_identities(dev)
+    if step == "recompress":
+        assert dev.recompress(pages=[0]) == 1
+    else:
+        assert dev.writeback(None, pages=[0]) == 1
+    check_identities(dev)
     dev.close()
 
 

@@ -35,11 +35,12 @@ does not handle (written back, recompressed by a secondary algorithm, a
 codec with no C form, corrupt, over mem_limit) it hands back, and the
 Python methods below do it and raise what there is to raise.
 
-Locking (order: slot stripe lock, then the pool's class locks):
-``_stripe_locks[i % N_STRIPES]`` guards slot ``i``, that stripe's row
-of counters and its 4 KiB ``_stripe_copies`` buffer (where the pool copies
-an object that spans two frames while the slot is read).  Stats sum the
-rows; no lock is shared by all writers.
+Locking (order: ``_pp_lock``, then slot stripe lock, then the pool's
+class locks): ``_stripe_locks[i % N_STRIPES]`` guards slot ``i``, that
+stripe's row of counters and its 4 KiB ``_stripe_copies`` buffer (where the
+pool copies an object that spans two frames while the slot is read).
+Stats sum the rows; no lock is shared by all writers.  ``_pp_lock`` is
+held for a whole recompress or writeback pass, so one pass runs at a time.
 """
 
 import mmap
@@ -156,6 +157,9 @@ class Device:
         self._writeback_limit = 0
         self._wb_lock = threading.Lock()
         self._dict_lock = threading.Lock()
+        # One post-processing pass (recompress, writeback) at a time: a
+        # slot's PP_SLOT then has one owner.
+        self._pp_lock = threading.Lock()
         try:
             self.pool = Pool(chain_size=chain_size)
         except ValueError as err:
@@ -573,8 +577,13 @@ class Device:
     # As zram's recompress and writeback: candidate slots are chosen by
     # flags, marked PP_SLOT and copied out under the slot lock; the
     # expensive part (compression, backing-device I/O) runs unlocked; the
-    # new contents replace the old only if the slot did not change
-    # meanwhile (any write, discard or read changes its meta word).
+    # new contents replace the old only if the slot is still the pass's.
+    # A write, discard or free clears the whole meta word, PP_SLOT with
+    # it, and one pass runs at a time (``_pp_lock``), so a slot whose
+    # PP_SLOT is still set holds what the pass took; a read or mark_idle
+    # meanwhile changes only IDLE.  Whatever the outcome, the pass clears
+    # PP_SLOT of a slot it still owns, or the slot would never be
+    # post-processed again.
 
     def _pp_take(self, index, need, skip):
         """Under slot ``index``'s lock: if it holds a pool object, has every
@@ -602,19 +611,28 @@ class Device:
             self._meta[index] = meta
             return meta, handle, bytes(page)
 
+    def _pp_owned(self, index, taken):
+        """Whether slot ``index`` (its lock held) still holds what this
+        pass took as ``taken``: PP_SLOT still set, the same handle, the
+        same meta word but for IDLE."""
+        meta, handle, _ = taken
+        now = self._meta[index]
+        return bool(now & PP_SLOT and self._handle[index] == handle
+                    and (now | IDLE) == (meta | IDLE))
+
     def _pp_put(self, index, taken, new_meta=None, new_handle=0, size=0):
         """Finish post-processing slot ``index`` taken as ``taken``: with
         no ``new_meta`` only drop PP_SLOT (the page stays as it was);
-        otherwise, if the slot is unchanged, replace its contents and free
-        the old object.  Returns True when the replacement happened."""
-        meta, handle, _ = taken
+        otherwise, if the slot is still the pass's, replace its contents
+        and free the old object.  Returns True when the replacement
+        happened."""
         if new_meta is None:
             self._pp_flag(index, taken)
             return False
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
-            if self._meta[index] != meta or self._handle[index] != handle:
-                return False
+            if not self._pp_owned(index, taken):
+                return False    # rewritten or freed: PP_SLOT went with it
             old = self._slot_clear_locked(index, stripe)
             self._meta[index] = new_meta | size
             self._handle[index] = new_handle
@@ -686,64 +704,78 @@ class Device:
                                       % (threshold, PAGE_SIZE))
         candidates = self._pp_candidates(pp_type, pages, RECOMPRESS_TYPES)
         need = PP_TYPES[pp_type] if pp_type else 0
+        last = prio_max > active[-1]
         done = 0
         budget = max_pages
-        for index in candidates:
-            if max_pages and budget <= 0:
-                break
-            meta = self._meta[index]
-            prio = (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
-            if (prio + 1 >= prio_max or meta & need != need
-                    or meta & (SAME | WB | INCOMPRESSIBLE)):
-                continue
-            taken = self._pp_take(index, need, INCOMPRESSIBLE)
-            if taken is None:
-                continue
-            old_size = taken[0] & SIZE_MASK
-            if threshold and old_size < threshold:
-                self._pp_put(index, taken)
-                continue
-            budget -= 1
-            old_class = self.pool.lookup_class_index(old_size)
-            result = None
-            for p in range(max(prio_min, prio + 1), prio_max):
-                comp = self._compressors[p]
-                if comp is None:
+        with self._pp_lock:
+            for index in candidates:
+                if max_pages and budget <= 0:
+                    break
+                meta = self._meta[index]
+                prio = (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
+                if (prio + 1 >= prio_max or meta & need != need
+                        or meta & (SAME | WB | INCOMPRESSIBLE)):
                     continue
-                data = comp.compress(taken[2])
-                n = len(data)
-                if (n >= self._huge_class_size
-                        or self.pool.lookup_class_index(n) >= old_class
-                        or (threshold and n >= threshold)):
+                taken = self._pp_take(index, need, INCOMPRESSIBLE)
+                if taken is None:
                     continue
-                result = p, data
-                break
-            # As zram, a page looked at is no longer idle, whatever the
-            # outcome, so another pass does not pick it again.
-            if result is None:
-                last = prio_max > active[-1]
-                self._pp_flag(index, taken,
-                              INCOMPRESSIBLE if last else 0, IDLE)
-                continue
-            p, data = result
-            handle = self.pool.malloc(len(data))
-            self.pool.obj_write(handle, data)
-            if self._pp_put(index, taken, p << COMP_PRIORITY_SHIFT,
-                            handle, len(data)):
-                done += 1
-            else:
-                self.pool.free(handle)
+                old_size = taken[0] & SIZE_MASK
+                if threshold and old_size < threshold:
+                    self._pp_put(index, taken)
+                    continue
+                budget -= 1
+                prio = (taken[0] & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
+                try:
+                    done += self._recompress_taken(
+                        index, taken, range(max(prio_min, prio + 1),
+                                            prio_max), threshold, last)
+                except BaseException:
+                    self._pp_flag(index, taken)
+                    raise
         return done
 
+    def _recompress_taken(self, index, taken, priorities, threshold, last):
+        """Recompress the page of slot ``index``, taken as ``taken``, with
+        the first of ``priorities`` that shrinks it enough, and put the
+        result in the slot; ``last``: those include the last algorithm.
+        Returns 1 if the slot now holds a recompressed object, else 0."""
+        old_class = self.pool.lookup_class_index(taken[0] & SIZE_MASK)
+        result = None
+        for p in priorities:
+            comp = self._compressors[p]
+            if comp is None:
+                continue
+            data = comp.compress(taken[2])
+            n = len(data)
+            if (n >= self._huge_class_size
+                    or self.pool.lookup_class_index(n) >= old_class
+                    or (threshold and n >= threshold)):
+                continue
+            result = p, data
+            break
+        # As zram, a page looked at is no longer idle, whatever the
+        # outcome, so another pass does not pick it again.
+        if result is None:
+            self._pp_flag(index, taken, INCOMPRESSIBLE if last else 0, IDLE)
+            return 0
+        p, data = result
+        handle = self.pool.malloc(len(data))
+        self.pool.obj_write(handle, data)
+        if self._pp_put(index, taken, p << COMP_PRIORITY_SHIFT, handle,
+                        len(data)):
+            return 1
+        self.pool.free(handle)
+        return 0
+
     def _pp_flag(self, index, taken, set_flags=0, clear_flags=0):
-        """Leave an unchanged slot's contents as they are: drop PP_SLOT and
-        ``clear_flags``, set ``set_flags``."""
-        meta, handle, _ = taken
+        """Leave the contents of a slot the pass still owns as they are:
+        drop PP_SLOT and ``clear_flags``, set ``set_flags``.  (A slot
+        rewritten or freed meanwhile has no PP_SLOT left to drop.)"""
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
-            if self._meta[index] == meta and self._handle[index] == handle:
-                self._meta[index] = (meta & ~(PP_SLOT | clear_flags)) \
-                    | set_flags
+            if self._pp_owned(index, taken):
+                self._meta[index] = (self._meta[index]
+                                     & ~(PP_SLOT | clear_flags)) | set_flags
 
     @property
     def backing_dev(self):
@@ -794,28 +826,29 @@ class Device:
         candidates = self._pp_candidates(pp_type, pages)
         need = PP_TYPES[pp_type] if pp_type else 0
         done = 0
-        for index in candidates:
-            if max_pages and done >= max_pages:
-                break
-            meta = self._meta[index]
-            if not self._handle[index] or meta & need != need \
-                    or meta & (SAME | WB):
-                continue
-            if not self._take_writeback_budget():
-                break
-            taken = self._pp_take(index, need, 0)
-            if taken is None:
-                continue
-            try:
-                blk = self._backing.alloc_block()
-                self._backing.write_page(blk, taken[2])
-            except ZramdError:
-                self._pp_put(index, taken)
-                raise
-            if self._pp_put(index, taken, WB, blk):
-                done += 1
-            else:
-                self._backing.free_block(blk)
+        with self._pp_lock:
+            for index in candidates:
+                if max_pages and done >= max_pages:
+                    break
+                meta = self._meta[index]
+                if not self._handle[index] or meta & need != need \
+                        or meta & (SAME | WB):
+                    continue
+                if not self._take_writeback_budget():
+                    break
+                taken = self._pp_take(index, need, 0)
+                if taken is None:
+                    continue
+                try:
+                    blk = self._backing.alloc_block()
+                    self._backing.write_page(blk, taken[2])
+                except BaseException:
+                    self._pp_flag(index, taken)
+                    raise
+                if self._pp_put(index, taken, WB, blk):
+                    done += 1
+                else:
+                    self._backing.free_block(blk)
         return done
 
     def bd_stat(self):

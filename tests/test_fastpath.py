@@ -172,6 +172,8 @@ def assert_equivalent(c, py):
     assert counters(c) == counters(py)
     assert c.pool.total_pages() == py.pool.total_pages()
     assert c.pool.stats() == py.pool.stats()
+    assert [c._prio_pages(p) for p in (1, 2, 3)] == \
+        [py._prio_pages(p) for p in (1, 2, 3)]
     c.pool.audit()
     py.pool.audit()
 
@@ -478,6 +480,11 @@ def test_recompressed_slots_inside_one_read_and_write():
             check_identities(dev)
         assert calls["write"] == []
         assert {c.slot_info(i).priority for i in range(8)} == {0}
+        # ... and the C loop counts them out of their priorities, so
+        # recomp_algorithm may change again.
+        for dev in (c, py):
+            assert (dev._prio_pages(1), dev._prio_pages(2)) == (0, 0)
+            dev.set_recomp_algorithm("lz4hc", 1)
         assert_equivalent(c, py)
     finally:
         close_all(c, py)

@@ -79,7 +79,14 @@ def check_identities(dev):
     assert mm.huge_pages == huge
     assert mm.compr_data_size == compr
     assert dev.bd_stat().bd_count == wb
+    for prio in (1, 2, 3):
+        assert dev._prio_pages(prio) == pages_at_priority(dev, prio)
     assert mm.mem_used_total == dev.pool.total_pages() * PAGE_SIZE
+
+
+def pages_at_priority(dev, prio):
+    return sum(1 for i in range(dev.nr_pages) if dev.slot_allocated(i)
+               and dev.slot_info(i).priority == prio)
 
 
 @pytest.fixture
@@ -193,6 +200,22 @@ class PostProcessMachine(RuleBasedStateMachine):
             assert "train_dictionary" in str(err)
             return
         assert self.dev.dictionary_id() == new_id
+
+    @rule(priority=st.sampled_from([1, 2]),
+          algorithm=st.sampled_from(["zstd", "deflate", "lz4hc"]),
+          level=st.sampled_from([None, 1, 9]))
+    def set_recomp_algorithm(self, priority, algorithm, level):
+        # Another algorithm only while no page uses the priority; another
+        # level always (the contents invariant reads every page back).
+        used = pages_at_priority(self.dev, priority)
+        if used and algorithm != self.dev._compressors[priority].name:
+            with pytest.raises(InvalidRequestError,
+                               match="recomp_algorithm: .*: %d stored pages"
+                               % used):
+                self.dev.set_recomp_algorithm(algorithm, priority, level)
+        else:
+            self.dev.set_recomp_algorithm(algorithm, priority, level)
+        assert self.dev._compressors[priority].name == algorithm or used
 
     @rule()
     def flush_deferred(self):
@@ -414,6 +437,69 @@ def test_pass_that_raises_releases_its_slot(backing, step):
         assert dev.recompress(pages=[0]) == 1
     else:
         assert dev.writeback(None, pages=[0]) == 1
+    check_identities(dev)
+    dev.close()
+
+
+def test_recomp_algorithm_change_refused_while_pages_use_it(backing):
+    """Slots record only the priority of their secondary algorithm: with
+    pages stored at a priority, changing its algorithm would make them
+    unreadable (it did)."""
+    dev, data = filled_device(backing)
+    dev.set_recomp_algorithm("zstd", 1)
+    done = dev.recompress()
+    assert done == pages_at_priority(dev, 1) > 0
+    with pytest.raises(InvalidRequestError) as err:
+        dev.set_recomp_algorithm("deflate", 1)
+    assert str(err.value) == (
+        "recomp_algorithm: algo=deflate priority=1: %d stored pages use"
+        " zstd; accepted: another algorithm only while no page uses the"
+        " priority" % done)
+    assert dev._compressors[1].name == "zstd"
+    # Other priorities and other levels are free to change.
+    dev.set_recomp_algorithm("deflate", 2)
+    dev.set_recomp_algorithm("lz4hc", 2)
+    dev.set_recomp_algorithm("zstd", 1, level=19)
+    assert dev._compressors[1].level == 19
+    assert dev.read(0, SIZE) == data
+    # Once no page uses priority 1 (rewritten, or discarded), it can.
+    for i in range(SECTORS):
+        if dev.slot_info(i).priority == 1:
+            if i % 2:
+                dev.write(i * PAGE_SIZE, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+            else:
+                dev.discard(i * PAGE_SIZE, PAGE_SIZE)
+                data = data[:i * PAGE_SIZE] + bytes(PAGE_SIZE) \
+                    + data[(i + 1) * PAGE_SIZE:]
+    assert pages_at_priority(dev, 1) == 0
+    dev.set_recomp_algorithm("deflate", 1)
+    assert dev.recompress() > 0
+    assert dev.read(0, SIZE) == data
+    check_identities(dev)
+    dev.close()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_recompress_result_refused_when_algorithm_changed_meanwhile(
+        backing, native):
+    """recomp_algorithm changes while a page is being recompressed (no
+    page used the priority yet, so the change is accepted): the result,
+    made by the old algorithm, must not be stored under the priority that
+    now names the new one."""
+    dev = Device(SIZE, backing_dev=backing, native=native)
+    page = text_page(random.Random(3))
+    dev.write(0, page)
+    dev.set_recomp_algorithm("zstd", 1)
+    dev._compressors[1] = Meddling(
+        dev._compressors[1], lambda: dev.set_recomp_algorithm("deflate", 1))
+    assert dev.recompress() == 0
+    assert dev._compressors[1].name == "deflate"
+    info = dev.slot_info(0)
+    assert info.priority == 0 and not info.flags & PP_SLOT
+    assert dev.read(0, PAGE_SIZE) == page
+    check_identities(dev)
+    assert dev.recompress() == 1
+    assert dev.read(0, PAGE_SIZE) == page
     check_identities(dev)
     dev.close()
 

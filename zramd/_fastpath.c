@@ -71,7 +71,8 @@
 #define F_WB (1u << (ZRAM_FLAG_SHIFT + 1))
 #define F_HUGE (1u << (ZRAM_FLAG_SHIFT + 3))
 #define F_IDLE (1u << (ZRAM_FLAG_SHIFT + 4))
-#define COMP_PRIORITY_MASK (3u << (ZRAM_FLAG_SHIFT + 6))
+#define COMP_PRIORITY_SHIFT (ZRAM_FLAG_SHIFT + 6)
+#define COMP_PRIORITY_MASK (3u << COMP_PRIORITY_SHIFT)
 #define DICT_SHIFT (ZRAM_FLAG_SHIFT + 8)
 #define MAX_DICTS 256
 #define DICT_MASK ((uint32_t)(MAX_DICTS - 1) << DICT_SHIFT)
@@ -84,7 +85,8 @@
 #define C_HUGE_SINCE 4
 #define C_NUM_READS 6
 #define C_NUM_WRITES 7
-#define N_COUNTERS 8
+#define C_PRIO_PAGES 8      /* + priority - 1: pages of priority 1..3 */
+#define N_COUNTERS 11
 
 /* Pool layout: must equal zramd/zsmalloc.py and arena.py (checked there). */
 #define HANDLE_CLASS_BITS 8
@@ -2130,6 +2132,9 @@ slot_paths_write(SlotPaths *self, PyObject *args)
                                 + ((old_meta & DICT_MASK) >> DICT_SHIFT)] -= 1;
             if (old_meta & F_HUGE)
                 row[C_HUGE_PAGES] -= 1;
+            if (old_meta & COMP_PRIORITY_MASK)
+                row[C_PRIO_PAGES - 1 + ((old_meta & COMP_PRIORITY_MASK)
+                                        >> COMP_PRIORITY_SHIFT)] -= 1;
             row[C_COMPR_SIZE] -= old_meta & SIZE_MASK;
             row[C_PAGES_STORED] -= 1;
         }
@@ -2362,6 +2367,7 @@ PyInit__fastpath(void)
             || PyModule_AddIntConstant(m, "C_HUGE_SINCE", C_HUGE_SINCE) < 0
             || PyModule_AddIntConstant(m, "C_NUM_READS", C_NUM_READS) < 0
             || PyModule_AddIntConstant(m, "C_NUM_WRITES", C_NUM_WRITES) < 0
+            || PyModule_AddIntConstant(m, "C_PRIO_PAGES", C_PRIO_PAGES) < 0
             || PyModule_AddIntConstant(m, "HANDLE_CLASS_BITS", HANDLE_CLASS_BITS) < 0
             || PyModule_AddIntConstant(m, "OBJ_INDEX_BITS", OBJ_INDEX_BITS) < 0
             || PyModule_AddIntConstant(m, "CHUNK_SHIFT", CHUNK_SHIFT) < 0)

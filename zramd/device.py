@@ -93,7 +93,9 @@ C_HUGE_SINCE = 4        # pages ever stored huge
 C_NOTIFY_FREE = 5       # sectors freed by discard / write-zeroes
 C_NUM_READS = 6         # sectors read
 C_NUM_WRITES = 7        # sectors written
-N_COUNTERS = 8
+C_PRIO_PAGES = 8        # 3 columns: pages stored by the secondary
+                        # algorithm of priority p in C_PRIO_PAGES + p - 1
+N_COUNTERS = C_PRIO_PAGES + MAX_PRIORITIES - 1
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -104,11 +106,11 @@ if (_fastpath.ZRAM_FLAG_SHIFT, _fastpath.SAME, _fastpath.WB, _fastpath.HUGE,
         _fastpath.C_PAGES_STORED, _fastpath.C_COMPR_SIZE,
         _fastpath.C_SAME_PAGES, _fastpath.C_HUGE_PAGES,
         _fastpath.C_HUGE_SINCE, _fastpath.C_NUM_READS,
-        _fastpath.C_NUM_WRITES) != (
+        _fastpath.C_NUM_WRITES, _fastpath.C_PRIO_PAGES) != (
         ZRAM_FLAG_SHIFT, SAME, WB, HUGE, IDLE, COMP_PRIORITY_MASK, DICT_SHIFT,
         MAX_DICTS, N_STRIPES, N_COUNTERS, C_PAGES_STORED, C_COMPR_SIZE,
         C_SAME_PAGES, C_HUGE_PAGES, C_HUGE_SINCE, C_NUM_READS,
-        C_NUM_WRITES):
+        C_NUM_WRITES, C_PRIO_PAGES):
     raise ImportError("zramd._fastpath was built for another slot layout:"
                       " rebuild it (pip install -e .)")
 
@@ -236,6 +238,9 @@ class Device:
                                 + ((meta & DICT_MASK) >> DICT_SHIFT)] -= 1
             if meta & HUGE:
                 self._count(stripe, C_HUGE_PAGES, -1)
+            if meta & COMP_PRIORITY_MASK:
+                self._count(stripe, C_PRIO_PAGES - 1 + (
+                    (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT), -1)
             self._count(stripe, C_COMPR_SIZE, -(meta & SIZE_MASK))
             self._count(stripe, C_PAGES_STORED, -1)
         self._meta[index] = 0
@@ -620,25 +625,36 @@ class Device:
         return bool(now & PP_SLOT and self._handle[index] == handle
                     and (now | IDLE) == (meta | IDLE))
 
-    def _pp_put(self, index, taken, new_meta=None, new_handle=0, size=0):
+    def _pp_put(self, index, taken, new_meta=None, new_handle=0, size=0,
+                comp=None):
         """Finish post-processing slot ``index`` taken as ``taken``: with
         no ``new_meta`` only drop PP_SLOT (the page stays as it was);
         otherwise, if the slot is still the pass's, replace its contents
-        and free the old object.  Returns True when the replacement
-        happened."""
+        and free the old object.  ``comp``: the compressor that made a
+        recompressed object, which must still be the one of its priority
+        (else the slot is left as it was).  Returns True when the
+        replacement happened."""
         if new_meta is None:
             self._pp_flag(index, taken)
             return False
         stripe = index & STRIPE_MASK
+        prio = (new_meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
         with self._stripe_locks[stripe]:
             if not self._pp_owned(index, taken):
                 return False    # rewritten or freed: PP_SLOT went with it
+            if prio and self._compressors[prio] is not comp:
+                # recomp_algorithm changed meanwhile: the slot's priority
+                # would name another algorithm than the one used.
+                self._meta[index] &= ~PP_SLOT
+                return False
             old = self._slot_clear_locked(index, stripe)
             self._meta[index] = new_meta | size
             self._handle[index] = new_handle
             self._count(stripe, C_PAGES_STORED)
             if not new_meta & WB:
                 self._count(stripe, C_COMPR_SIZE, size)
+            if prio:
+                self._count(stripe, C_PRIO_PAGES - 1 + prio)
         if old:
             self.pool.free(old)
         return True
@@ -661,11 +677,38 @@ class Device:
 
     def set_recomp_algorithm(self, algorithm, priority=1, level=None):
         """Set the secondary algorithm of ``priority`` (1..3), as writing
-        ``algo=NAME priority=N`` to recomp_algorithm."""
+        ``algo=NAME priority=N`` to recomp_algorithm.  A slot records only
+        the priority its page was recompressed with, so another algorithm
+        is refused (InvalidRequestError) while any stored page uses that
+        priority; another level of the same one is not (no backend's
+        decompression depends on the level)."""
         if not isinstance(priority, int) or not 0 < priority < MAX_PRIORITIES:
             raise InvalidRequestError("priority: %r; accepted: 1..%d"
                                       % (priority, MAX_PRIORITIES - 1))
-        self._compressors[priority] = compress.create(algorithm, level=level)
+        comp = compress.create(algorithm, level=level)
+        # Every stripe lock held: no recompressed page is stored or freed
+        # between the count and the swap, and a recompress that used the
+        # old compressor sees the swap when it stores (_pp_put).
+        for lock in self._stripe_locks:
+            lock.acquire()
+        try:
+            old = self._compressors[priority]
+            if old is not None and old.name != comp.name:
+                used = self._prio_pages(priority)
+                if used:
+                    raise InvalidRequestError(
+                        "recomp_algorithm: algo=%s priority=%d: %d stored"
+                        " pages use %s; accepted: another algorithm only"
+                        " while no page uses the priority"
+                        % (comp.name, priority, used, old.name))
+            self._compressors[priority] = comp
+        finally:
+            for lock in self._stripe_locks:
+                lock.release()
+
+    def _prio_pages(self, priority):
+        """Stored pages recompressed with the algorithm of ``priority``."""
+        return self._sum(C_PRIO_PAGES - 1 + priority)
 
     def recomp_algorithm(self):
         """The kernel's recomp_algorithm text: ``#N: `` and the algorithm
@@ -762,7 +805,7 @@ class Device:
         handle = self.pool.malloc(len(data))
         self.pool.obj_write(handle, data)
         if self._pp_put(index, taken, p << COMP_PRIORITY_SHIFT, handle,
-                        len(data)):
+                        len(data), comp):
             return 1
         self.pool.free(handle)
         return 0

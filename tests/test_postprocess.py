@@ -9,6 +9,7 @@ identities extended to the backing device and compression priorities.
 import errno
 import os
 import random
+import threading
 
 import pytest
 from hypothesis import settings
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize,
                                  invariant, precondition, rule)
 
+import zramd.device as devmod
 from zramd import PAGE_SIZE, control
 from zramd.device import (COMP_PRIORITY_MASK, HUGE, IDLE, INCOMPRESSIBLE,
                           PP_SLOT, SAME, WB, Device)
@@ -641,6 +643,63 @@ def test_backing_dev_errors(tmp_path):
     small.write_bytes(b"x")
     with pytest.raises(ConfigError, match="at least"):
         Device(SIZE, backing_dev=str(small))
+
+
+class WatchedLock:
+    """A lock that says (``waiting``) when a thread finds it taken."""
+
+    def __init__(self, lock, waiting):
+        self.lock, self.waiting = lock, waiting
+
+    def __enter__(self):
+        if not self.lock.acquire(blocking=False):
+            self.waiting.set()
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_writeback_during_set_backing_dev(backing, tmp_path, monkeypatch):
+    """A writeback pass that came between set_backing_dev's check (no page
+    on the old device) and its swap put pages on the old file, which was
+    then closed: reads of them went to the new file.  Now the pass waits
+    and writes to the new device."""
+    new_path = tmp_path / "new.img"
+    with open(new_path, "wb") as f:
+        f.truncate(SIZE + 2 * PAGE_SIZE)
+    dev, data = filled_device(backing)
+    dev.mark_idle()
+    arrived = threading.Event()     # the pass is over, or waits its turn
+    dev._bd_lock = WatchedLock(getattr(dev, "_bd_lock", threading.Lock()),
+                               arrived)
+    passes = []
+
+    def writeback():
+        try:
+            passes.append(dev.writeback("idle"))
+        finally:
+            arrived.set()
+
+    pass_thread = threading.Thread(target=writeback)
+    real = devmod.BackingDev
+
+    def opening(path):
+        # set_backing_dev has checked the old device: a pass starts now.
+        pass_thread.start()
+        arrived.wait()
+        return real(path)
+
+    monkeypatch.setattr(devmod, "BackingDev", opening)
+    dev.set_backing_dev(str(new_path))
+    monkeypatch.setattr(devmod, "BackingDev", real)
+    pass_thread.join()
+    assert dev.backing_dev == str(new_path)
+    assert passes == [40] and dev.bd_stat().bd_count == 40
+    assert dev.read(0, SIZE) == data
+    check_identities(dev)
+    dev.close()
 
 
 # -- plugin parameters -------------------------------------------------------

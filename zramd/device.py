@@ -35,12 +35,15 @@ does not handle (written back, recompressed by a secondary algorithm, a
 codec with no C form, corrupt, over mem_limit) it hands back, and the
 Python methods below do it and raise what there is to raise.
 
-Locking (order: ``_pp_lock``, then slot stripe lock, then the pool's
-class locks): ``_stripe_locks[i % N_STRIPES]`` guards slot ``i``, that
-stripe's row of counters and its 4 KiB ``_stripe_copies`` buffer (where the
-pool copies an object that spans two frames while the slot is read).
-Stats sum the rows; no lock is shared by all writers.  ``_pp_lock`` is
-held for a whole recompress or writeback pass, so one pass runs at a time.
+Locking (order: ``_bd_lock``, ``_pp_lock``, slot stripe lock, then the
+pool's class locks): ``_stripe_locks[i % N_STRIPES]`` guards slot ``i``,
+that stripe's row of counters and its 4 KiB ``_stripe_copies`` buffer
+(where the pool copies an object that spans two frames while the slot is
+read).  Stats sum the rows; no lock is shared by all writers.
+``_pp_lock`` is held for a whole recompress or writeback pass, so one pass
+runs at a time; ``_bd_lock`` for a whole writeback pass and across
+set_backing_dev's check and swap, so no page goes to a backing device
+being replaced.
 """
 
 import mmap
@@ -162,6 +165,8 @@ class Device:
         # One post-processing pass (recompress, writeback) at a time: a
         # slot's PP_SLOT then has one owner.
         self._pp_lock = threading.Lock()
+        # Writeback passes and set_backing_dev, one at a time.
+        self._bd_lock = threading.Lock()
         try:
             self.pool = Pool(chain_size=chain_size)
         except ValueError as err:
@@ -827,16 +832,18 @@ class Device:
 
     def set_backing_dev(self, path):
         """Use ``path`` for writeback; allowed while no page is on the
-        current backing device (as zram allows it only before init)."""
-        if self._backing is not None and self._backing.bd_count:
-            raise InvalidRequestError("backing_dev: %s holds %d pages;"
-                                      " accepted: only while it holds none"
-                                      % (self._backing.path,
-                                         self._backing.bd_count))
-        new = BackingDev(path)
-        old, self._backing = self._backing, new
-        if old is not None:
-            old.close()
+        current backing device (as zram allows it only before init).  A
+        writeback pass in progress finishes first, and none starts until
+        the new device is in place."""
+        with self._bd_lock:
+            old = self._backing
+            if old is not None and old.bd_count:
+                raise InvalidRequestError("backing_dev: %s holds %d pages;"
+                                          " accepted: only while it holds"
+                                          " none" % (old.path, old.bd_count))
+            self._backing = BackingDev(path)
+            if old is not None:
+                old.close()
 
     @property
     def writeback_limit(self):
@@ -864,34 +871,38 @@ class Device:
         freed), as zram's writeback; ``pages`` limits it to those slot
         indices, ``max_pages`` (0: no bound) to that many pages.  Returns
         the number of pages written back."""
-        if self._backing is None:
+        with self._bd_lock, self._pp_lock:
+            return self._writeback(self._backing, pp_type, pages, max_pages)
+
+    def _writeback(self, backing, pp_type, pages, max_pages):
+        """writeback() to ``backing``, its locks held."""
+        if backing is None:
             raise InvalidRequestError("writeback: no backing_dev set")
         candidates = self._pp_candidates(pp_type, pages)
         need = PP_TYPES[pp_type] if pp_type else 0
         done = 0
-        with self._pp_lock:
-            for index in candidates:
-                if max_pages and done >= max_pages:
-                    break
-                meta = self._meta[index]
-                if not self._handle[index] or meta & need != need \
-                        or meta & (SAME | WB):
-                    continue
-                if not self._take_writeback_budget():
-                    break
-                taken = self._pp_take(index, need, 0)
-                if taken is None:
-                    continue
-                try:
-                    blk = self._backing.alloc_block()
-                    self._backing.write_page(blk, taken[2])
-                except BaseException:
-                    self._pp_flag(index, taken)
-                    raise
-                if self._pp_put(index, taken, WB, blk):
-                    done += 1
-                else:
-                    self._backing.free_block(blk)
+        for index in candidates:
+            if max_pages and done >= max_pages:
+                break
+            meta = self._meta[index]
+            if not self._handle[index] or meta & need != need \
+                    or meta & (SAME | WB):
+                continue
+            if not self._take_writeback_budget():
+                break
+            taken = self._pp_take(index, need, 0)
+            if taken is None:
+                continue
+            try:
+                blk = backing.alloc_block()
+                backing.write_page(blk, taken[2])
+            except BaseException:
+                self._pp_flag(index, taken)
+                raise
+            if self._pp_put(index, taken, WB, blk):
+                done += 1
+            else:
+                backing.free_block(blk)
         return done
 
     def bd_stat(self):

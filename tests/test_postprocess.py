@@ -506,6 +506,37 @@ def test_recompress_result_refused_when_algorithm_changed_meanwhile(
     dev.close()
 
 
+def test_failed_writeback_gives_its_block_back(tmp_path):
+    """A write to the backing device that fails must not keep its block:
+    bd_count counted it for ever and the device filled up with blocks no
+    page was on."""
+    path = tmp_path / "small.img"
+    with open(path, "wb") as f:
+        f.truncate(4 * PAGE_SIZE)           # blocks 1..3
+    dev = Device(SIZE, backing_dev=str(path))
+    rng = random.Random(4)
+    data = b"".join(rng.randbytes(PAGE_SIZE) for _ in range(3))
+    dev.write(0, data)
+    dev.mark_idle()
+
+    def failing(blk, page):
+        raise ZramdError("writeback: %s: block %d: Input/output error"
+                         % (path, blk))
+
+    dev._backing.write_page = failing
+    for _ in range(3):
+        with pytest.raises(ZramdError, match="Input/output error"):
+            dev.writeback("idle")
+        assert dev.bd_stat().bd_count == 0
+        check_identities(dev)
+    del dev._backing.write_page
+    assert dev.writeback("idle") == 3
+    assert dev.bd_stat().bd_count == 3
+    assert dev.read(0, 3 * PAGE_SIZE) == data
+    check_identities(dev)
+    dev.close()
+
+
 def test_writeback_without_backing_dev():
     dev = Device(SIZE)
     with pytest.raises(InvalidRequestError, match="no backing_dev"):

@@ -893,10 +893,14 @@ class Device:
             taken = self._pp_take(index, need, 0)
             if taken is None:
                 continue
+            blk = 0
             try:
                 blk = backing.alloc_block()
                 backing.write_page(blk, taken[2])
             except BaseException:
+                # As zram, a block whose write failed goes back.
+                if blk:
+                    backing.free_block(blk)
                 self._pp_flag(index, taken)
                 raise
             if self._pp_put(index, taken, WB, blk):

@@ -571,8 +571,11 @@ def test_compact_waits_for_open_reads(pool):
         if i and (i < 256 or i % 5):
             pool.free(h)
     keep = [o for i, o in enumerate(objs) if i and i >= 256 and i % 5 == 0]
-    r = rows_by_index(pool.stats())[geom.row_for(40)]
+    before = pool.stats()
+    r = rows_by_index(before)[geom.row_for(40)]
     assert r.freeable > 0
+    # Only this class holds objects, so all there is to free is its.
+    assert sum(c.freeable for c in before.classes) == r.freeable
     local_copy = bytearray(PAGE_SIZE)
     view = pool.obj_read_begin(target, local_copy)
     result = {}
@@ -588,13 +591,17 @@ def test_compact_waits_for_open_reads(pool):
     t.join(30)
     assert not t.is_alive(), "compact() still blocked after obj_read_end"
     pool.audit()
-    assert result["freed"] >= 0
     assert read_obj(pool, target)[0] == data
     for h, d in keep:
         assert read_obj(pool, h)[0] == d
-    # Whatever the first pass left for want of the reader, a second frees.
-    pool.compact()
-    assert all(c.freeable == 0 for c in pool.stats().classes)
+    # Whatever the first pass left for want of the reader, a second frees:
+    # together exactly what was freeable, no more, no less.
+    second = pool.compact()
+    after = pool.stats()
+    assert result["freed"] + second == r.freeable
+    assert after.pages_compacted == r.freeable
+    assert after.total_pages == before.total_pages - r.freeable
+    assert all(c.freeable == 0 for c in after.classes)
 
 
 # zs_stats_size_show() in mm/zsmalloc.c, transcribed.
@@ -693,19 +700,37 @@ def test_deferred_worker_drains_when_idle(pool):
     hs = [pool.malloc(1000) for _ in range(50)]
     for h in hs:
         pool.free_deferred(h)
+    # Bounded poll: the worker drains when it finds the queue idle; a
+    # worker that never runs fails here, saying so, not by hanging.
     deadline = time.monotonic() + 10
     while pool.total_pages() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert pool.total_pages() == 0, "drain worker never ran after idling"
+    assert pool.total_pages() == 0, (
+        "drain worker never ran: %d frames still held 10 s after 50 "
+        "deferred frees" % pool.total_pages())
 
 
 def test_close_flushes_and_returns_frames():
+    # close() with deferred frees queued and an object still live: the
+    # queue is flushed, and every frame goes back, the arena's chunks
+    # unmapped and their views released (so nothing can read them).
     p = Pool()
     for _ in range(100):
         p.free_deferred(p.malloc(300))
     keep = p.malloc(300)
+    p.obj_write(keep, content(1, 300))
+    assert p.total_pages() > 0
+    arena = p._arena
+    chunks, views = list(arena._chunks), list(arena.views)
+    assert chunks and len(views) == len(chunks)
     p.close()                           # must not hang or raise
-    assert keep
+    assert p.total_pages() == arena.frames_in_use == 0
+    assert arena.views == [] and arena._chunks == []
+    assert p._views is arena.views      # the pool's alias emptied in place
+    assert all(chunk.closed for chunk in chunks)
+    for view in views:
+        with pytest.raises(ValueError, match="released"):
+            view[0]
 
 
 # --------------------------------------------------------------------------
@@ -798,6 +823,10 @@ def test_rss_returns_after_free(kind):
         "free (%.1f MiB after close)" % tuple(
             r[k] / 2**20 for k in ("start", "grown", "peak", "end",
                                    "closed")))
+    # close() unmaps the arena: RSS stays down (it may only drop further).
+    assert r["closed"] - r["start"] <= RSS_SLACK, (
+        "RSS %.1f MiB at start, %.1f MiB after close" % (
+            r["start"] / 2**20, r["closed"] / 2**20))
 
 
 # --------------------------------------------------------------------------
@@ -933,13 +962,17 @@ def test_threads_with_compaction():
         except BaseException as e:          # noqa: B902 -- report any
             errors.append((wid, e))
 
+    compacted = []
+
     def compactor():
+        # The only caller of compact(): pages_compacted moves by exactly
+        # what each pass returns, however the workers interleave.
         try:
             while not done.is_set():
                 before = p.stats().pages_compacted
                 freed = p.compact()
-                assert freed >= 0
-                assert p.stats().pages_compacted >= before + freed
+                compacted.append(freed)
+                assert p.stats().pages_compacted == before + freed
                 time.sleep(0.002)
         except BaseException as e:          # noqa: B902
             errors.append(("compactor", e))
@@ -959,6 +992,7 @@ def test_threads_with_compaction():
         assert sum(c.obj_used for c in stats.classes) == len(live)
         assert stats.total_pages == p.total_pages() == sum(
             c.pages_used for c in stats.classes)
+        assert compacted and stats.pages_compacted == sum(compacted)
         for h, data in live.items():
             assert read_obj(p, h)[0] == data
         for h in live:
@@ -1057,8 +1091,10 @@ class PoolMachine(RuleBasedStateMachine):
         before = self.pool.stats()
         freed = self.pool.compact()
         after = self.pool.stats()
-        assert freed >= 0
         assert after.pages_compacted == before.pages_compacted + freed
+        # Nothing allocates meanwhile; the drain worker may free, so the
+        # frames compaction freed are at most all that went.
+        assert 0 <= freed <= before.total_pages - after.total_pages
         self.compacted += freed
         if exact:
             assert freed == sum(c.freeable for c in before.classes)

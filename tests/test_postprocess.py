@@ -537,6 +537,38 @@ def test_failed_writeback_gives_its_block_back(tmp_path):
     dev.close()
 
 
+def test_writeback_limit_charges_only_pages_written(backing):
+    """writeback_limit was charged before a page was taken and written: a
+    page whose write failed, or that was skipped after the charge, used
+    up the budget.  As zram, only writes that happened count."""
+    dev, data = filled_device(backing)
+    dev.set_writeback_limit(2)
+    dev.writeback_limit_enable = True
+    dev.mark_idle()
+    write_page = dev._backing.write_page
+
+    def failing(blk, page):
+        raise ZramdError("writeback: block %d: Input/output error" % blk)
+
+    dev._backing.write_page = failing
+    with pytest.raises(ZramdError, match="Input/output error"):
+        dev.writeback("idle")
+    assert dev.writeback_limit == 2
+    # Pages that are not idle any more are skipped, not charged.
+    dev._backing.write_page = write_page
+    dev.read(0, SIZE)
+    assert dev.writeback("idle") == 0
+    assert dev.writeback_limit == 2
+    dev.mark_idle()
+    assert dev.writeback("idle") == 2
+    assert dev.writeback_limit == 0
+    assert dev.bd_stat() == BdStat(bd_count=2, bd_reads=0, bd_writes=2)
+    assert dev.writeback("idle") == 0
+    assert dev.read(0, SIZE) == data
+    check_identities(dev)
+    dev.close()
+
+
 def test_writeback_without_backing_dev():
     dev = Device(SIZE)
     with pytest.raises(InvalidRequestError, match="no backing_dev"):

@@ -857,14 +857,19 @@ class Device:
         with self._wb_lock:
             self._writeback_limit = pages
 
-    def _take_writeback_budget(self):
+    def _writeback_budget_left(self):
+        """Whether writeback_limit lets the pass write another page."""
         with self._wb_lock:
-            if not self.writeback_limit_enable:
-                return True
-            if self._writeback_limit <= 0:
-                return False
-            self._writeback_limit -= 1
-            return True
+            return not self.writeback_limit_enable \
+                or self._writeback_limit > 0
+
+    def _charge_writeback(self):
+        """Count a page written to the backing device against
+        writeback_limit: as zram, only pages really written are charged
+        (not those skipped or whose write failed)."""
+        with self._wb_lock:
+            if self.writeback_limit_enable and self._writeback_limit > 0:
+                self._writeback_limit -= 1
 
     def writeback(self, pp_type="idle", pages=None, max_pages=0):
         """Move selected pages to the backing device (flag WB, pool memory
@@ -888,7 +893,7 @@ class Device:
             if not self._handle[index] or meta & need != need \
                     or meta & (SAME | WB):
                 continue
-            if not self._take_writeback_budget():
+            if not self._writeback_budget_left():
                 break
             taken = self._pp_take(index, need, 0)
             if taken is None:
@@ -903,6 +908,7 @@ class Device:
                     backing.free_block(blk)
                 self._pp_flag(index, taken)
                 raise
+            self._charge_writeback()
             if self._pp_put(index, taken, WB, blk):
                 done += 1
             else:

@@ -671,6 +671,168 @@ TestDeviceMachine = DeviceMachine.TestCase
 
 
 # --------------------------------------------------------------------------
+# A partial-sector write racing other requests to the same sector.
+#
+# A write of part of a sector (or a discard or write-zeroes of part of
+# one) reads the sector, patches it and stores it, holding nothing in
+# between; NBD clients may send other requests for the same sector at the
+# same time (multi-conn, minimum block size 1).  Whatever completes in that
+# window must not be lost: the partial write is then the later of the two.
+# The window is opened deterministically: the other request runs inside
+# the partial write, right after its read.
+
+def run_inside_next_rmw(d, action):
+    """Run ``action`` once, in the next read-modify-write between its read
+    of the sector and its store.  Returns a list that holds True once it
+    ran."""
+    read_sector = d._read_sector
+    fired = []
+
+    def hooked(*args, **kw):
+        seen = read_sector(*args, **kw)
+        if not fired:
+            fired.append(True)
+            action()
+        return seen
+
+    d._read_sector = hooked
+    return fired
+
+
+# What the other request does (on sector 1), as (operation, offset,
+# length, data kind): byte ranges before, inside and after the partial
+# write's, whole-sector writes (through the C loop when native), and two
+# whole-sector writes in a row, which hand the slot back its first pool
+# handle: only the stripe's write count tells that slot from the one read.
+OTHER_REQUESTS = {
+    "write_other_bytes": [("write", PAGE + 2048, 512, "random")],
+    "write_overlapping": [("write", PAGE + 400, 300, "random")],
+    "write_sector": [("write", PAGE, PAGE, "text")],
+    "write_same_filled": [("write", PAGE, PAGE, "same")],
+    "write_sector_twice": [("write", PAGE, PAGE, "random"),
+                           ("write", PAGE, PAGE, "random")],
+    "write_spanning": [("write", PAGE - 100, 2 * PAGE, "text")],
+    "discard_sector": [("discard", PAGE, PAGE, None)],
+    "write_zeroes_bytes": [("write_zeroes", PAGE + 3000, 700, None)],
+    "read": [("read", PAGE, PAGE, None)],
+}
+
+
+def apply_request(d, model, op, offset, length, kind, seed):
+    if op == "write":
+        data = make_data(kind, seed, offset, length)
+        d.write(offset, data)
+        model.write(offset, data)
+    elif op == "read":
+        assert d.read(offset, length) == model.data[offset:offset + length]
+    else:
+        getattr(d, op)(offset, length)
+        model.zero(offset, length)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("mine", ["write", "discard", "write_zeroes"])
+@pytest.mark.parametrize("other", sorted(OTHER_REQUESTS))
+def test_partial_write_keeps_a_write_completed_meanwhile(native, mine, other):
+    d = Device(4 * PAGE, native=native)
+    model = Model(4 * PAGE, Costs("lz4"))
+    try:
+        # Sector 1 starts huge: the pool hands its handle out again at the
+        # second of two whole-sector writes.
+        apply_request(d, model, "write", 0, 4 * PAGE, "random", 1)
+        requests = OTHER_REQUESTS[other]
+
+        def other_request():
+            for seed, request in enumerate(requests, 100):
+                apply_request(d, model, *request, seed)
+
+        fired = run_inside_next_rmw(d, other_request)
+        apply_request(d, model, mine, PAGE + 100, 400, "random", 7)
+        assert fired
+        assert d.read(0, 4 * PAGE) == model.data
+        check_stats(d, model)
+        d.pool.audit()
+    finally:
+        d.close()
+
+
+class PartialWriteRace(RuleBasedStateMachine):
+    """Partial-sector writes, discards and write-zeroes with any other
+    request run inside them, against the model: the other request first,
+    then the partial one."""
+
+    def __init__(self):
+        super().__init__()
+        self.dev = None
+
+    @initialize(native=st.booleans(),
+                algorithm=st.sampled_from(["lz4", "zstd", "deflate"]))
+    def start(self, native, algorithm):
+        self.dev = Device(DEV_SIZE, algorithm=algorithm, native=native)
+        self.model = Model(DEV_SIZE, Costs(algorithm))
+
+    def teardown(self):
+        if self.dev is not None:
+            self.dev.close()
+
+    @rule(r=ranges(), kind=st.sampled_from(["random", "zero", "same",
+                                            "text", "near_huge"]),
+          seed=st.integers(0, 1 << 16))
+    def write(self, r, kind, seed):
+        apply_request(self.dev, self.model, "write", *r, kind, seed)
+
+    @rule(sector=st.integers(0, DEV_SECTORS - 1),
+          lo=st.integers(0, PAGE - 1), length=st.integers(1, PAGE - 1),
+          op=st.sampled_from(["write", "discard", "write_zeroes"]),
+          kind=st.sampled_from(["random", "text", "zero"]),
+          others=st.lists(st.tuples(
+              st.sampled_from(["write", "discard", "write_zeroes", "read"]),
+              ranges(), st.sampled_from(["random", "same", "text",
+                                         "near_huge"])), min_size=1,
+              max_size=3),
+          seed=st.integers(0, 1 << 16))
+    def partial_with_others(self, sector, lo, length, op, kind, others,
+                            seed):
+        offset = sector * PAGE + lo
+        length = min(length, PAGE - lo)
+        d, model = self.dev, self.model
+
+        def other_requests():
+            for i, (other, (o, n), k) in enumerate(others):
+                apply_request(d, model, other, o, n, k, seed + 1 + i)
+
+        fired = run_inside_next_rmw(d, other_requests)
+        if op == "write":
+            data = make_data(kind, seed, offset, length)
+            d.write(offset, data)
+        else:
+            getattr(d, op)(offset, length)
+        del d._read_sector
+        if fired:
+            if op == "write":
+                model.write(offset, data)
+            else:
+                model.zero(offset, length)
+        else:
+            # Part of a hole zeroed: nothing to read, nothing done.  The
+            # others come after.
+            assert op != "write"
+            other_requests()
+
+    @invariant()
+    def contents(self):
+        if self.dev is not None:
+            assert self.dev.read(0, DEV_SIZE) == self.model.data
+            check_stats(self.dev, self.model)
+
+
+PartialWriteRace.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=15, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+TestPartialWriteRace = PartialWriteRace.TestCase
+
+
+# --------------------------------------------------------------------------
 # Threads on distinct regions.
 
 def test_threads_distinct_regions():

@@ -23,6 +23,9 @@ huge_class_size.
 Write path (zram_write_page): same-filled check, then compression and
 pool allocation outside any lock; under the slot lock only the old contents
 are unlinked and the new linked in; the old object is freed afterwards.
+A write of part of a sector reads the sector, patches it and stores it
+only if the slot still holds what it read (``_slot_version``), else reads
+it again: what another request did to the sector meanwhile stays.
 Discard and write-zeroes of whole sectors unlink the slot with
 ``slot_free_extract`` and hand the handle to the pool's deferred free, the
 swap-release path the deferred queue exists for.
@@ -75,6 +78,11 @@ DICT_SHIFT = ZRAM_FLAG_SHIFT + 8
 MAX_DICTS = 256
 DICT_MASK = (MAX_DICTS - 1) << DICT_SHIFT
 MAX_PRIORITIES = 4          # the primary and three secondary algorithms
+
+# Flags that change while the page stays the same (an access, the
+# bookkeeping of post-processing): ignored when a read-modify-write checks
+# that the slot still holds what it read.
+SAME_PAGE_FLAGS = IDLE | PP_SLOT | INCOMPRESSIBLE
 
 # Post-processing selections, as zram's recompress and writeback "type=".
 PP_TYPES = {"idle": IDLE, "huge": HUGE, "huge_idle": HUGE | IDLE,
@@ -285,11 +293,22 @@ class Device:
 
     # ---- per-sector I/O ----------------------------------------------------
 
+    def _slot_version(self, index, stripe):
+        """What a read-modify-write of slot ``index`` (its lock held)
+        checks before it stores: the meta word but for SAME_PAGE_FLAGS,
+        the handle, and the stripe's count of writes, which tells a handle
+        freed and handed out again (to this slot, by two writes) from the
+        one read."""
+        return (self._meta[index] & ~SAME_PAGE_FLAGS, self._handle[index],
+                self._counters[stripe * N_COUNTERS + C_NUM_WRITES])
+
     def _read_sector(self, index, lo, hi, out, dst, touch=True):
         """Copy bytes ``lo..hi`` of sector ``index`` into ``out[dst:]``;
-        ``touch``: count it as an access (atime, IDLE, num_reads)."""
+        ``touch``: count it as an access (atime, IDLE, num_reads).
+        Returns the slot's version as read (see _slot_version)."""
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
+            version = self._slot_version(index, stripe)
             meta = self._meta[index]
             handle = self._handle[index]
             if meta & SAME:
@@ -320,6 +339,7 @@ class Device:
                 # sector read.
                 self._atime[index] = int(_monotonic() - self._t0)
                 self._counters[stripe * N_COUNTERS + C_NUM_READS] += 1
+        return version
 
     def _decompressor(self, meta):
         """The compressor that made a (non-huge) slot's object."""
@@ -334,7 +354,11 @@ class Device:
         while not self._try_write_sector(index, page):
             pass    # the dictionary we used was retired meanwhile: again
 
-    def _try_write_sector(self, index, page):
+    def _try_write_sector(self, index, page, expect=None):
+        """Store ``page`` in slot ``index``; with ``expect``, only if the
+        slot's version (_slot_version) still is that.  False when it did
+        not store: ``expect`` did not match, or the dictionary it
+        compressed with was retired meanwhile."""
         head = page[:8]
         handle = 0
         if page == head * (PAGE_SIZE // 8):
@@ -362,6 +386,11 @@ class Device:
             meta |= size
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
+            if expect is not None and \
+                    self._slot_version(index, stripe) != expect:
+                if handle:
+                    self.pool.free(handle)
+                return False
             dict_id = (meta & DICT_MASK) >> DICT_SHIFT
             if dict_id:
                 # The id must still name the dictionary we compressed
@@ -392,11 +421,17 @@ class Device:
 
     def _patch_sector(self, index, lo, data):
         """Read-modify-write: replace bytes from ``lo`` of sector ``index``
-        with ``data``."""
+        with ``data``.  Nothing is held between the read and the store, so
+        the patched page is stored only if the slot still holds what was
+        read; if another write, discard or post-processing pass changed it
+        meanwhile, the sector is read and patched again (a write to any
+        other bytes of the sector would be lost otherwise)."""
         page = bytearray(PAGE_SIZE)
-        self._read_sector(index, 0, PAGE_SIZE, page, 0)
-        page[lo:lo + len(data)] = data
-        self._write_sector(index, page)
+        while True:
+            seen = self._read_sector(index, 0, PAGE_SIZE, page, 0)
+            page[lo:lo + len(data)] = data
+            if self._try_write_sector(index, bytes(page), seen):
+                return
 
     def _sectors(self, offset, length):
         """Yield (index, lo, hi, position in the request) for each sector

@@ -468,6 +468,40 @@ def test_mem_limit_enospc_keeps_old_content():
 # --------------------------------------------------------------------------
 # mem_used_max is the peak.
 
+@pytest.mark.parametrize("native", [True, False])
+def test_mem_limit_does_not_count_deferred_frees(native):
+    """Discarded pages wait in the pool's deferred-free queue; a write
+    over mem_limit right after the discard failed with ENOSPC although the
+    pool would hold it once they are freed (zram frees them at the
+    discard).  Now the write flushes the queue and checks again."""
+    d = Device(64 * PAGE, native=native)
+    try:
+        # No drain worker: the queue keeps its handles until a flush.
+        idle = threading.Thread(target=lambda: None)
+        idle.start()
+        idle.join()
+        d.pool._worker = idle
+        d.write(0, random_bytes(1, 32 * PAGE))
+        used = d.pool.total_pages()
+        d.set_mem_limit((used + 4) * PAGE)
+        d.discard(0, 32 * PAGE)
+        assert d.pool.deferred_pending() == 32
+        assert d.mm_stat().orig_data_size == 0
+        data = random_bytes(2, 32 * PAGE)
+        d.write(32 * PAGE, data)
+        assert d.read(0, 64 * PAGE) == bytes(32 * PAGE) + data
+        assert d.io_stat().failed_writes == 0
+        assert d.pool.deferred_pending() == 0
+        # A write that does not fit still fails, the old contents kept.
+        with pytest.raises(NoSpaceError):
+            d.write(0, random_bytes(3, 32 * PAGE))
+        assert d.read(32 * PAGE, 32 * PAGE) == data
+        assert d.pool.total_pages() <= used + 4
+        d.pool.audit()
+    finally:
+        d.close()
+
+
 def test_mem_used_max_is_peak():
     d = Device(1 << 20)
     try:

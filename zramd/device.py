@@ -376,6 +376,12 @@ class Device:
             pages = self.pool.total_pages()
             self._note_pages_used(pages)
             if self._limit_pages and pages > self._limit_pages:
+                # Discarded objects waiting in the pool's deferred-free
+                # queue (or being drained) do not count: zram frees them
+                # at the discard.  (The C loop hands this case over.)
+                self.pool.free_deferred_flush()
+                pages = self.pool.total_pages()
+            if self._limit_pages and pages > self._limit_pages:
                 # zram_can_store_page(): over the limit, the old contents
                 # of the sector stay as they were.
                 self.pool.free(handle)

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 
@@ -381,6 +382,69 @@ def test_pipelined_requests_answer_in_order(served):
         assert read_reply(reader)["name"] == "zramd0"
 
 
+def wait_for(predicate, what, timeout=30):
+    """Poll ``predicate`` until true; fail naming ``what`` if it stays
+    false for ``timeout`` seconds (a bound against hanging, generous so
+    that a slow machine never trips it)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("still waiting after %d s for %s" % (timeout, what))
+        time.sleep(0.02)
+
+
+def connections(server):
+    """Connections the server holds (without its lock: a test must not
+    hang on it where the server might hold it)."""
+    return len(server._conns)
+
+
+FLOOD = 4000
+
+
+def flood(sock, server, stuck=True):
+    """Make the server's thread for ``sock`` stuck: FLOOD ``attrs``
+    requests in one go (a single read for the server; 9 MB of replies,
+    far more than a socket holds, so that thread blocks in ``_send``
+    before it finishes them and reads no more).  With ``stuck``, wait
+    for that, then send more requests until ``sock`` takes none, so a
+    later send that goes through means the server read again."""
+    sock.sendall(b"attrs\n" * FLOOD)
+    if not stuck:
+        return
+    wait_for(lambda: sending(server),
+             "the flooder's thread to block sending replies")
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.send(b"attrs\n" * 64)
+    except BlockingIOError:
+        pass
+    finally:
+        sock.settimeout(5)
+
+
+def sending(server):
+    """True while one of the server's threads waits in ``_send`` (a client
+    has stopped reading its replies)."""
+    code = control.ControlServer._send.__code__
+    return any(frame.f_code is code
+               for frame in sys._current_frames().values())
+
+
+def drain(sock):
+    """Read until the server closes ``sock``: the bytes it sent."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:    # it closed with our requests unread
+            return bytes(data)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
 def test_silent_and_flooding_clients_do_not_block_others(served):
     device, server = served
     silent = [raw_connection(server)[0] for _ in range(5)]
@@ -411,6 +475,60 @@ def test_silent_and_flooding_clients_do_not_block_others(served):
         t.join(10)
 
 
+
+def test_idle_connection_is_closed(served, monkeypatch):
+    # A connection silent for IDLE_TIMEOUT seconds is closed by the server:
+    # one that never sent anything, and one that went quiet after a request.
+    device, server = served
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 600.0)
+    never, _ = raw_connection(server)
+    quiet, quiet_reader = raw_connection(server)
+    with never, quiet:
+        quiet.sendall(b"ping\n")
+        assert read_reply(quiet_reader)["ok"]
+        never.settimeout(30)          # a bound on the wait, not a speed
+        quiet.settimeout(30)
+        try:
+            assert never.recv(10) == b""
+            assert quiet.recv(10) == b""
+        except socket.timeout:
+            pytest.fail("the server kept an idle connection open")
+        quiet_reader.close()
+    wait_for(lambda: connections(server) == 0,
+             "the server to forget the idle connections")
+    assert ask(server, "ping")["ok"]
+
+
+def test_client_that_stops_reading_is_dropped(served, monkeypatch):
+    # Replies a client does not read fill its socket; after SEND_TIMEOUT
+    # seconds in one send the server drops the client (and only it).
+    device, server = served
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 600.0)
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 0.2)
+    bystander, bystander_reader = raw_connection(server)
+    stuck, _ = raw_connection(server)
+    with bystander, stuck:
+        bystander.sendall(b"ping\n")
+        assert read_reply(bystander_reader)["ok"]
+        flood(stuck, server, stuck=False)
+        wait_for(lambda: connections(server) == 1,
+                 "the server to drop a client that does not read")
+        # It was dropped in the middle of its replies, not served to the
+        # end: what it gets is whole replies, then the close.
+        stuck.settimeout(30)
+        lines = drain(stuck).split(b"\n")
+        assert 2 <= len(lines) <= FLOOD, "%d lines" % len(lines)
+        for line in lines[:-1]:         # the last may be cut short
+            reply = json.loads(line)
+            assert reply["ok"] and "mem_limit" in reply["attrs"]
+        # The quiet bystander is still served, and so are newcomers.
+        bystander.sendall(b"ping\n")
+        assert read_reply(bystander_reader)["ok"]
+        assert ask(server, "ping")["ok"]
+        bystander_reader.close()
+
+
 def test_too_many_connections(served, monkeypatch):
     device, server = served
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 2)
@@ -434,7 +552,8 @@ def test_too_many_connections(served, monkeypatch):
         if reply["ok"] or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert reply["ok"], reply
+    assert reply["ok"], ("a closed connection's place was not given back "
+                         "within 5 s: %r" % (reply,))
     for obj in held[1]:
         obj.close()
 

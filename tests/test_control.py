@@ -445,35 +445,47 @@ def drain(sock):
         data += chunk
 
 
-def test_silent_and_flooding_clients_do_not_block_others(served):
+def test_silent_and_flooding_clients_do_not_block_others(served,
+                                                         monkeypatch):
+    # A client that says nothing and one that floods requests without
+    # reading the replies each park only their own thread: others are
+    # answered while both are still connected and stuck.  The timeouts
+    # are made long, so they stay stuck for the whole test.
     device, server = served
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 600.0)
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 600.0)
     silent = [raw_connection(server)[0] for _ in range(5)]
-    flooder, _ = raw_connection(server)
-    stop = threading.Event()
-
-    def flood():
-        # Requests it never reads the replies of, then garbage.
-        try:
-            while not stop.is_set():
-                flooder.sendall(b"status\n" * 100 + b"\x00" * 8192)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=flood, daemon=True)
-    t.start()
+    flooder, flooder_reader = raw_connection(server)
     try:
-        start = time.monotonic()
+        flood(flooder, server)
+        wait_for(lambda: connections(server) == 6,
+                 "the six stuck clients to be served")
         for _ in range(20):
             assert ask(server, "get initstate")["value"] == "1\n"
-        assert time.monotonic() - start < 5
+        assert ask(server, "status")["name"] == "zramd0"
+        # All the while, the flooder's server thread sat in its send and
+        # the silent ones in their reads: still connected, still stuck
+        # (the asks' own connections go as their threads see them close).
+        assert sending(server)
+        wait_for(lambda: connections(server) == 6,
+                 "the asks' connections to be forgotten")
+        with pytest.raises(BlockingIOError):
+            flooder.setblocking(False)
+            flooder.send(b"ping\n" * 4096)
+        flooder.settimeout(5)
+        # Unstuck, the flooder gets whole replies.
+        first = json.loads(flooder_reader.readline())
+        assert first["ok"] and list(first["attrs"]) == list(
+            control.ATTRIBUTES)
+        for s in silent:
+            s.sendall(b"ping\n")
+            assert json.loads(s.recv(4096)) == {"version": 1, "ok": True,
+                                                 "name": "zramd0"}
     finally:
-        stop.set()
-        flooder.shutdown(socket.SHUT_RDWR)     # wakes its blocked sendall
+        flooder_reader.close()
         flooder.close()
         for s in silent:
             s.close()
-        t.join(10)
-
 
 
 def test_idle_connection_is_closed(served, monkeypatch):
@@ -564,10 +576,19 @@ def test_stop_with_open_connections(tmp_path):
     s, reader = raw_connection(server)
     s.sendall(b"ping\n")
     assert read_reply(reader)["ok"]
-    start = time.monotonic()
-    server.stop()
-    assert time.monotonic() - start < 3
-    assert s.recv(10) == b""        # the server closed our connection
+    # stop() returns (its thread ends), having shut down the connection
+    # whose thread was waiting in recv, and removed the socket.
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    stopper.join(60)                # a bound against hanging
+    assert not stopper.is_alive(), "stop() hangs with a connection open"
+    s.settimeout(30)                # a bound on the wait, not a speed
+    try:
+        assert s.recv(10) == b""    # the server closed our connection
+    except socket.timeout:
+        pytest.fail("stop() left a connection open")
+    wait_for(lambda: connections(server) == 0,
+             "the connection's thread to end")
     reader.close()
     s.close()
     assert not os.path.exists(server.path)

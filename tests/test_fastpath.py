@@ -31,12 +31,13 @@ device's ``_read_sector`` / ``_write_sector`` (instance attributes win
 over the class's), so a test can say the C loop stopped at exactly the
 sector it must and nowhere else.
 
-Three tests began as reports of bugs in the C loops: zstd pages a few
+Four tests began as reports of bugs in the C loops: zstd pages a few
 bytes under huge_class_size stored raw (the output buffer was capped at
 the line), a dictionary id retired and reused while a write was between
-compression and its slot lock (the page became unreadable), and a
-corrupt sector leaving it and the sectors after it touched (IDLE
-cleared).  A forked child, as under nbdkit, must get helper threads of
+compression and its slot lock (the page became unreadable), the same
+between two sectors of one read (the batch's codec decoded the new
+dictionary's page into other bytes), and a corrupt sector leaving it and
+the sectors after it touched (IDLE cleared).  A forked child, as under nbdkit, must get helper threads of
 its own.
 """
 
@@ -637,6 +638,96 @@ def test_dictionary_id_reused_meanwhile(native):
         dev.write(40 * PAGE, b"".join(new))
         assert fired and dev.dictionary_ids() == [0, 1, 2]
         assert dev.read(40 * PAGE, 4 * PAGE) == b"".join(new)
+    finally:
+        dev.close()
+
+
+class StripeLockHook:
+    """A stripe lock that runs ``action`` once, the next time it is taken
+    while armed: the C read loop takes a sector's stripe lock (holding no
+    other) between sectors, so ``action`` runs in the middle of a
+    request."""
+
+    def __init__(self, lock):
+        self.lock, self.action = lock, None
+
+    def acquire(self, *args):
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+        return self.lock.acquire(*args)
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def hook_stripe_lock(dev, stripe):
+    """Put a StripeLockHook in place of ``dev``'s lock of ``stripe``, for
+    the Python paths and the C loops alike."""
+    hook = StripeLockHook(dev._stripe_locks[stripe])
+    dev._stripe_locks[stripe] = hook
+    dev._paths.__init__(dev._meta, dev._handle, dev._atime, dev._counters,
+                        dev._dict_refs, dev._stripe_locks, dev.pool)
+    return hook
+
+
+def test_dictionary_id_reused_between_two_sectors_of_a_read(monkeypatch):
+    """A multi-sector read decompresses with one codec, found for the
+    first sector's dictionary id.  If that id is retired and handed to a
+    new dictionary between two sectors of the read, a later sector with
+    the same id is of the new dictionary: reusing the batch's codec for it
+    (on the id alone) returned the wrong bytes, with no error (raw-content
+    dictionaries of one size decode each other's frames)."""
+    import zstandard
+    rng = random.Random(8)
+    raw = [rng.randbytes(8192) for _ in range(3)]   # trainings 1, 2, 3
+    trained = iter(raw)
+
+    class Trained:
+        def __init__(self, data):
+            self.data = data
+
+        def as_bytes(self):
+            return self.data
+
+    monkeypatch.setattr(zstandard, "train_dictionary",
+                        lambda size, samples: Trained(next(trained)))
+    dev = Device(64 * PAGE, algorithm="zstd")
+    try:
+        stored_text(dev, 16, 32, 0)
+        assert dev.train_dictionary() == 1
+        # Sectors 0 and 1: pages of dictionary 1 (raw content raw[0]).
+        old = [raw[0][:PAGE], raw[0][PAGE:2 * PAGE]]
+        dev.write(0, b"".join(old))
+        assert [dev.slot_info(i).dict_id for i in (0, 1)] == [1, 1]
+        new = raw[2][:PAGE]
+
+        def retire_and_reuse():
+            # Between the read's sectors 0 and 1: dictionary 2, no page of
+            # 1 left, so the next training retires 1 and reuses its id.
+            assert dev.train_dictionary() == 2
+            dev.write(0, text_page(100) + text_page(101))
+            assert dev.train_dictionary() == 1
+            dev.write(PAGE, new)
+            assert dev.slot_info(1).dict_id == 1
+            calls["read"].clear()           # the trainings' samples
+
+        hook = hook_stripe_lock(dev, 1)
+        hook.action = retire_and_reuse
+        calls = python_path_calls(dev)
+        assert dev.read(0, 2 * PAGE) == old[0] + new
+        assert hook.action is None
+        # Sector 1, of another compressor than the batch's, went to the
+        # Python path.
+        assert calls["read"] == [1]
+        assert dev.read(0, 2 * PAGE) == text_page(100) + new
     finally:
         dev.close()
 

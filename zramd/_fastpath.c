@@ -1609,10 +1609,12 @@ decomp_chunk(Batch *b, int who, Py_ssize_t start, Py_ssize_t n)
     }
 }
 
-/* The native codec for a compressed slot's meta, or NULL (no error set
- * unless -1 is stored in *err). */
-static Codec *
-codec_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
+/* The compressor (a borrowed reference, kept alive by the device's
+ * _dict_comps while the slot's stripe lock is held) that made a compressed
+ * slot's object, found by its dictionary id, or NULL (no error set unless
+ * -1 is stored in *err).  Cheap: the id is a cached small int. */
+static PyObject *
+comp_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
 {
     unsigned dict_id = (meta & DICT_MASK) >> DICT_SHIFT;
     PyObject *key = PyLong_FromUnsignedLong(dict_id), *comp;
@@ -1623,11 +1625,9 @@ codec_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
     }
     comp = PyDict_GetItemWithError(dict_comps, key);
     Py_DECREF(key);
-    if (!comp) {
-        *err = PyErr_Occurred() ? -1 : 0;
-        return NULL;
-    }
-    return native_of(comp);
+    if (!comp && PyErr_Occurred())
+        *err = -1;
+    return comp;
 }
 
 /*
@@ -1658,7 +1658,7 @@ slot_paths_read(SlotPaths *self, PyObject *args)
     Batch batch = {0};
     DecompArgs dargs = {0};
     int hands = 0, n_dctx = 0, locked = -1, touched = 0;
-    unsigned batch_dict = 0;           /* dargs.codec's dictionary id */
+    PyObject *batch_comp = NULL;       /* dargs.codec's compressor, held */
     /* A single sector (fio, swap-ins) needs no heap and no crew: read,
      * decompress and touch it in one go under its lock, as the Python
      * path does. */
@@ -1724,24 +1724,27 @@ slot_paths_read(SlotPaths *self, PyObject *args)
             stop = 1;
         } else {
             Codec *codec = NULL;
+            PyObject *comp = NULL;
             ObjPlace p;
             int found, err;
             if (!(meta & F_HUGE)) {
-                unsigned dict_id = (meta & DICT_MASK) >> DICT_SHIFT;
-                if (dargs.codec && dict_id == batch_dict) {
-                    codec = dargs.codec;   /* held: no lookup per sector */
-                } else {
-                    codec = codec_for_meta(dict_comps, meta, &err);
-                    if (err)
-                        goto error;
+                /* The compressor is looked up for every sector, under its
+                 * lock: the id alone does not do, as between two sectors
+                 * (a contended lock lets other threads run) the id may
+                 * be retired and handed to a new dictionary. */
+                comp = comp_for_meta(dict_comps, meta, &err);
+                if (err)
+                    goto error;
+                if (comp && comp == batch_comp) {
+                    codec = dargs.codec;   /* held: no attribute lookup */
+                } else if (comp) {
+                    codec = native_of(comp);
                     /* One codec per batch; a page of another dictionary
                      * (rare: just after training) goes to the Python
                      * path.  (A page that does not decompress with the
                      * batch's codec goes there too.) */
                     if (codec && dargs.codec && codec != dargs.codec)
                         codec = NULL;
-                    if (codec && !dargs.codec)
-                        batch_dict = dict_id;
                 }
             }
             if (!(meta & F_HUGE) && !codec) {
@@ -1774,9 +1777,13 @@ slot_paths_read(SlotPaths *self, PyObject *args)
                 } else if (!(meta & F_HUGE)) {
                     if (!dargs.codec) {
                         /* Held until phase two is over: without the GIL a
-                         * retired dictionary's codec could go meanwhile. */
+                         * retired dictionary's codec could go meanwhile.
+                         * Its compressor too: held, it is never another
+                         * at the same address. */
                         Py_INCREF(codec);
                         dargs.codec = codec;
+                        Py_INCREF(comp);
+                        batch_comp = comp;
                     }
                     item_sector[n_items] = i;
                     item_size[n_items++] = p.size;
@@ -1852,6 +1859,7 @@ slot_paths_read(SlotPaths *self, PyObject *args)
     for (k = 0; k < n_dctx; k++)
         codec_give_dctx(dargs.codec, batch.ctx[k]);
     Py_XDECREF(dargs.codec);
+    Py_XDECREF(batch_comp);
     if (scratch != one_scratch) {
         PyMem_Free(scratch);
         PyMem_Free(item_sector);
@@ -1873,6 +1881,7 @@ error:
     for (k = 0; k < n_dctx; k++)
         codec_give_dctx(dargs.codec, batch.ctx[k]);
     Py_XDECREF(dargs.codec);
+    Py_XDECREF(batch_comp);
     if (scratch != one_scratch) {
         PyMem_Free(scratch);
         PyMem_Free(item_sector);

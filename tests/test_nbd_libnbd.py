@@ -235,16 +235,17 @@ def test_parallel_connections_see_each_others_writes(module_server):
 
 
 KILLED_CLIENT = textwrap.dedent("""\
-    import nbd, os, sys
+    import nbd, random, sys
     h = nbd.NBD()
     h.connect_uri(sys.argv[1])
     start = int(sys.argv[2])
-    buf = nbd.Buffer.from_bytearray(bytearray(os.urandom(1 << 20)))
+    data = random.Random(int(sys.argv[3])).randbytes(1 << 20)
+    buf = nbd.Buffer.from_bytearray(bytearray(data))
     print("connected", flush=True)
     n = 0
     while True:                     # keep 8 writes in flight until killed
         while h.aio_in_flight() < 8:
-            h.aio_pwrite(buf, start + (n % 4) * (1 << 20),
+            h.aio_pwrite(buf, start + (n % 2) * (1 << 20),
                          completion=lambda error: 1)     # 1: auto-retire
             n += 1
             if n == 16:
@@ -258,13 +259,23 @@ def test_client_killed_mid_transfer(module_server, tmp_path):
     the other connection, whose data is intact, and new ones."""
     start, length = band(6)
     kept = page_data(random.Random(6), length // 2)
+    # The dead client's two MiB (the band's second half) start as old
+    # contents, each MiB its own and neither like the 1 MiB buffer the
+    # client writes to both.
+    target = start + length // 2
+    old = page_data(random.Random(60), length // 2)
+    olds = [old[:MiB], old[MiB:]]
+    seed = 61
+    written = random.Random(seed).randbytes(MiB)
+    assert len({olds[0], olds[1], written}) == 3
     script = tmp_path / "client.py"
     script.write_text(KILLED_CLIENT)
     with NbdClient(module_server.uri) as other:
         other.pwrite(kept, start)
+        other.pwrite(old, target)
         child = subprocess.Popen(
-            [sys.executable, str(script), module_server.uri,
-             str(start + length // 2)], stdout=subprocess.PIPE, text=True)
+            [sys.executable, str(script), module_server.uri, str(target),
+             str(seed)], stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout.readline() == "connected\n"
             assert child.stdout.readline() == "writing\n"
@@ -280,8 +291,16 @@ def test_client_killed_mid_transfer(module_server, tmp_path):
     with NbdClient(module_server.uri) as h:
         assert h.pread(len(kept) - 10, start + 10) == kept[10:]
         # Whatever the dead client got written is whole 1 MiB writes of
-        # its buffer or older contents; the server answers for all of it.
-        h.pread(length // 2, start + length // 2)
+        # its buffer, or else the older contents: never a mix, never
+        # anything else.  It printed "writing" after its 16th write was
+        # sent with at most 8 in flight, so 8 had been answered: at least
+        # one MiB holds its buffer.
+        got = [h.pread(MiB, target + k * MiB) for k in range(2)]
+        for k in range(2):
+            assert got[k] in (written, olds[k]), (
+                "MiB %d is neither the dead client's write nor what it "
+                "held before" % k)
+        assert written in got
     assert module_server.process.poll() is None
 
 

@@ -638,3 +638,25 @@ def test_with_a_real_device(tmp_path):
     finally:
         server.stop()
         device.close()
+
+
+def test_writeback_page_indexes_are_bounded_before_they_are_expanded(tmp_path):
+    # One request naming two billion pages must be refused at once, not
+    # turned into a list of two billion indexes by the server.
+    from zramd.device import Device
+    from zramd.errors import InvalidRequestError
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(bytes(16 * 4096))
+    device = Device(16 * 4096, backing_dev=str(backing))
+    try:
+        for value in ("page_indexes=0-2000000000", "page_indexes=3-16",
+                      "page_indexes=9-3"):
+            with pytest.raises(InvalidRequestError) as info:
+                control.store_attribute(device, "writeback", value)
+            assert info.value.message == (
+                "writeback: page_indexes=%r: accepted: FIRST-LAST, "
+                "0 <= FIRST <= LAST <= 15" % value.split("=")[1])
+            assert info.value.errno == errno.EINVAL
+        control.store_attribute(device, "writeback", "page_indexes=0-15")
+    finally:
+        device.close()

@@ -256,15 +256,18 @@ def _store_recompress(device, value):
     device.recompress(**kw)
 
 
-def _page_indexes(text):
+def _page_indexes(text, nr_pages):
     lo, sep, hi = text.partition("-")
     try:
         first, last = _kstrtoull(lo), _kstrtoull(hi)
     except ValueError:
         first = last = -1
-    if not sep or last < first:
+    # Bounded before the range is expanded: one request must not make the
+    # server build a list of billions of indexes.
+    if not sep or last < first or last >= nr_pages:
         raise InvalidRequestError("writeback: page_indexes=%r: accepted:"
-                                  " FIRST-LAST" % text)
+                                  " FIRST-LAST, 0 <= FIRST <= LAST <= %d"
+                                  % (text, nr_pages - 1))
     return range(first, last + 1)
 
 
@@ -283,7 +286,7 @@ def _store_writeback(device, value):
         elif key == "page_index":
             pages.append(_number("writeback", key, val))
         else:
-            pages.extend(_page_indexes(val))
+            pages.extend(_page_indexes(val, device.nr_pages))
     device.writeback(pp_type, pages=pages or None)
 
 

@@ -660,3 +660,22 @@ def test_writeback_page_indexes_are_bounded_before_they_are_expanded(tmp_path):
         control.store_attribute(device, "writeback", "page_indexes=0-15")
     finally:
         device.close()
+
+
+def test_errors_from_the_device_name_the_attribute():
+    from zramd.device import Device
+    from zramd.errors import InvalidRequestError
+    device = Device(16 * 4096)
+    device.set_recomp_algorithm("zstd")
+    try:
+        for name, value, message in (
+                ("recompress", "type=cold",
+                 "recompress: type: 'cold'; accepted: "),
+                ("writeback", "huge", "writeback: no backing_dev set"),
+                ("mem_limit", "1Q", "mem_limit: invalid value '1Q'")):
+            with pytest.raises(InvalidRequestError) as info:
+                control.store_attribute(device, name, value)
+            assert info.value.message.startswith(message), info.value.message
+            assert info.value.errno == errno.EINVAL
+    finally:
+        device.close()

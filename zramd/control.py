@@ -451,7 +451,14 @@ def store_attribute(device, name, value):
     if attr.store is None:
         raise InvalidRequestError("%s: read-only attribute; writable: %s"
                                   % (name, _names("w")))
-    attr.store(device, value)
+    try:
+        attr.store(device, value)
+    except ZramdError as err:
+        # The device names its own argument ("type: 'cold'; accepted:
+        # ..."); the client should also read which attribute refused it.
+        if err.message.startswith(name + ":"):
+            raise
+        raise type(err)("%s: %s" % (name, err.message)) from None
 
 
 def default_streams():

@@ -7,8 +7,10 @@ Debian's Python standard library and shared libraries, 72 MiB or more.
 import glob
 import json
 import os
+import random
 import subprocess
 import tarfile
+import threading
 
 import pytest
 
@@ -194,22 +196,112 @@ def test_fio_verify_several_connections(server, tmp_path):
             assert h.pread(4096, job * 16 * MiB) != bytes(4096)
 
 
+# fio's verify_pattern for the mixed test: "zramd" then the block's offset
+# (%o, 8 bytes little-endian), repeated through each 16 KiB block.  Every
+# write to a block puts the same bytes there, so the disk's contents do not
+# depend on how writes and trims interleave, only on which came last.
+MIXED_RANGE = 32 * MiB
+MIXED_BLOCK = 16 * 1024
+SECTOR = 4096
+MIXED_PATTERN = b"zramd"
+
+
+def mixed_block(offset):
+    """The bytes fio writes in the block at ``offset``."""
+    unit = MIXED_PATTERN + offset.to_bytes(8, "little")
+    return (unit * (MIXED_BLOCK // len(unit) + 1))[:MIXED_BLOCK]
+
+
+def mixed_mismatch(data, offset):
+    """Where ``data``, read at ``offset``, has a 4 KiB sector (or the part
+    of one it covers) that is neither fio's bytes for it nor zeroes
+    (trimmed, or not written yet); None if there is none.  Each sector is
+    read whole under its slot lock, so only whole sectors can differ."""
+    end = offset + len(data)
+    pos = offset
+    while pos < end:
+        stop = min((pos // SECTOR + 1) * SECTOR, end)
+        piece = data[pos - offset:stop - offset]
+        block = pos // MIXED_BLOCK * MIXED_BLOCK
+        want = mixed_block(block)[pos - block:stop - block]
+        if piece != want and piece != bytes(len(piece)):
+            return "bytes %d..%d: neither fio's pattern nor zeroes" % (
+                pos, stop)
+        pos = stop
+    return None
+
+
 def test_fio_mixed_read_write_with_trim(server, tmp_path):
-    """Readers, writers and trims at once across the same range, then a
-    verifying pass: nothing crashes or deadlocks, and the data verifies."""
+    """A writer, a trimmer and readers at once over the same 32 MiB, each
+    on its own connection, and the data checked: every read racing them,
+    and the whole disk afterwards, finds in each sector either fio's bytes
+    for it or zeroes; what was never trimmed holds fio's bytes; nothing
+    lands past the range."""
     require("fio")
     output = tmp_path / "fio.json"
-    run("fio", "--ioengine=nbd", "--uri=" + server.uri, "--size=32M",
-        "--iodepth=4", "--output-format=json", "--output=" + str(output),
-        "--name=write", "--rw=randwrite", "--bs=16k", "--verify=crc32c",
-        "--do_verify=1", "--verify_fatal=1",
-        "--name=read", "--offset=32M", "--rw=randread", "--bsrange=512-128k",
-        "--time_based", "--runtime=2",
-        "--name=trim", "--offset=32M", "--rw=randtrim", "--bs=64k",
-        "--time_based", "--runtime=2", cwd=tmp_path)
+    stop = threading.Event()
+    checked = []
+    problems = []
+
+    def check_reads():
+        # Reads of 512 B to 128 KiB anywhere in the range, as fio's reader
+        # makes, but checked against the model while the jobs run.
+        rng = random.Random(10)
+        with NbdClient(server.uri) as h:
+            while not problems:
+                length = rng.randrange(512, 128 * 1024 + 1)
+                offset = rng.randrange(MIXED_RANGE - length + 1)
+                problem = mixed_mismatch(h.pread(length, offset), offset)
+                if problem:
+                    problems.append(problem)
+                checked.append(length)
+                if stop.is_set():
+                    return
+
+    reader = threading.Thread(target=check_reads)
+    reader.start()
+    try:
+        # The writer covers every 16 KiB block once per loop (fio's random
+        # map), four loops; the trimmer takes half the range's 64 KiB
+        # blocks, each once, paced (not timed) to spread over the writes.
+        run("fio", "--ioengine=nbd", "--uri=" + server.uri, "--iodepth=4",
+            "--output-format=json", "--output=" + str(output),
+            "--name=write", "--rw=randwrite", "--bs=16k", "--size=32M",
+            "--loops=4", "--verify=pattern", "--verify_pattern=0x%s%%o"
+            % MIXED_PATTERN.hex(), "--do_verify=0",
+            "--name=trim", "--rw=randtrim", "--bs=64k", "--size=32M",
+            "--io_size=16M", "--rate_iops=200",
+            "--name=read", "--rw=randread", "--bsrange=512-128k",
+            "--size=32M", "--loops=2",
+            # Then, alone, trim the first MiB: it must read back zero.
+            "--name=trim-last", "--stonewall", "--rw=trim", "--bs=64k",
+            "--size=1M", cwd=tmp_path)
+    finally:
+        stop.set()
+        reader.join(120)
+    assert not reader.is_alive(), "the checking reader hangs"
+    assert not problems, problems
+    assert checked
     jobs = {job["jobname"]: job for job in
             json.loads(output.read_text())["jobs"]}
     assert all(job["error"] == 0 for job in jobs.values()), jobs
-    assert jobs["write"]["read"]["io_bytes"] == 32 * MiB
-    assert jobs["read"]["read"]["io_bytes"] > 0
-    assert jobs["trim"]["trim"]["io_bytes"] > 0
+    assert jobs["write"]["write"]["io_bytes"] == 4 * MIXED_RANGE
+    assert jobs["trim"]["trim"]["io_bytes"] == MIXED_RANGE // 2
+    assert jobs["read"]["read"]["io_bytes"] == 2 * MIXED_RANGE
+    assert jobs["trim-last"]["trim"]["io_bytes"] == MiB
+    # Afterwards: the MiB trimmed last is zeroes; each other sector fio's
+    # bytes or zeroes, and at most the 16 MiB the trimmer took is zeroes,
+    # since every block was written.
+    zero_sectors = 0
+    with NbdClient(server.uri) as h:
+        assert h.pread(MiB, 0) == bytes(MiB)
+        for offset in range(MiB, MIXED_RANGE, MiB):
+            data = h.pread(MiB, offset)
+            assert mixed_mismatch(data, offset) is None, \
+                mixed_mismatch(data, offset)
+            zero_sectors += sum(
+                data[i:i + SECTOR] == bytes(SECTOR)
+                for i in range(0, MiB, SECTOR))
+        assert zero_sectors <= MIXED_RANGE // 2 // SECTOR
+        for offset in range(MIXED_RANGE, 64 * MiB, MiB):
+            assert h.pread(MiB, offset) == bytes(MiB), offset

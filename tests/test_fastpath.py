@@ -37,8 +37,8 @@ the line), a dictionary id retired and reused while a write was between
 compression and its slot lock (the page became unreadable), the same
 between two sectors of one read (the batch's codec decoded the new
 dictionary's page into other bytes), and a corrupt sector leaving it and
-the sectors after it touched (IDLE cleared).  A forked child, as under nbdkit, must get helper threads of
-its own.
+the sectors after it touched (IDLE cleared).  A forked child, as under
+nbdkit, must get helper threads of its own.
 """
 
 import os

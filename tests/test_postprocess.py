@@ -468,7 +468,8 @@ def test_recomp_algorithm_change_refused_while_pages_use_it(backing):
     for i in range(SECTORS):
         if dev.slot_info(i).priority == 1:
             if i % 2:
-                dev.write(i * PAGE_SIZE, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                dev.write(i * PAGE_SIZE,
+                          data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
             else:
                 dev.discard(i * PAGE_SIZE, PAGE_SIZE)
                 data = data[:i * PAGE_SIZE] + bytes(PAGE_SIZE) \

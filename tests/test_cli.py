@@ -243,6 +243,36 @@ def test_mountpoint_in_table(runtime, capsys):
     assert out == "zramd0 %s\n" % cli._raw_escape(expect)
 
 
+def test_raw_escapes_blanks_backslashes_and_controls(runtime, tmp_path,
+                                                      capsys, monkeypatch):
+    # --raw writes a cell as libsmartcols' fputs_nonblank does: blanks
+    # (space, tab), the backslash and every non-printable byte as \xHH,
+    # so a value never holds the column separator and can be decoded.
+    # The mount point comes from a fake /proc/self/mounts, with the
+    # kernel's octal escapes for space, tab, newline and backslash, and an
+    # ESC and a DEL the kernel leaves as they are.
+    runtime("zramd0")
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "swaps").write_text("Filename Type Size Used Priority\n")
+    (proc / "self" / "mounts").write_text(
+        "/dev/loop5 /mnt/a\\040b\\011c\\134d\\012e\x1bf\x7fg ext4 rw 0 0\n")
+    (runtime.path / "zramd0.state.json").write_text(
+        json.dumps({"block_device": "/dev/loop5"}))
+    real_mountpoint = cli.mountpoint
+    monkeypatch.setattr(cli, "mountpoint",
+                        lambda name: real_mountpoint(name, proc=str(proc)))
+    assert cli.mountpoint("zramd0") == "/mnt/a b\tc\\d\ne\x1bf\x7fg"
+    escaped = r"/mnt/a\x20b\x09c\x5cd\x0ae\x1bf\x7fg"
+    assert run(capsys, "--raw", "-o", "NAME,MOUNTPOINT") == (
+        0, "NAME MOUNTPOINT\nzramd0 %s\n" % escaped, "")
+    assert run(capsys, "--raw", "-n", "-b", "-o", "MOUNTPOINT,DISKSIZE") == (
+        0, "%s 67108864\n" % escaped, "")
+    # Only those: the other printable ASCII goes through as it is.
+    printable = "".join(chr(c) for c in range(0x21, 0x7f) if c != 0x5c)
+    assert cli._raw_escape(printable) == printable
+
+
 # -- attr and classes --------------------------------------------------------
 
 def test_attr_reads(runtime, capsys):

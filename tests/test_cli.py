@@ -352,54 +352,79 @@ def test_permission_denied(runtime):
 
 # -- top ---------------------------------------------------------------------
 
-class Busy(FakeDevice):
-    """Every look at the counters finds 100 more reads and 50 writes."""
+class Clock:
+    """The ``time`` the CLI sees in test_top: ``monotonic()`` reads a
+    counter that only ``sleep()`` and the device move, so every rate is
+    known exactly, whatever the machine's load."""
 
     def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+    @staticmethod
+    def strftime(fmt):
+        return time.strftime(fmt, time.gmtime(12 * 3600 + 34 * 60 + 56))
+
+
+class Scripted(FakeDevice):
+    """Each status request takes 0.25 s of the fake clock and finds the
+    counters at the next of the scripted (reads, writes) values."""
+
+    COUNTERS = [(1000, 500), (1300, 575), (1750, 725)]
+
+    def __init__(self, clock):
         super().__init__()
-        self._ticks = 0
+        self.clock = clock
+        self.requests = 0
 
     @property
     def num_reads(self):
-        self._ticks += 1
-        return 100 * self._ticks
-
-    @property
-    def num_writes(self):
-        return 50 * self._ticks
+        # device_status reads num_reads once, then num_writes.
+        self.clock.sleep(0.25)
+        self.requests += 1
+        return self.COUNTERS[self.requests - 1][0]
 
     @num_reads.setter
     def num_reads(self, value):
         pass
+
+    @property
+    def num_writes(self):
+        return self.COUNTERS[self.requests - 1][1]
 
     @num_writes.setter
     def num_writes(self, value):
         pass
 
 
-def test_top(runtime, capsys):
-    runtime("zramd0", Busy())
-    rc, out, err = run(capsys, "top", "-n", "3", "-d", "0.05")
+TOP_FRAME = """\
+zramd top - 12:34:56  devices: 1
+NAME   ALGORITHM DISKSIZE  DATA COMPR TOTAL RATIO READS/s WRITES/s \
+MEM-USED MEM-LIMIT ZERO-PAGES HUGE-PAGES
+zramd0 lz4            64M    3M    1M  1.5M  2.00 {reads:>7} {writes:>8} \
+      2M        0B          5          2
+"""
+
+
+def test_top(runtime, capsys, monkeypatch):
+    # -d 0.5 and 0.25 s per status request: 0.75 s between the counters'
+    # readings, so (1300-1000)/0.75 = 400 reads/s and (575-500)/0.75 =
+    # 100 writes/s, then 600 and 200.  The rates use the time measured,
+    # not the delay asked for, and each frame its own interval.
+    clock = Clock()
+    device = runtime("zramd0", Scripted(clock))
+    monkeypatch.setattr(cli, "time", clock)
+    rc, out, err = run(capsys, "top", "-n", "3", "-d", "0.5")
     assert (rc, err) == (0, "")
-    frames = out.split("\n\n")
-    assert len(frames) == 3
-    for frame in frames:
-        lines = frame.strip("\n").split("\n")
-        assert re.fullmatch(r"zramd top - \d\d:\d\d:\d\d  devices: 1",
-                            lines[0])
-        assert lines[1].split() == ["NAME", "ALGORITHM", "DISKSIZE", "DATA",
-                                    "COMPR", "TOTAL", "RATIO", "READS/s",
-                                    "WRITES/s", "MEM-USED", "MEM-LIMIT",
-                                    "ZERO-PAGES", "HUGE-PAGES"]
-    first = frames[0].split("\n")[2].split()
-    assert first == ["zramd0", "lz4", "64M", "3M", "1M", "1.5M", "2.00", "-",
-                     "-", "2M", "0B", "5", "2"]
-    later = frames[2].split("\n")[2].split()
-    reads, writes = float(later[7]), float(later[8])
-    # 100 reads / 50 writes per ~0.05 s refresh: about 2000 and 1000 a
-    # second, surely between a fifth and twice that.
-    assert 400 < reads < 4000 and 200 < writes < 2000
-    assert abs(reads / writes - 2) < 0.1
+    assert device.requests == 3 and clock.now == 1000.0 + 3 * 0.25 + 2 * 0.5
+    assert out == "\n".join(
+        TOP_FRAME.format(reads=reads, writes=writes)
+        for reads, writes in [("-", "-"), ("400", "100"), ("600", "200")])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -408,7 +433,7 @@ def test_top(runtime, capsys):
     (("-d", "0"), "delay must be positive"),
 ])
 def test_top_bad_arguments(runtime, capsys, argv, message):
-    runtime("zramd0", Busy())
+    runtime("zramd0")
     assert run(capsys, "top", *argv) == (1, "", "zramd: top: %s\n" % message)
 
 

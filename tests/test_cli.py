@@ -274,6 +274,18 @@ def test_raw_escapes_blanks_backslashes_and_controls(runtime, tmp_path,
     assert cli._raw_escape(printable) == printable
 
 
+def test_escapes_work_on_bytes_as_util_linux_does():
+    # fputs_nonblank and mbs_safe_encode look at bytes: a character
+    # outside ASCII is one \xHH per UTF-8 byte in --raw, and a
+    # non-printable one is in the table too; the table keeps printable
+    # characters, and writes a backslash before an x as \x5c.
+    assert cli._raw_escape("/mnt/caf\u00e9") == r"/mnt/caf\xc3\xa9"
+    assert cli._raw_escape("a\u2028b") == r"a\xe2\x80\xa8b"
+    assert cli._safe("/mnt/caf\u00e9 x") == "/mnt/caf\u00e9 x"
+    assert cli._safe("a\u2028b\x1b") == r"a\xe2\x80\xa8b\x1b"
+    assert cli._safe("c:\\x\\y") == r"c:\x5cx\y"
+
+
 # -- attr and classes --------------------------------------------------------
 
 def test_attr_reads(runtime, capsys):

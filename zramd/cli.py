@@ -173,13 +173,28 @@ def _width(column, cells):
 
 
 def _raw_escape(text):
-    return "".join("\\x%02x" % ord(ch) if ch in " \t\\" or not ch.isprintable()
-                   else ch for ch in text)
+    """--raw cells as libsmartcols writes them (fputs_nonblank): byte by
+    byte, a blank, a backslash and every byte that is not printable ASCII
+    as \\xHH, so a cell never contains a separator."""
+    return "".join(chr(b) if 0x21 <= b <= 0x7e and b != 0x5c else
+                   "\\x%02x" % b
+                   for b in text.encode("utf-8", "surrogateescape"))
 
 
 def _safe(text):
-    return "".join("\\x%02x" % ord(ch) if not ch.isprintable() else ch
-                   for ch in text)
+    """Table cells as util-linux's mbs_safe_encode() writes them: printable
+    characters as they are, others as \\xHH per byte, and a backslash
+    before an x as \\x5c (so the output reads back unambiguously)."""
+    out = []
+    for i, ch in enumerate(text):
+        if ch == "\\" and text[i + 1:i + 2] == "x":
+            out.append("\\x5c")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend("\\x%02x" % b
+                       for b in ch.encode("utf-8", "surrogateescape"))
+    return "".join(out)
 
 
 def render_table(columns, rows, in_bytes=False, raw=False, headings=True):

@@ -7,6 +7,7 @@ identities extended to the backing device and compression priorities.
 """
 
 import errno
+import logging
 import os
 import random
 import threading
@@ -633,6 +634,83 @@ def test_policy_runs_all_steps(backing):
         1, 48, stat.recompressed, stat.written_back, 0)
     assert control.show_attribute(dev, "policy_stat") == str(stat)
     check_identities(dev)
+    dev.close()
+
+
+def test_policy_step_that_raises_is_counted_and_logged(backing, caplog):
+    """Any exception of a step, not only a ZramdError, is counted in
+    errors and logged, and the other steps still run (an exception other
+    than ZramdError ended the policy thread)."""
+    dev, data = filled_device(backing)
+    dev.set_recomp_algorithm("zstd", 1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    def refused(*args, **kwargs):
+        raise ZramdError("writeback: %s: no free block" % backing)
+
+    dev.recompress = broken
+    policy = Policy(dev, interval=0, idle_age=0, recompress_type="idle",
+                    writeback_type="idle")
+    with caplog.at_level(logging.WARNING, logger="zramd.policy"):
+        policy.run_once()
+    assert policy.stat() == PolicyStat(runs=1, idle_marked=48,
+                                       recompressed=0, written_back=40,
+                                       errors=1)
+    [record] = [r for r in caplog.records if r.name == "zramd.policy"]
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == "policy: recompress: unexpected error"
+    assert record.exc_info[0] is RuntimeError
+    caplog.clear()
+    dev.mark_idle = broken
+    dev.writeback = refused
+    with caplog.at_level(logging.WARNING, logger="zramd.policy"):
+        policy.run_once()
+    assert policy.stat() == PolicyStat(runs=2, idle_marked=48,
+                                       recompressed=0, written_back=40,
+                                       errors=4)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.name == "zramd.policy"] == [
+        (logging.ERROR, "policy: idle: unexpected error"),
+        (logging.ERROR, "policy: recompress: unexpected error"),
+        (logging.WARNING, "policy: writeback: writeback: %s: no free block"
+         % backing)]
+    dev.policy = policy
+    assert control.show_attribute(dev, "policy_stat") == \
+        "       2       48        0       40        4\n"
+    dev.policy = None
+    del dev.mark_idle, dev.writeback, dev.recompress
+    assert dev.read(0, SIZE) == data
+    check_identities(dev)
+    dev.close()
+
+
+def test_policy_thread_keeps_running_after_an_error(backing):
+    dev, _ = filled_device(backing)
+    calls = []
+    third = threading.Event()
+
+    def broken(age):
+        calls.append(age)
+        if len(calls) == 3:
+            third.set()
+        raise RuntimeError("injected")
+
+    dev.mark_idle = broken
+    policy = Policy(dev, interval=1, idle_age=7)
+    policy.interval = 0.001         # no need to wait a second per pass
+    policy.start()
+    try:
+        assert third.wait(60), "the policy thread ended after %d passes" \
+            % len(calls)
+        assert policy._thread.is_alive()
+    finally:
+        policy.stop()
+    stat = policy.stat()
+    assert stat.runs == len(calls) >= 3 and stat.errors == stat.runs
+    assert calls == [7] * len(calls)
+    del dev.mark_idle
     dev.close()
 
 

@@ -13,10 +13,14 @@ writes to sysfs; zram-generator's users ask for a scheduler (its issues
 
 Each pass is bounded by ``max_pages`` per step so it never holds the
 device busy for long.  What it did is counted in a PolicyStat (the
-``policy_stat`` control attribute); a failed step is counted in ``errors``
-and the next pass tries again.
+``policy_stat`` control attribute); a failed step is counted in ``errors``,
+logged (logger ``zramd.policy``: under nbdkit, on its stderr), and the
+other steps and the next pass still run.  Whatever a step raises, a
+ZramdError or a bug, the worker thread stays alive: a policy that died
+silently would leave the device growing with nothing to show why.
 """
 
+import logging
 import threading
 import time
 
@@ -24,6 +28,7 @@ from .device import PP_TYPES, RECOMPRESS_TYPES
 from .errors import ConfigError, ZramdError
 from .stats import PolicyStat
 
+log = logging.getLogger(__name__)
 
 
 class Policy:
@@ -56,32 +61,44 @@ class Policy:
         self._thread = None
 
     def run_once(self):
-        """One pass: idle marking, recompression, writeback."""
+        """One pass: idle marking, recompression, writeback.  A step that
+        raises (any Exception) is counted in ``errors`` and logged; the
+        other steps still run."""
         dev = self.device
-        marked = recompressed = written = errors = 0
-        try:
-            marked = dev.mark_idle(self.idle_age)
-        except ZramdError:
-            errors += 1
+        failed = []
+        marked = self._step(failed, "idle", dev.mark_idle, self.idle_age)
+        recompressed = written = 0
         if self.recompress_type and dev.recomp_algorithm():
-            try:
-                recompressed = dev.recompress(self.recompress_type,
-                                              max_pages=self.max_pages)
-            except ZramdError:
-                errors += 1
+            recompressed = self._step(failed, "recompress", dev.recompress,
+                                      self.recompress_type,
+                                      max_pages=self.max_pages)
         if self.writeback_type and dev.backing_dev:
-            try:
-                written = dev.writeback(self.writeback_type,
-                                        max_pages=self.max_pages)
-            except ZramdError:
-                errors += 1
+            written = self._step(failed, "writeback", dev.writeback,
+                                 self.writeback_type,
+                                 max_pages=self.max_pages)
+        self._add(idle_marked=marked, recompressed=recompressed,
+                  written_back=written, errors=len(failed))
+
+    @staticmethod
+    def _step(failed, name, action, *args, **kwargs):
+        """``action(*args, **kwargs)``, the count it returns, or 0 when it
+        raised: then the error is logged and ``name`` appended to
+        ``failed``.  A ZramdError is a refusal or an I/O error, its message
+        says which; anything else is a bug, logged with its traceback."""
+        try:
+            return action(*args, **kwargs)
+        except ZramdError as err:
+            log.warning("policy: %s: %s", name, err)
+        except Exception:
+            log.exception("policy: %s: unexpected error", name)
+        failed.append(name)
+        return 0
+
+    def _add(self, runs=1, **counts):
         with self._lock:
-            c = self._counts
-            c["runs"] += 1
-            c["idle_marked"] += marked
-            c["recompressed"] += recompressed
-            c["written_back"] += written
-            c["errors"] += errors
+            self._counts["runs"] += runs
+            for key, n in counts.items():
+                self._counts[key] += n
 
     def stat(self):
         with self._lock:
@@ -97,7 +114,13 @@ class Policy:
     def _loop(self):
         while not self._stop.wait(self.interval):
             started = time.monotonic()
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception:
+                # Outside the steps (a device gone from under us): still
+                # counted, and the next interval tries again.
+                log.exception("policy: pass failed")
+                self._add(runs=0, errors=1)
             # A pass longer than the interval does not pile up passes.
             if time.monotonic() - started > self.interval:
                 self._stop.wait(self.interval)

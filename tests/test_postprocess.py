@@ -489,6 +489,59 @@ def test_recompress_saves_memory_and_records_priority(backing):
     dev.close()
 
 
+def test_recompress_clears_idle_of_every_page_it_looks_at(backing):
+    """As zram's recompress_slot ("zram: clear IDLE flag after
+    recompression"): a page the pass read is no longer idle, whether it
+    shrank or not, so the next writeback of idle pages leaves alone what
+    recompression just handled; a page it did not read keeps IDLE."""
+    dev, data = filled_device(backing)
+    dev.set_recomp_algorithm("zstd", 1)
+    dev.set_recomp_algorithm("deflate", 2)
+    dev.mark_idle()
+    # Sector 0 is text (zstd shrinks it), 32..39 random (nothing does).
+    assert dev.recompress("idle", pages=[0, 32], priority=2) == 1
+    assert dev.slot_info(0).priority == 2
+    # deflate (priority 2) is the last algorithm: INCOMPRESSIBLE.
+    assert dev.slot_info(32).flags & (IDLE | INCOMPRESSIBLE | HUGE) == \
+        INCOMPRESSIBLE | HUGE
+    # zstd failing is not the end (deflate comes after it): only IDLE goes.
+    assert dev.recompress("idle", pages=[33], priority=1) == 0
+    assert dev.slot_info(33).flags & (IDLE | INCOMPRESSIBLE | HUGE) == HUGE
+    for i in (0, 32, 33):
+        assert not dev.slot_info(i).flags & IDLE, i
+    for i in (1, 16, 34):
+        assert dev.slot_info(i).flags & IDLE, i
+    assert dev.writeback("idle", pages=range(35)) == 32
+    assert [i for i in range(SECTORS) if not dev.slot_info(i).flags & WB
+            and dev.slot_allocated(i)] == [0, 32, 33] + list(range(35, 48))
+    assert dev.read(0, SIZE) == data
+    check_identities(dev, data)
+    dev.close()
+
+
+def test_recompress_threshold_takes_only_objects_that_large(backing):
+    """threshold=N: objects below N bytes are not looked at (they keep
+    IDLE), objects of N bytes or more are; the page here is one zstd would
+    shrink below any threshold used, so only the threshold decides."""
+    dev, data = filled_device(backing)
+    dev.set_recomp_algorithm("zstd", 1)
+    page = data[:PAGE_SIZE]
+    old = len(compress.create("lz4").compress(page))
+    new = len(compress.create("zstd").compress(page))
+    assert new < old and dev.pool.lookup_class_index(new) \
+        < dev.pool.lookup_class_index(old)
+    dev.mark_idle()
+    assert dev.recompress("idle", threshold=old + 1, pages=[0]) == 0
+    info = dev.slot_info(0)
+    assert (info.priority, info.size) == (0, old) and info.flags & IDLE
+    assert dev.recompress("idle", threshold=old, pages=[0]) == 1
+    info = dev.slot_info(0)
+    assert (info.priority, info.size) == (1, new)
+    assert not info.flags & IDLE
+    check_identities(dev, data)
+    dev.close()
+
+
 def test_recompress_errors(backing):
     dev, _ = filled_device(backing)
     with pytest.raises(InvalidRequestError, match="no recomp_algorithm"):

@@ -875,25 +875,108 @@ def test_dictionary_needs_zstd():
     dev.close()
 
 
+def advance_clock(dev, seconds):
+    """Move the device's clock ``seconds`` on.  Slot access times are whole
+    seconds since ``dev._t0`` on the monotonic clock, in device.py and in
+    the C loops alike: an earlier ``_t0`` is a later now."""
+    dev._t0 -= seconds
+
+
+def shrinks(dev, page, comp):
+    """Whether recompressing ``page`` (stored by lz4) with ``comp`` lands
+    in a smaller size class, the test recompress keeps a result by."""
+    n = len(compress.create("lz4").compress(page))
+    old = PAGE_SIZE if n >= HUGE_CLASS_SIZE else n
+    new = len(comp.compress(page))
+    return new < HUGE_CLASS_SIZE and dev.pool.lookup_class_index(new) \
+        < dev.pool.lookup_class_index(old)
+
+
 def test_policy_runs_all_steps(backing):
     dev, data = filled_device(backing)
     dev.set_recomp_algorithm("zstd", 1)
     # Recompression flags what even zstd cannot shrink INCOMPRESSIBLE;
-    # writeback then moves exactly those pages out of memory.
+    # writeback then moves exactly those pages out of memory.  No bound
+    # (max_pages 0): every page is looked at.
     policy = Policy(dev, interval=0, idle_age=0, recompress_type="idle",
-                    writeback_type="incompressible", max_pages=100)
+                    writeback_type="incompressible", max_pages=0)
     dev.policy = policy
     policy.run_once()
     stat = policy.stat()
+    zstd = compress.create("zstd")
+    pages = [data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(SECTORS)]
+    stored = [i for i in range(SECTORS) if not same_filled(pages[i])]
+    smaller = [i for i in stored if shrinks(dev, pages[i], zstd)]
+    assert len(stored) == 40 and 0 < len(smaller) < 40
     # Every allocated slot, same-filled ones included, as zram marks them.
     assert stat.runs == 1 and stat.idle_marked == 48 and stat.errors == 0
-    assert stat.recompressed > 0
+    assert stat.recompressed == len(smaller)
+    assert [i for i in range(SECTORS) if dev.slot_info(i).priority] == smaller
     on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
-    assert stat.written_back == len(on_disk) >= 8
+    assert on_disk == [i for i in stored if i not in smaller]
+    assert stat.written_back == len(on_disk)
     assert dev.read(0, SIZE) == data
     assert str(stat) == "%8d %8d %8d %8d %8d\n" % (
         1, 48, stat.recompressed, stat.written_back, 0)
     assert control.show_attribute(dev, "policy_stat") == str(stat)
+    check_identities(dev, data)
+    dev.close()
+
+
+def test_policy_bounds_each_step_by_max_pages(backing):
+    """policy_max_pages bounds recompression and writeback, each pass."""
+    dev, data = filled_device(backing)
+    dev.set_recomp_algorithm("zstd", 1)
+    policy = Policy(dev, interval=0, idle_age=0, recompress_type="idle",
+                    writeback_type="huge", max_pages=3)
+    # 16 text pages zstd shrinks come first; 8 random pages are huge.
+    zstd = compress.create("zstd")
+    assert all(shrinks(dev, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], zstd)
+               for i in range(16))
+    assert dev.mm_stat().huge_pages == 8
+    for passes in (1, 2):
+        policy.run_once()
+        stat = policy.stat()
+        recompressed = [i for i in range(SECTORS)
+                        if dev.slot_info(i).priority]
+        on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
+        assert recompressed == list(range(3 * passes))
+        assert len(on_disk) == 3 * passes
+        assert set(on_disk) <= set(range(32, 40))       # the huge ones
+        assert (stat.runs, stat.recompressed, stat.written_back,
+                stat.errors) == (passes, 3 * passes, 3 * passes, 0)
+    assert dev.read(0, SIZE) == data
+    check_identities(dev, data)
+    dev.close()
+
+
+def test_policy_idle_age_leaves_recent_pages_alone(backing):
+    """policy_idle_age: only pages not read or written for that long are
+    marked idle, and so written back."""
+    dev, data = filled_device(backing)
+    advance_clock(dev, 100)
+    # 100 s after the disk was filled: sectors 0..7 read, 8..15 rewritten.
+    assert dev.read(0, 8 * PAGE_SIZE) == data[:8 * PAGE_SIZE]
+    dev.write(8 * PAGE_SIZE, data[8 * PAGE_SIZE:16 * PAGE_SIZE])
+    policy = Policy(dev, interval=0, idle_age=50, writeback_type="idle")
+    policy.run_once()
+    stat = policy.stat()
+    on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
+    # 16..39 (half-random, random) go; 40..47 are same-filled: idle, kept.
+    assert on_disk == list(range(16, 40))
+    assert (stat.idle_marked, stat.written_back) == (32, 24)
+    assert not any(dev.slot_info(i).flags & (IDLE | WB) for i in range(16))
+    # 100 s later the pages touched are 100 s old too.  Written-back pages
+    # lost IDLE with their new meta (as zram_free_page clears it) and are
+    # marked again: 16 + 24; the same-filled ones still are.
+    advance_clock(dev, 100)
+    policy.run_once()
+    stat = policy.stat()
+    on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
+    assert on_disk == list(range(40))
+    assert (stat.runs, stat.idle_marked, stat.written_back,
+            stat.errors) == (2, 32 + 40, 40, 0)
+    assert dev.read(0, SIZE) == data
     check_identities(dev, data)
     dev.close()
 

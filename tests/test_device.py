@@ -32,7 +32,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
 
 from conftest import race
 from zramd import compress
-from zramd.device import Device
+from zramd.device import IDLE, Device
 from zramd.errors import InvalidRequestError, NoSpaceError, ZramdError
 
 PAGE = 4096
@@ -593,6 +593,42 @@ def test_huge_threshold_is_inclusive(algorithm, chain):
         assert (m.compr_data_size, m.huge_pages, m.huge_pages_since) == (
             limit - 1 + PAGE, 1, 1)
         assert d.read(0, 2 * PAGE) == below + at
+    finally:
+        d.close()
+
+
+# --------------------------------------------------------------------------
+# Idle marking by age.
+
+@pytest.mark.parametrize("native", [True, False])
+def test_mark_idle_by_age(native):
+    """mark_idle(age) flags only allocated sectors not read or written for
+    at least ``age`` seconds; mark_idle() every allocated one; a read or
+    write is an access (C loop or Python path alike)."""
+    d = Device(4 * PAGE, native=native)
+
+    def idle():
+        return [bool(d.slot_flags(i) & IDLE) for i in range(4)]
+
+    try:
+        d.write(0, text_bytes(1, PAGE))
+        d.write(2 * PAGE, bytes(PAGE))          # same-filled: allocated
+        d._t0 -= 100                            # the device's clock: +100 s
+        d.write(PAGE, text_bytes(2, PAGE))
+        assert d.mark_idle(50) == 2
+        assert idle() == [True, False, True, False]
+        assert d.mark_idle(50) == 0             # marked ones not counted
+        assert d.mark_idle(0) == 1              # sector 1 is 0 s old
+        assert idle() == [True, True, True, False]
+        d._t0 -= 100
+        assert d.read(0, PAGE) == text_bytes(1, PAGE)
+        d.write(2 * PAGE, bytes(PAGE))
+        assert idle() == [False, True, False, False]
+        assert d.mark_idle(50) == 0             # just accessed
+        assert d.mark_idle() == 2
+        assert idle() == [True, True, True, False]   # never a hole
+        with pytest.raises(InvalidRequestError, match="idle: -1"):
+            d.mark_idle(-1)
     finally:
         d.close()
 

@@ -20,6 +20,7 @@ that all of it becomes zero, may leave a hole or a stored zero page.
 """
 
 import errno
+import os
 import random
 import threading
 import time
@@ -1179,32 +1180,74 @@ def test_extents_with_max_runs_is_a_prefix_of_the_full_list():
         dev.close()
 
 
+def crew_switches():
+    """Context switches of the process's threads that are not Python
+    threads, and whether all of them are asleep: the helpers of
+    zramd/_fastpath.c's crew, which counts nothing of its own (its
+    Batch.joined is not exported)."""
+    python = {t.native_id for t in threading.enumerate()}
+    switches, asleep = 0, True
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) in python:
+            continue
+        try:
+            with open("/proc/self/task/%s/stat" % tid) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open("/proc/self/task/%s/status" % tid) as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches",
+                                        "nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+        except FileNotFoundError:
+            continue                # a thread that just ended
+        asleep = asleep and state == "S"
+    return switches, asleep
+
+
+def settled_crew_switches():
+    """crew_switches() once every helper sleeps (a helper woken for a
+    batch counts its switch when it goes back to waiting)."""
+    for _ in range(2000):
+        switches, asleep = crew_switches()
+        if asleep:
+            return switches
+        time.sleep(0.005)
+    pytest.fail("the crew's helpers never all went back to sleep")
+
+
 @pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
 def test_crew_limit_changes_nothing_but_who_does_the_work(algorithm):
     """A request's pages compressed and decompressed by the calling thread
     alone (crew_limit 0) or shared with helper threads: the same objects,
-    the same stats, the same bytes back."""
+    the same stats, the same bytes back.  That the helpers were woken only
+    with a limit shows in their context switches (/proc), the crew
+    keeping no count of its own."""
     from zramd import _fastpath
     rnd = random.Random(7)
     pages = [bytes(4096), b"\x07" * 4096, rnd.randbytes(4096),
              (b"zram %d " % 3) * 512, rnd.randbytes(2048) * 2]
     data = b"".join(rnd.choice(pages) for _ in range(96))
     results = []
+    woken = []
     old = _fastpath.crew_limit()
+    assert old > 0
     try:
-        for limit in (0, old):
+        for limit in (old, 0):
             _fastpath.crew_limit(limit)
             dev = Device(1 << 20, algorithm=algorithm)
             try:
+                before = settled_crew_switches()
                 dev.write(0, data)
                 dev.write(8192, data[:64 << 10])        # overwrite part
                 back = dev.read(0, len(data))
+                woken.append(settled_crew_switches() - before)
                 results.append((back, dev.mm_stat(), dev.io_stat()))
                 dev.pool.audit()
             finally:
                 dev.close()
     finally:
         _fastpath.crew_limit(old)
+    assert woken[0] > 0 and woken[1] == 0, woken
     assert results[0] == results[1]
     assert results[0][0] == data[:8192] + data[:64 << 10] + data[8192 + (64 << 10):]
     with pytest.raises(ValueError, match="crew_limit: 99; accepted: 0..8"):

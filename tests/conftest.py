@@ -136,3 +136,45 @@ class NbdClient:
         except Exception:
             pass
         del self.handle             # libnbd closes the connection here
+
+
+class HookedLock:
+    """A lock standing in for one of the device's, to force an
+    interleaving without timing: ``action`` (set it, it runs once) runs
+    the next time the lock is taken, before taking it, and ``contended``
+    (an Event, optional) is set when a thread finds the lock taken and is
+    about to wait for it."""
+
+    def __init__(self, lock, contended=None):
+        self.lock, self.contended, self.action = lock, contended, None
+
+    def acquire(self, blocking=True, timeout=-1):
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+        if self.lock.acquire(blocking=False):
+            return True
+        if self.contended is not None:
+            self.contended.set()
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def fill_socket(sock, chunk=b"attrs\n" * 64):
+    """Send ``chunk`` on ``sock`` until it takes no more (the peer has
+    stopped reading and both buffers are full); leaves it non-blocking."""
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.send(chunk)
+    except BlockingIOError:
+        pass

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import NbdClient, require
+from conftest import NbdClient, fill_socket, require
 from nbdkit_server import NbdkitServer
 from test_control import FakeDevice
 from zramd import cli, control
@@ -699,12 +699,7 @@ def test_real_stuck_control_clients_do_not_stall_io(patient):
             flooder.sendall(b"attrs\n" * 4000)
             reader = flooder.makefile("rb")
             assert json.loads(reader.readline())["ok"]
-            flooder.setblocking(False)
-            try:
-                while True:
-                    flooder.send(b"attrs\n" * 64)
-            except BlockingIOError:
-                pass
+            fill_socket(flooder)
             got = []
 
             def reads():

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import fill_socket
 from zramd import control
 from zramd.stats import ClassStat, DebugStat, IoStat, MmStat, PoolStats
 
@@ -414,12 +415,8 @@ def flood(sock, server, stuck=True):
         return
     wait_for(lambda: sending(server),
              "the flooder's thread to block sending replies")
-    sock.setblocking(False)
     try:
-        while True:
-            sock.send(b"attrs\n" * 64)
-    except BlockingIOError:
-        pass
+        fill_socket(sock)
     finally:
         sock.settimeout(5)
 

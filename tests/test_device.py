@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize,
                                  invariant, rule)
 
-from conftest import race
+from conftest import HookedLock, race
 from zramd import compress
 from zramd.device import IDLE, Device
 from zramd.errors import InvalidRequestError, NoSpaceError, ZramdError
@@ -1062,29 +1062,6 @@ def test_reads_racing_rewrites_and_compaction_on_the_same_sectors(native):
         d.close()
 
 
-class ContendedLock:
-    """A lock that sets ``contended`` when a thread finds it taken."""
-
-    def __init__(self, lock, contended):
-        self.lock, self.contended = lock, contended
-
-    def acquire(self, blocking=True):
-        if self.lock.acquire(blocking=False):
-            return True
-        self.contended.set()
-        return self.lock.acquire(blocking)
-
-    def release(self):
-        self.lock.release()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 def test_python_read_keeps_the_slot_while_it_reads_the_object():
     """The window forced open: while a read (Python path) is between
     finding the slot's object and reading it, another thread rewrites the
@@ -1096,7 +1073,7 @@ def test_python_read_keeps_the_slot_while_it_reads_the_object():
     d.write(0, old)
     d.write(PAGE, partly_random(3, 3 * PAGE, 1500))
     waited = threading.Event()      # the rewrite waits, or is over
-    d._stripe_locks[0] = ContendedLock(d._stripe_locks[0], waited)
+    d._stripe_locks[0] = HookedLock(d._stripe_locks[0], waited)
     errors = []
 
     def rewrite():

@@ -53,7 +53,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import race
+from conftest import HookedLock, race
 from zramd import _fastpath
 from zramd.device import HUGE, IDLE, SAME, WB, Device
 from zramd.errors import CorruptDataError, NoSpaceError
@@ -642,36 +642,12 @@ def test_dictionary_id_reused_meanwhile(native):
         dev.close()
 
 
-class StripeLockHook:
-    """A stripe lock that runs ``action`` once, the next time it is taken
-    while armed: the C read loop takes a sector's stripe lock (holding no
-    other) between sectors, so ``action`` runs in the middle of a
-    request."""
-
-    def __init__(self, lock):
-        self.lock, self.action = lock, None
-
-    def acquire(self, *args):
-        action, self.action = self.action, None
-        if action is not None:
-            action()
-        return self.lock.acquire(*args)
-
-    def release(self):
-        self.lock.release()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 def hook_stripe_lock(dev, stripe):
-    """Put a StripeLockHook in place of ``dev``'s lock of ``stripe``, for
-    the Python paths and the C loops alike."""
-    hook = StripeLockHook(dev._stripe_locks[stripe])
+    """Put a HookedLock in place of ``dev``'s lock of ``stripe``, for the
+    Python paths and the C loops alike: the C read loop takes a sector's
+    stripe lock (holding no other) between sectors, so the hook's action
+    runs in the middle of a request."""
+    hook = HookedLock(dev._stripe_locks[stripe])
     dev._stripe_locks[stripe] = hook
     dev._paths.__init__(dev._meta, dev._handle, dev._atime, dev._counters,
                         dev._dict_refs, dev._stripe_locks, dev.pool)

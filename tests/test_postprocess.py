@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize,
                                  invariant, precondition, rule)
 
+from conftest import HookedLock
 import zramd.device as devmod
 from zramd import PAGE_SIZE, compress, control
 from zramd.device import (COMP_PRIORITY_MASK, HUGE, IDLE, INCOMPRESSIBLE,
@@ -1131,22 +1132,6 @@ def test_backing_dev_errors(tmp_path):
         Device(SIZE, backing_dev=str(small))
 
 
-class WatchedLock:
-    """A lock that says (``waiting``) when a thread finds it taken."""
-
-    def __init__(self, lock, waiting):
-        self.lock, self.waiting = lock, waiting
-
-    def __enter__(self):
-        if not self.lock.acquire(blocking=False):
-            self.waiting.set()
-            self.lock.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
-
-
 def test_writeback_during_set_backing_dev(backing, tmp_path, monkeypatch):
     """A writeback pass that came between set_backing_dev's check (no page
     on the old device) and its swap put pages on the old file, which was
@@ -1158,7 +1143,7 @@ def test_writeback_during_set_backing_dev(backing, tmp_path, monkeypatch):
     dev, data = filled_device(backing)
     dev.mark_idle()
     arrived = threading.Event()     # the pass is over, or waits its turn
-    dev._bd_lock = WatchedLock(getattr(dev, "_bd_lock", threading.Lock()),
+    dev._bd_lock = HookedLock(getattr(dev, "_bd_lock", threading.Lock()),
                                arrived)
     passes = []
 

@@ -51,11 +51,13 @@ PARAMETERS = (
     ("policy_idle_age", "SECONDS", "pages not accessed for this long are "
      "idle (default 3600)"),
     ("policy_recompress", "TYPE", "idle|huge|huge_idle: what the policy "
-     "recompresses (default: nothing)"),
+     "recompresses (default: nothing; needs recomp_algorithm)"),
     ("policy_writeback", "TYPE", "idle|huge|huge_idle|incompressible: what "
-     "the policy writes back (default: nothing)"),
+     "the policy writes back (default: nothing; needs backing_dev)"),
     ("policy_max_pages", "N", "most pages per policy step (default 0: all)"),
 )
+# Every policy_* key but policy_interval is refused without it: alone,
+# the policy never runs (_check_policy).
 
 KEYS = tuple(key for key, _, _ in PARAMETERS)
 

@@ -320,6 +320,7 @@ def test_sizes(value, expected):
     ("[zramd0]\nhost-memory-limit = 4G\n", 2, "[zramd0] host-memory-limit: '4G': expected 'none' or whole MiB"),
     ("[zramd0]\nmem-limit = 1G\nzram-resident-limit = 512\n", 2, "[zramd0] mem-limit: and zram-resident-limit both set"),
     ("[zramd0]\nzram-resident-limit = -ram\n", 2, "[zramd0] zram-resident-limit: '-ram' is negative"),
+    ("[zramd0]\nzram-resident-limit = ram * 1e15\n", 2, "[zramd0] zram-resident-limit: mem_limit: "),
     ("[zramd0]\nwriteback-device = sdb2\n", 2, "[zramd0] writeback-device: 'sdb2' is not an absolute path"),
     # What only the plugin's own checks know: refused here, so that the
     # generator enables nothing the server would then refuse.

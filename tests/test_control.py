@@ -676,3 +676,24 @@ def test_errors_from_the_device_name_the_attribute():
             assert info.value.errno == errno.EINVAL
     finally:
         device.close()
+
+
+def test_writeback_pages_are_merged_not_expanded():
+    # A request line can repeat a range until it is MAX_REQUEST long: the
+    # pages are visited once each, and never built into a list.
+    class Recorder:
+        nr_pages = 1 << 40            # a list of these would never fit
+
+        def writeback(self, pp_type, pages=None):
+            self.pp_type, self.pages = pp_type, pages
+
+    device = Recorder()
+    line = " ".join(["page_indexes=0-1099511627775"] * 180)
+    control.store_attribute(device, "writeback", "type=huge " + line)
+    assert device.pp_type == "huge"
+    assert device.pages.ranges == [range(0, 1 << 40)]
+    assert len(device.pages) == 1 << 40
+    control.store_attribute(device, "writeback",
+                            "page_index=9 page_indexes=3-5 page_index=4 "
+                            "page_indexes=6-7 page_index=20")
+    assert list(device.pages) == list(device.pages) == [3, 4, 5, 6, 7, 9, 20]

@@ -833,6 +833,23 @@ def test_writeback_limit_charges_only_pages_written(backing):
     dev.close()
 
 
+def test_writeback_limit_not_charged_for_a_page_rewritten_meanwhile(backing):
+    """A page rewritten while its copy went to the backing device is not
+    written back (its block goes back); zram charges writeback_limit
+    only once it finds the slot still its own, and so does zramd."""
+    dev, data = filled_device(backing)
+    dev.set_writeback_limit(4)
+    dev.writeback_limit_enable = True
+    dev.mark_idle()
+    new = bytes(range(256)) * 16
+    meddle_with_write_page(dev, lambda: dev.write(0, new))
+    assert dev.writeback("idle", pages=[0]) == 0
+    assert dev.writeback_limit == 4
+    assert dev.bd_stat().bd_count == 0
+    assert dev.read(0, PAGE_SIZE) == new
+    dev.close()
+
+
 def test_writeback_without_backing_dev():
     dev = Device(SIZE)
     with pytest.raises(InvalidRequestError, match="no backing_dev"):

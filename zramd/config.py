@@ -358,6 +358,8 @@ def _check_with_plugin(dev, keys, where):
     except ConfigError as e:
         plugin_key = e.message.partition(":")[0]
         key = _PLUGIN_KEY_SOURCE.get(plugin_key, "compression-algorithm")
+        if key == "mem-limit" and "zram-resident-limit" in keys:
+            key = "zram-resident-limit"     # the one the file sets
         place = where(key) if key in keys else "[%s] %s" % (dev.name, key)
         raise ConfigError("%s: %s" % (place, e.message)) from None
 

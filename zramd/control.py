@@ -278,16 +278,41 @@ def _store_writeback(device, value):
     if len(words) == 1 and "=" not in words[0]:
         device.writeback(words[0])
         return
-    pp_type, pages = None, []
+    pp_type, spans = None, []
     for key, val in _keyvals("writeback", value,
                              ("type", "page_index", "page_indexes")):
         if key == "type":
             pp_type = val
         elif key == "page_index":
-            pages.append(_number("writeback", key, val))
+            index = _number("writeback", key, val)
+            spans.append(range(index, index + 1))
         else:
-            pages.extend(_page_indexes(val, device.nr_pages))
-    device.writeback(pp_type, pages=pages or None)
+            spans.append(_page_indexes(val, device.nr_pages))
+    device.writeback(pp_type, pages=PageSpans(spans) if spans else None)
+
+
+class PageSpans:
+    """The pages of a writeback request: its ranges merged, so a page named
+    twice (or a range repeated to the length of a request line) is visited
+    once and nothing is expanded into a list.  Iterable again and again
+    (the device checks the indexes, then walks them)."""
+
+    def __init__(self, ranges):
+        merged = []
+        for r in sorted(ranges, key=lambda r: r.start):
+            if merged and r.start <= merged[-1].stop:
+                last = merged[-1]
+                merged[-1] = range(last.start, max(last.stop, r.stop))
+            else:
+                merged.append(r)
+        self.ranges = merged
+
+    def __iter__(self):
+        for r in self.ranges:
+            yield from r
+
+    def __len__(self):
+        return sum(len(r) for r in self.ranges)
 
 
 def _store_backing_dev(device, value):

@@ -949,8 +949,11 @@ class Device:
                     backing.free_block(blk)
                 self._pp_flag(index, taken)
                 raise
-            self._charge_writeback()
             if self._pp_put(index, taken, WB, blk):
+                # Charged only now, as zram does once it finds the slot
+                # still its own: a page rewritten meanwhile was not
+                # written back.
+                self._charge_writeback()
                 done += 1
             else:
                 backing.free_block(blk)

@@ -603,9 +603,11 @@ def test_huge_threshold_is_inclusive(algorithm, chain):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_mark_idle_by_age(native):
-    """mark_idle(age) flags only allocated sectors not read or written for
-    at least ``age`` seconds; mark_idle() every allocated one; a read or
-    write is an access (C loop or Python path alike)."""
+    """mark_idle(age) flags the sectors holding a pool object that were
+    not read or written for at least ``age`` seconds and clears IDLE on
+    those accessed since; mark_idle() flags every one; same-filled
+    sectors and holes never (the kernel's mark_idle()); a read or write is
+    an access (C loop or Python path alike)."""
     d = Device(4 * PAGE, native=native)
 
     def idle():
@@ -613,21 +615,26 @@ def test_mark_idle_by_age(native):
 
     try:
         d.write(0, text_bytes(1, PAGE))
-        d.write(2 * PAGE, bytes(PAGE))          # same-filled: allocated
+        d.write(2 * PAGE, bytes(PAGE))          # same-filled: no object
         d._t0 -= 100                            # the device's clock: +100 s
         d.write(PAGE, text_bytes(2, PAGE))
-        assert d.mark_idle(50) == 2
-        assert idle() == [True, False, True, False]
+        assert d.mark_idle(50) == 1
+        assert idle() == [True, False, False, False]
         assert d.mark_idle(50) == 0             # marked ones not counted
         assert d.mark_idle(0) == 1              # sector 1 is 0 s old
-        assert idle() == [True, True, True, False]
+        assert idle() == [True, True, False, False]
         d._t0 -= 100
         assert d.read(0, PAGE) == text_bytes(1, PAGE)
         d.write(2 * PAGE, bytes(PAGE))
         assert idle() == [False, True, False, False]
-        assert d.mark_idle(50) == 0             # just accessed
+        assert d.mark_idle(50) == 0             # just accessed; still idle
+        assert idle() == [False, True, False, False]
+        # A longer age than sector 1's 100 s: its IDLE of the last pass
+        # goes, so a writeback idle now takes only what this age selects.
+        assert d.mark_idle(150) == 0
+        assert idle() == [False, False, False, False]
         assert d.mark_idle() == 2
-        assert idle() == [True, True, True, False]   # never a hole
+        assert idle() == [True, True, False, False]  # never a hole or same
         with pytest.raises(InvalidRequestError, match="idle: -1"):
             d.mark_idle(-1)
     finally:

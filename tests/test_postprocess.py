@@ -309,13 +309,15 @@ class PostProcessMachine(RuleBasedStateMachine):
 
     @rule()
     def mark_idle(self):
-        allocated = [i for i in range(SECTORS) if self.held[i] is not None]
-        surely = sum(1 for i in allocated if self.idle[i] is False)
-        maybe = sum(1 for i in allocated if self.idle[i] is None)
-        # Every allocated slot not yet idle: written back and same-filled
-        # ones included, as zram_allocated() counts them.
+        # Every slot holding a pool object and not yet idle; written back
+        # and same-filled ones are left alone, as the kernel's mark_idle()
+        # leaves ZRAM_WB and ZRAM_SAME slots.
+        objects = [i for i in range(SECTORS)
+                   if self.kind(i)[0] in ("obj", "huge")]
+        surely = sum(1 for i in objects if self.idle[i] is False)
+        maybe = sum(1 for i in objects if self.idle[i] is None)
         assert surely <= self.dev.mark_idle() <= surely + maybe
-        for i in allocated:
+        for i in objects:
             self.idle[i] = True
 
     @rule(pp_type=st.sampled_from([None, "idle", "huge", "huge_idle"]),
@@ -926,8 +928,9 @@ def test_policy_runs_all_steps(backing):
     stored = [i for i in range(SECTORS) if not same_filled(pages[i])]
     smaller = [i for i in stored if shrinks(dev, pages[i], zstd)]
     assert len(stored) == 40 and 0 < len(smaller) < 40
-    # Every allocated slot, same-filled ones included, as zram marks them.
-    assert stat.runs == 1 and stat.idle_marked == 48 and stat.errors == 0
+    # Every slot holding an object; same-filled ones are not marked, as
+    # zram's mark_idle() leaves them.
+    assert stat.runs == 1 and stat.idle_marked == 40 and stat.errors == 0
     assert stat.recompressed == len(smaller)
     assert [i for i in range(SECTORS) if dev.slot_info(i).priority] == smaller
     on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
@@ -935,7 +938,7 @@ def test_policy_runs_all_steps(backing):
     assert stat.written_back == len(on_disk)
     assert dev.read(0, SIZE) == data
     assert str(stat) == "%8d %8d %8d %8d %8d\n" % (
-        1, 48, stat.recompressed, stat.written_back, 0)
+        1, 40, stat.recompressed, stat.written_back, 0)
     assert control.show_attribute(dev, "policy_stat") == str(stat)
     check_identities(dev, data)
     dev.close()
@@ -980,20 +983,21 @@ def test_policy_idle_age_leaves_recent_pages_alone(backing):
     policy.run_once()
     stat = policy.stat()
     on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
-    # 16..39 (half-random, random) go; 40..47 are same-filled: idle, kept.
+    # 16..39 (half-random, random) go; 40..47 are same-filled: never
+    # marked idle, kept.
     assert on_disk == list(range(16, 40))
-    assert (stat.idle_marked, stat.written_back) == (32, 24)
+    assert (stat.idle_marked, stat.written_back) == (24, 24)
     assert not any(dev.slot_info(i).flags & (IDLE | WB) for i in range(16))
-    # 100 s later the pages touched are 100 s old too.  Written-back pages
-    # lost IDLE with their new meta (as zram_free_page clears it) and are
-    # marked again: 16 + 24; the same-filled ones still are.
+    # 100 s later the pages touched are 100 s old too: those 16 are
+    # marked and go; written-back pages are not marked again (zram's
+    # mark_idle() leaves ZRAM_WB slots), nor same-filled ones.
     advance_clock(dev, 100)
     policy.run_once()
     stat = policy.stat()
     on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
     assert on_disk == list(range(40))
     assert (stat.runs, stat.idle_marked, stat.written_back,
-            stat.errors) == (2, 32 + 40, 40, 0)
+            stat.errors) == (2, 24 + 16, 40, 0)
     assert dev.read(0, SIZE) == data
     check_identities(dev, data)
     dev.close()
@@ -1017,7 +1021,7 @@ def test_policy_step_that_raises_is_counted_and_logged(backing, caplog):
                     writeback_type="idle")
     with caplog.at_level(logging.WARNING, logger="zramd.policy"):
         policy.run_once()
-    assert policy.stat() == PolicyStat(runs=1, idle_marked=48,
+    assert policy.stat() == PolicyStat(runs=1, idle_marked=40,
                                        recompressed=0, written_back=40,
                                        errors=1)
     [record] = [r for r in caplog.records if r.name == "zramd.policy"]
@@ -1029,7 +1033,7 @@ def test_policy_step_that_raises_is_counted_and_logged(backing, caplog):
     dev.writeback = refused
     with caplog.at_level(logging.WARNING, logger="zramd.policy"):
         policy.run_once()
-    assert policy.stat() == PolicyStat(runs=2, idle_marked=48,
+    assert policy.stat() == PolicyStat(runs=2, idle_marked=40,
                                        recompressed=0, written_back=40,
                                        errors=4)
     assert [(r.levelno, r.getMessage()) for r in caplog.records
@@ -1040,7 +1044,7 @@ def test_policy_step_that_raises_is_counted_and_logged(backing, caplog):
          % backing)]
     dev.policy = policy
     assert control.show_attribute(dev, "policy_stat") == \
-        "       2       48        0       40        4\n"
+        "       2       40        0       40        4\n"
     dev.policy = None
     del dev.mark_idle, dev.writeback, dev.recompress
     assert dev.read(0, SIZE) == data

@@ -602,9 +602,13 @@ class Device:
         return self.pool.compact()
 
     def mark_idle(self, age_seconds=None):
-        """Flag allocated slots IDLE: all of them (``echo all > idle``), or
-        those not accessed for at least ``age_seconds``.  Returns how many
-        were marked."""
+        """Flag slots holding a pool object IDLE: all of them (``echo all
+        > idle``), or those not accessed for at least ``age_seconds``, and
+        clear IDLE on those accessed since (so a pass after a shorter age
+        takes only what that age selects).  As the kernel's mark_idle(),
+        same-filled and written-back slots are left alone: no
+        post-processing applies to them.  Returns how many were newly
+        marked."""
         if age_seconds is not None and (not isinstance(age_seconds, int)
                                         or age_seconds < 0):
             raise InvalidRequestError("idle: %r; accepted: all or seconds"
@@ -616,11 +620,14 @@ class Device:
             with self._stripe_locks[stripe]:
                 for index in range(stripe, self.nr_pages, N_STRIPES):
                     meta = meta_arr[index]
-                    if not (handles[index] or meta & SAME) or meta & IDLE:
+                    if meta & (SAME | WB) or not handles[index]:
                         continue
                     if cutoff is None or atime[index] <= cutoff:
-                        meta_arr[index] = meta | IDLE
-                        marked += 1
+                        if not meta & IDLE:
+                            meta_arr[index] = meta | IDLE
+                            marked += 1
+                    elif meta & IDLE:
+                        meta_arr[index] = meta & ~IDLE
         return marked
 
     # ---- post-processing: recompression, writeback, dictionaries --------

@@ -852,6 +852,40 @@ def test_writeback_limit_not_charged_for_a_page_rewritten_meanwhile(backing):
     dev.close()
 
 
+def test_failed_write_does_not_end_the_writeback_pass(backing):
+    """As zram: a page whose write to the backing device fails stays in
+    memory (its block goes back) and the pass writes the other pages,
+    then reports the last error."""
+    dev, data = filled_device(backing)
+    dev.mark_idle()
+    write_page = dev._backing.write_page
+    failures = []
+
+    def first_two_fail(blk, page):
+        if len(failures) < 2:
+            failures.append(blk)
+            raise ZramdError("writeback: block %d: Input/output error" % blk)
+        write_page(blk, page)
+
+    dev._backing.write_page = first_two_fail
+    idle = [i for i in range(SECTORS) if dev.slot_info(i).flags & IDLE]
+    with pytest.raises(ZramdError) as info:
+        dev.writeback("idle")
+    assert info.value.message == (
+        "writeback: block %d: Input/output error" % failures[-1])
+    on_disk = [i for i in range(SECTORS) if dev.slot_info(i).flags & WB]
+    assert len(failures) == 2
+    assert on_disk == idle[2:]
+    assert dev.bd_stat().bd_count == len(idle) - 2
+    assert [bool(dev.slot_info(i).flags & IDLE) for i in idle[:2]] == [
+        True, True]                     # in memory, idle, for the next pass
+    dev._backing.write_page = write_page
+    assert dev.writeback("idle") == 2
+    assert dev.read(0, SIZE) == data
+    check_identities(dev, data)
+    dev.close()
+
+
 def test_writeback_without_backing_dev():
     dev = Device(SIZE)
     with pytest.raises(InvalidRequestError, match="no backing_dev"):

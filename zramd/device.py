@@ -923,7 +923,9 @@ class Device:
         """Move selected pages to the backing device (flag WB, pool memory
         freed), as zram's writeback; ``pages`` limits it to those slot
         indices, ``max_pages`` (0: no bound) to that many pages.  Returns
-        the number of pages written back."""
+        the number of pages written back.  As zram, a page whose write
+        fails stays in memory and the pass goes on to the others, then
+        raises the last error; no free block on the device ends it."""
         with self._bd_lock, self._pp_lock:
             return self._writeback(self._backing, pp_type, pages, max_pages)
 
@@ -934,6 +936,7 @@ class Device:
         candidates = self._pp_candidates(pp_type, pages)
         need = PP_TYPES[pp_type] if pp_type else 0
         done = 0
+        failed = None           # the last write error: the pass goes on
         for index in candidates:
             if max_pages and done >= max_pages:
                 break
@@ -946,16 +949,23 @@ class Device:
             taken = self._pp_take(index, need, 0)
             if taken is None:
                 continue
-            blk = 0
             try:
-                blk = backing.alloc_block()
-                backing.write_page(blk, taken[2])
+                blk = backing.alloc_block()     # none left: the pass ends
             except BaseException:
-                # As zram, a block whose write failed goes back.
-                if blk:
-                    backing.free_block(blk)
                 self._pp_flag(index, taken)
                 raise
+            try:
+                backing.write_page(blk, taken[2])
+            except BaseException as err:
+                # As zram, a block whose write failed goes back, and the
+                # page stays in memory.  An I/O error is not fatal: the
+                # pass tries the other pages and reports the last error.
+                backing.free_block(blk)
+                self._pp_flag(index, taken)
+                if not isinstance(err, ZramdError):
+                    raise
+                failed = err
+                continue
             if self._pp_put(index, taken, WB, blk):
                 # Charged only now, as zram does once it finds the slot
                 # still its own: a page rewritten meanwhile was not
@@ -964,6 +974,8 @@ class Device:
                 done += 1
             else:
                 backing.free_block(blk)
+        if failed is not None:
+            raise failed
         return done
 
     def bd_stat(self):

@@ -1236,3 +1236,38 @@ def test_crew_limit_changes_nothing_but_who_does_the_work(algorithm):
     assert results[0][0] == data[:8192] + data[:64 << 10] + data[8192 + (64 << 10):]
     with pytest.raises(ValueError, match="crew_limit: 99; accepted: 0..8"):
         _fastpath.crew_limit(99)
+
+
+def objects_in(pool):
+    return sum(cls.obj_used for cls in pool.classes)
+
+
+def test_failed_object_write_leaks_nothing():
+    """A store whose write into its new pool object fails (a write, or a
+    recompression) frees that object again and leaves the slot as it
+    was."""
+    d = Device(4 * PAGE, native=False)
+    d.set_recomp_algorithm("zstd")
+    try:
+        old = text_bytes(1, PAGE)
+        d.write(0, old)
+        before = objects_in(d.pool)
+        real = d.pool.obj_write
+
+        def failing(handle, data):
+            raise ZramdError("obj_write: injected")
+
+        d.pool.obj_write = failing
+        with pytest.raises(ZramdError, match="injected"):
+            d.write(0, text_bytes(2, PAGE))
+        assert objects_in(d.pool) == before
+        d.mark_idle()
+        with pytest.raises(ZramdError, match="injected"):
+            d.recompress("idle")
+        assert objects_in(d.pool) == before
+        d.pool.obj_write = real
+        assert d.read(0, PAGE) == old
+        assert d.slot_info(0).priority == 0
+        d.pool.audit()
+    finally:
+        d.close()

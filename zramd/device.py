@@ -372,7 +372,7 @@ class Device:
             meta = dict_id << DICT_SHIFT
             if size >= self._huge_class_size:
                 data, size, meta = page, PAGE_SIZE, HUGE
-            handle = self.pool.malloc(size)
+            handle = self._malloc_written(data)
             pages = self.pool.total_pages()
             self._note_pages_used(pages)
             if self._limit_pages and pages > self._limit_pages:
@@ -388,7 +388,6 @@ class Device:
                 raise NoSpaceError(
                     "write: sector %d: mem_limit %d bytes reached"
                     % (index, self._limit_pages << PAGE_SHIFT))
-            self.pool.obj_write(handle, data)
             meta |= size
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
@@ -424,6 +423,17 @@ class Device:
         if old:
             self.pool.free(old)
         return True
+
+    def _malloc_written(self, data):
+        """A new pool object holding ``data``; freed again if the write
+        into it fails, so a failed store leaks nothing."""
+        handle = self.pool.malloc(len(data))
+        try:
+            self.pool.obj_write(handle, data)
+        except BaseException:
+            self.pool.free(handle)
+            raise
+        return handle
 
     def _patch_sector(self, index, lo, data):
         """Read-modify-write: replace bytes from ``lo`` of sector ``index``
@@ -855,8 +865,7 @@ class Device:
             self._pp_flag(index, taken, INCOMPRESSIBLE if last else 0, IDLE)
             return 0
         p, data = result
-        handle = self.pool.malloc(len(data))
-        self.pool.obj_write(handle, data)
+        handle = self._malloc_written(data)
         if self._pp_put(index, taken, p << COMP_PRIORITY_SHIFT, handle,
                         len(data), comp):
             return 1

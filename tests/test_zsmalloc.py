@@ -683,6 +683,25 @@ def test_deferred_handles_not_reused_before_freed(pool):
     assert pool.total_pages() == 0
 
 
+def test_deferred_flush_keeps_the_rest_after_a_bad_handle(pool):
+    # A handle queued twice (a caller's double free) fails in the flush;
+    # the handles after it stay queued instead of leaking.
+    idle = threading.Thread(target=lambda: None)
+    idle.start()
+    idle.join()
+    pool._worker = idle             # no drain worker: the flush does it all
+    a, b, c = pool.malloc(100), pool.malloc(200), pool.malloc(300)
+    for h in (a, a, b, c):
+        pool.free_deferred(h)
+    with pytest.raises(ValueError, match="is not allocated"):
+        pool.free_deferred_flush()
+    assert pool.deferred_pending() == 2
+    assert sum(cls.obj_used for cls in pool.stats().classes) == 2
+    pool.free_deferred_flush()
+    assert pool.deferred_pending() == 0
+    assert pool.total_pages() == 0
+
+
 def test_deferred_queue_overflow_falls_back(pool):
     # More than the 32768-handle queue holds: the excess is freed at once.
     hs = array.array("Q")

@@ -634,8 +634,15 @@ class Pool:
             with self._dq_lock:
                 batch, self._dq = self._dq, array("Q")
             free = self.free
-            for handle in batch:
-                free(handle)
+            for i, handle in enumerate(batch):
+                try:
+                    free(handle)
+                except BaseException:
+                    # A bad handle (a double free) must not leak the
+                    # rest of the batch: it goes back to the queue.
+                    with self._dq_lock:
+                        self._dq[0:0] = batch[i + 1:]
+                    raise
 
     def deferred_pending(self):
         """Handles waiting in the deferred-free queue."""

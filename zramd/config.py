@@ -33,7 +33,8 @@ The syntax is systemd's (systemd.syntax(5)) as far as zramd needs it:
 ``[section]`` headers, ``key = value`` lines, comments starting with ``#``
 or ``;``, blank lines, a trailing backslash that continues a value on the
 next line, and an empty value (``key =``) that resets the key to its
-default (but ``options =`` means no options, as in zram-generator).  Anything else, an unknown key, or a bad value is a
+default (but ``options =`` means no options, as in zram-generator).
+Anything else, an unknown key, or a bad value is a
 :class:`~zramd.errors.ConfigError` naming the file, line, section and key;
 :func:`load` either returns the whole configuration or raises, so a bad file
 changes nothing.
@@ -280,15 +281,20 @@ def _device(name, keys, ram_mib, sources):
         except ConfigError as e:
             raise ConfigError("%s: %s" % (where(key), e.message)) from None
 
+    def mib(key, default):
+        """An expression of ``ram`` in MiB (zram-size and
+        zram-resident-limit), never negative."""
+        value = get(key, lambda v: evaluate(v, {"ram": ram_mib}), default)
+        if value < 0:
+            raise ConfigError("%s: %r is negative (%g MiB)"
+                              % (where(key), keys[key][0], value))
+        return value
+
     host_limit = get("host-memory-limit", _parse_host_memory_limit, None)
     if host_limit is not None and ram_mib > host_limit:
         return None          # more RAM than the limit: zram-generator skips
     size_expr = keys["zram-size"][0] if "zram-size" in keys else DEFAULT_SIZE
-    size_mib = get("zram-size", lambda v: evaluate(v, {"ram": ram_mib}),
-                   evaluate(DEFAULT_SIZE, {"ram": ram_mib}))
-    if size_mib < 0:
-        raise ConfigError("%s: %r is negative (%g MiB)"
-                          % (where("zram-size"), size_expr, size_mib))
+    size_mib = mib("zram-size", evaluate(DEFAULT_SIZE, {"ram": ram_mib}))
     size = int(size_mib * MiB) // PAGE_SIZE * PAGE_SIZE
 
     algorithm, level, dict_path = get("compression-algorithm",
@@ -310,12 +316,7 @@ def _device(name, keys, ram_mib, sources):
         raise ConfigError("%s: and zram-resident-limit both set; accepted: "
                           "one of them" % where("mem-limit"))
     mem_limit = get("mem-limit", parse_size, 0)
-    resident_mib = get("zram-resident-limit",
-                       lambda v: evaluate(v, {"ram": ram_mib}), 0)
-    if resident_mib < 0:
-        raise ConfigError("%s: %r is negative (%g MiB)"
-                          % (where("zram-resident-limit"),
-                             keys["zram-resident-limit"][0], resident_mib))
+    resident_mib = mib("zram-resident-limit", 0)
     if resident_mib:
         mem_limit = int(resident_mib * MiB)
     writeback_device = get("writeback-device", _parse_absolute_path, None)
@@ -331,9 +332,11 @@ def _device(name, keys, ram_mib, sources):
 
 
 #: The plugin parameter each zramd.conf key becomes.
-_PLUGIN_KEY_SOURCE = {"size": "zram-size", "algorithm": "compression-algorithm",
+_PLUGIN_KEY_SOURCE = {"size": "zram-size",
+                      "algorithm": "compression-algorithm",
                       "level": "compression-algorithm",
-                      "dict": "compression-algorithm", "mem_limit": "mem-limit"}
+                      "dict": "compression-algorithm",
+                      "mem_limit": "mem-limit"}
 
 
 def _check_with_plugin(dev, keys, where):

@@ -11,4 +11,8 @@ setup(ext_modules=[Extension(
     libraries=["lz4", "zstd"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers",
-                        "-Wno-cast-function-type"])])
+                        "-Wno-cast-function-type"]),
+    # zramd.threadstate's thread-exit hook (kept apart from _fastpath).
+    Extension("zramd._threadstate", ["zramd/_threadstate.c"],
+              extra_compile_args=["-O2", "-Wall", "-Wextra",
+                                  "-Wno-missing-field-initializers"])])

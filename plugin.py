@@ -34,6 +34,7 @@ import os
 import site
 import sys
 import threading
+import uuid
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -45,12 +46,16 @@ for _dir in ("/usr/local/lib/python%d.%d/dist-packages" % sys.version_info[:2],
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
-from zramd import threadstate  # noqa: E402
+from zramd import procctl, threadstate  # noqa: E402
 from zramd import params as _params  # noqa: E402
 from zramd.control import ControlServer  # noqa: E402
 from zramd.errors import ConfigError, ZramdError  # noqa: E402
 
 API_VERSION = 2
+
+# First, while whoever started nbdkit still waits for it to answer: nbdkit
+# may have armed a parent-death SIGTERM that nobody asked for (zramd.procctl).
+procctl.keep_running_without_parent()
 
 # nbdkit 1.32's python plugin never shows config_help itself (--help does
 # not load the script): scripts/zramd_nbdkit_help.py prints it after
@@ -118,6 +123,19 @@ THREAD_STACK_BYTES = 512 * 1024
 
 def after_fork():
     global _device, _control
+    if _config.swap:
+        # Before the device and the threads: they inherit IO_FLUSHER, and
+        # their pages are locked as they are touched.
+        try:
+            procctl.lock_memory()
+        except OSError as err:
+            raise ZramdError("swap: cannot lock the server in memory: %s "
+                             "(run as root, or raise RLIMIT_MEMLOCK)"
+                             % err.strerror) from None
+        procctl.set_io_flusher()
+    else:
+        procctl.facts["io_flusher"] = bool(procctl.io_flusher())
+    procctl.facts["instance"] = uuid.uuid4().hex
     threading.stack_size(THREAD_STACK_BYTES)
     _device = _config.build_device()
     _device.pool.start_worker()
@@ -133,6 +151,15 @@ def cleanup():
 
 
 def open(readonly):
+    # The export name "" is the disk; so is this instance's id, which
+    # zramd up attaches with, so that a client reconnecting after the
+    # server was restarted is refused instead of served an empty disk.
+    name = nbdkit.export_name()
+    if name not in ("", procctl.facts["instance"]):
+        nbdkit.set_error(errno.ENOENT)
+        raise ZramdError("export %r: not this server (instance %s): the "
+                         "disk it named is gone"
+                         % (name, procctl.facts["instance"]))
     return _device
 
 

@@ -168,6 +168,12 @@ def _can_lower_oom_score():
     return r.returncode == 0
 
 
+def _has_cap_sys_resource():
+    with open("/proc/self/status") as f:
+        caps = [int(l.split()[1], 16) for l in f if l.startswith("CapEff:")]
+    return bool(caps[0] >> 24 & 1)
+
+
 def swap_entry(device):
     with open("/proc/swaps") as f:
         for line in f.readlines()[1:]:
@@ -215,13 +221,31 @@ def test_swap_round_trip(env):
         assert f.read().strip() == "1"
     with open("/sys/block/%s/queue/logical_block_size" % base) as f:
         assert f.read().strip() == "4096"
-    # The server: ours, locked (--swap), few threads, configured size.
+    # The server: ours, locked on fault (swap=true, not nbdkit's --swap),
+    # few threads, configured size, an IO flusher like nbdfuse.
     pid = on_disk["server_pid"]
     argv = cmdline(pid)
-    assert argv[0].endswith(b"nbdkit") and b"--swap" in argv
+    assert argv[0].endswith(b"nbdkit") and b"swap=true" in argv
+    assert b"--swap" not in argv
     with open("/proc/%d/status" % pid) as f:
         st = dict(line.split(":", 1) for line in f)
     assert int(st["VmLck"].split()[0]) > 0
+    assert int(st["VmRSS"].split()[0]) < int(st["VmLck"].split()[0])
+    status = status_of("zswap")
+    assert status["memory_lock"] == "onfault"
+    assert on_disk["server_memory_lock"] == "onfault"
+    # PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE, which some containers
+    # withhold.
+    flusher = _has_cap_sys_resource()
+    assert on_disk["server_io_flusher"] is status["io_flusher"] is flusher
+    assert on_disk["fuse_io_flusher"] is flusher
+    # nbdfuse attached by the instance's export name.
+    assert len(on_disk["server_instance"]) == 32
+    assert on_disk["server_instance"] == status["instance"]
+    assert cmdline(on_disk["fuse_pid"])[-2] == (
+        "nbd+unix:///%s?socket=%s" % (status["instance"],
+                                      os.path.join(env.run, "zswap.nbd"))
+    ).encode()
     assert int(st["Threads"]) <= 16
     # nbdfuse, which cannot be locked, runs with memory.swappiness 0.
     if os.path.exists(os.path.join(attach.CGROUP_V1_MEMORY,
@@ -351,7 +375,7 @@ def test_unlocked_server_refused_for_swap(env):
             attach.up(root=env.root)
         assert exc.value.message == (
             "zlk: the running server (pid %d) is not locked in memory and "
-            "cannot back swap (run nbdkit with --swap, as zramd@zlk.service "
+            "cannot back swap (start it with swap=true, as zramd@zlk.service "
             "does)" % srv.process.pid)
         assert _loops_backed_under(env.run) == []
         # ... but may back a file system.
@@ -507,7 +531,7 @@ def test_the_units_command_sequence(env):
     server = _serve_as_the_unit(env, "zunit")
     try:
         argv = cmdline(server.pid)            # exec'd: same pid, nbdkit now
-        assert argv[0] == b"nbdkit" and b"--swap" in argv
+        assert argv[0] == b"nbdkit" and b"swap=true" in argv
         assert b"--foreground" in argv
         r = subprocess.run(cmd + ["up", "--no-server", "--root", env.root,
                                   "zunit"], env=run, capture_output=True,
@@ -643,13 +667,15 @@ def test_nbd_client_commands(env, monkeypatch):
     dev = config.load(env.root)["zk"]
     os.makedirs(env.run)
     calls = []
-    monkeypatch.setattr(attach, "_run", lambda name, argv, check=True:
+    monkeypatch.setattr(attach, "_run",
+                        lambda name, argv, check=True, timeout=None:
                         calls.append(argv))
     monkeypatch.setattr(attach, "_free_nbd", lambda: "/dev/nbd3")
-    state = {"name": "zk", "version": 1}
+    state = {"name": "zk", "version": 1, "server_instance": "f00d"}
     attach._attach_nbd_client(dev, state)
     assert calls == [["nbd-client", "-unix", os.path.join(env.run, "zk.nbd"),
-                      "/dev/nbd3", "-block-size", "4096", "-swap"]]
+                      "/dev/nbd3", "-block-size", "4096", "-N", "f00d",
+                      "-swap"]]
     assert state["block_device"] == "/dev/nbd3"
     assert env.state("zk")["attach"] == "nbd-client"
     calls.clear()

@@ -96,7 +96,9 @@ def test_attach_unit_is_ordered_after_the_server():
 
 
 def test_serve_builds_the_server_command(tmp_path, monkeypatch):
-    # What zramd@.service execs: --swap only for a swap device.
+    # What zramd@.service execs: the plugin's swap=true (locked on fault,
+    # IO flusher) only for a swap device; never nbdkit's --swap, which
+    # locks all of nbdkit's memory.
     from zramd import attach, config
     monkeypatch.setenv("ZRAMD_RUNTIME_DIR", str(tmp_path))
     conf = tmp_path / "etc/zramd/zramd.conf"
@@ -106,12 +108,13 @@ def test_serve_builds_the_server_command(tmp_path, monkeypatch):
     devs = config.load(str(tmp_path), ram_mib=1024)
     swap = attach.server_command(devs["zramd0"], plugin="/p.py")
     assert swap == [
-        "nbdkit", "--foreground", "--swap", "--threads",
+        "nbdkit", "--foreground", "--threads",
         str(attach.SERVER_THREADS), "--unix", str(tmp_path / "zramd0.nbd"),
         "python", "/p.py", "size=%d" % (64 << 20), "algorithm=zstd",
-        "level=3", "name=zramd0", "control=%s" % (tmp_path / "zramd0.sock")]
+        "level=3", "swap=true", "name=zramd0",
+        "control=%s" % (tmp_path / "zramd0.sock")]
     disk = attach.server_command(devs["d"], plugin="/p.py")
-    assert "--swap" not in disk and "--foreground" in disk
+    assert "swap=true" not in disk and "--foreground" in disk
     env = attach.server_environment({"PATH": "/root/.pyenv/shims"})
     assert env["MALLOC_ARENA_MAX"] == str(attach.SERVER_MALLOC_ARENAS)
     assert env["PATH"].startswith("/usr/sbin:/usr/bin:")

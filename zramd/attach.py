@@ -45,9 +45,10 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import zramd
-from zramd import config, paths
+from zramd import config, paths, procctl
 from zramd.errors import ConfigError, ZramdError
 
 STATE_VERSION = 1
@@ -72,6 +73,8 @@ NBD_GREETING = b"NBDMAGIC" + b"IHAVEOPT"
 NBD_FLAG_C_FIXED_NEWSTYLE = 1
 NBD_OPT_ABORT = 2
 STOP_TIMEOUT = 10.0
+#: Longest wait for one step of a take-down (swapoff, umount, detach).
+STEP_TIMEOUT = 60
 
 #: Where plugin.py is looked for, after $ZRAMD_PLUGIN and the source tree.
 PLUGIN_PATHS = ("/usr/local/lib/zramd/plugin.py", "/usr/lib/zramd/plugin.py")
@@ -98,13 +101,23 @@ def plugin_path():
                       "as %s)" % PLUGIN_PATHS[0])
 
 
-def _run(name, argv, check=True):
-    """Run a command; on failure raise AttachError naming device and tool."""
+def _run(name, argv, check=True, timeout=None):
+    """Run a command; on failure raise AttachError naming device and tool.
+    Past ``timeout`` seconds the command is killed and AttachError raised
+    without waiting for it (a swapoff stuck in the kernel cannot be)."""
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     except FileNotFoundError:
         raise AttachError("%s: %s: not installed" % (name, argv[0])) from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AttachError("%s: %s did not finish within %ds"
+                          % (name, " ".join(argv), timeout)) from None
+    proc = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise AttachError("%s: %s failed (exit %d): %s"
@@ -298,14 +311,15 @@ def states():
 
 def server_command(dev, plugin=None, nbd_socket=None, control=None):
     """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, and
-    ``--swap`` (mlockall) when the device is swap."""
-    argv = ["nbdkit", "--foreground"]
-    if dev.is_swap:
-        argv.append("--swap")
-    argv += ["--threads", str(SERVER_THREADS),
-             "--unix", nbd_socket or paths.nbd_socket(dev.name),
-             "python", plugin or plugin_path()]
+    the plugin's ``swap=true`` (locked on fault, IO flusher) when the
+    device is swap."""
+    argv = ["nbdkit", "--foreground",
+            "--threads", str(SERVER_THREADS),
+            "--unix", nbd_socket or paths.nbd_socket(dev.name),
+            "python", plugin or plugin_path()]
     argv += dev.plugin_params()
+    if dev.is_swap:
+        argv.append("swap=true")
     argv += ["name=%s" % dev.name,
              "control=%s" % (control or paths.control_socket(dev.name))]
     return argv
@@ -350,6 +364,33 @@ def _server_preexec():
         pass                # not root: the default score
 
 
+def _spawn(name, argv, log_path, preexec=None, io_flusher=False, env=None):
+    """Start ``argv`` in a session of its own, its output to ``log_path``,
+    running ``preexec`` in the child first.  With ``io_flusher``, the child
+    marks itself PR_SET_IO_FLUSHER before exec (inherited by all its
+    threads).  Returns (Popen, whether IO_FLUSHER was set or None)."""
+    report_r, report_w = os.pipe()
+
+    def child():
+        if preexec is not None:
+            preexec()
+        if io_flusher:
+            os.write(report_w, b"1" if procctl.set_io_flusher() else b"0")
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, preexec_fn=child,
+                                    start_new_session=True)
+    except FileNotFoundError:
+        raise AttachError("%s: %s: not installed" % (name, argv[0])) from None
+    finally:
+        os.close(report_w)
+        with os.fdopen(report_r, "rb") as report:
+            said = report.read()
+    return proc, {b"1": True, b"0": False}.get(said)
+
+
 def serve(name, root="/"):
     """Replace this process by the server of device ``name`` (the
     ExecStart of zramd@.service: same PID, so systemd watches nbdkit)."""
@@ -379,16 +420,10 @@ def _start_server(dev, state):
     control = paths.control_socket(dev.name)
     _remove_stale_sockets(dev.name)
     log_path = os.path.join(paths.runtime_dir(), dev.name + ".log")
+    _unlink(log_path)
     argv = server_command(dev, nbd_socket=nbd, control=control)
-    with open(log_path, "wb") as log:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    env=server_environment(),
-                                    preexec_fn=_server_preexec,
-                                    start_new_session=True)
-        except FileNotFoundError:
-            raise AttachError("%s: nbdkit: not installed" % dev.name) from None
+    proc, _ = _spawn(dev.name, argv, log_path, preexec=_server_preexec,
+                     io_flusher=dev.is_swap, env=server_environment())
     state.update(server_pid=proc.pid, server_started=True, server_log=log_path)
     _write_state(state)
 
@@ -419,6 +454,14 @@ def kernel_nbd():
     return os.path.exists("/dev/nbd0")
 
 
+def nbd_uri(socket_path, export=None):
+    """The NBD URI of ``export`` (default: the default export) served on
+    the Unix socket ``socket_path``."""
+    return "nbd+unix:///%s?socket=%s" % (
+        urllib.parse.quote(export or "", safe=""),
+        urllib.parse.quote(socket_path, safe="/"))
+
+
 def _free_nbd():
     i = 0
     while os.path.exists("/dev/nbd%d" % i):
@@ -432,6 +475,8 @@ def _attach_nbd_client(dev, state):
     device = _free_nbd()
     argv = ["nbd-client", "-unix", paths.nbd_socket(dev.name), device,
             "-block-size", "4096"]
+    if state.get("server_instance"):
+        argv += ["-N", state["server_instance"]]
     if dev.is_swap:
         argv.append("-swap")
     state.update(attach="nbd-client")
@@ -450,7 +495,7 @@ def _attach_nbdfuse(dev, state):
     argv = ["nbdfuse", "--pidfile", pidfile,
             "--connections", str(FUSE_CONNECTIONS),
             os.path.join(fuse_dir, "nbd"),
-            "--unix", paths.nbd_socket(dev.name)]
+            nbd_uri(paths.nbd_socket(dev.name), state.get("server_instance"))]
     state.update(attach="nbdfuse", fuse_dir=fuse_dir, fuse_log=log_path)
     _write_state(state)
     preexec = None
@@ -460,16 +505,9 @@ def _attach_nbdfuse(dev, state):
             state.update(memory_cgroup=cgroup)
             _write_state(state)
             preexec = lambda: _join_cgroup(cgroup)     # noqa: E731
-    with open(log_path, "ab") as log:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=preexec,
-                                    start_new_session=True)
-        except FileNotFoundError:
-            raise AttachError("%s: nbdfuse: not installed"
-                              % dev.name) from None
-    state.update(fuse_pid=proc.pid)
+    proc, flusher = _spawn(dev.name, argv, log_path, preexec=preexec,
+                           io_flusher=dev.is_swap)
+    state.update(fuse_pid=proc.pid, fuse_io_flusher=flusher)
     _write_state(state)
 
     def ready():
@@ -586,14 +624,38 @@ def _select(devices, names):
 
 
 def _is_up(state):
-    """Whether a recorded device is still fully up."""
-    if not state.get("active"):
+    """Whether a recorded device is still fully up, on its own server."""
+    if not state.get("active") or lost(state):
         return False
     device = state.get("block_device")
     if state.get("use") == "swap":
         return device in _swaps()
     return any(src == device and mp == state.get("mount_point")
                for src, mp in _mounts())
+
+
+def lost(state):
+    """Why what was stored on a recorded device can no longer be read back,
+    or None while the server it was attached to still runs: that server
+    exited, or another instance answers in its place (a restart)."""
+    device, pid = state.get("block_device"), state.get("server_pid")
+    if not device or not pid:
+        return None
+    gone = ("whatever was stored on %s is gone; zramd down %s clears it"
+            % (device, state["name"]))
+    if not (_alive(pid) and _runs(pid, "nbdkit", state.get("nbd_socket"))):
+        return "its server (pid %d) has exited: %s" % (pid, gone)
+    instance = state.get("server_instance")
+    if instance:
+        try:
+            now = _server_status(state["name"], state.get("control_socket"))
+        except AttachError:
+            return None             # alive but busy: not known to be lost
+        if now.get("instance") != instance:
+            return ("its server was replaced: instance %s was attached, "
+                    "%s answers now: %s" % (instance, now.get("instance"),
+                                            gone))
+    return None
 
 
 def _locked_bytes(pid):
@@ -608,17 +670,21 @@ def _locked_bytes(pid):
     return 0
 
 
-def _check_server(dev, pid):
-    """A running server must serve the configured size, and a server for
-    swap must be locked in memory (nbdkit --swap): refuse to put anything
-    else to use."""
+def _server_status(name, socket_path=None):
+    """The ``status`` reply of device ``name``'s server; AttachError naming
+    the socket when it does not answer."""
     from zramd import control
+    path = socket_path or paths.control_socket(name)
     try:
-        status = control.call(paths.control_socket(dev.name), "status")
+        return control.call(path, "status")
     except ZramdError as e:
-        raise AttachError("%s: %s: %s" % (dev.name,
-                                          paths.control_socket(dev.name),
-                                          e.message)) from None
+        raise AttachError("%s: %s: %s" % (name, path, e.message)) from None
+
+
+def _check_server(dev, pid, status):
+    """A running server must serve the configured size, and a server for
+    swap must be locked in memory (swap=true, or nbdkit --swap): refuse to
+    put anything else to use."""
     if status.get("disksize") != dev.size:
         raise AttachError(
             "%s: the running server's disk is %s bytes, zramd.conf says %d "
@@ -627,7 +693,7 @@ def _check_server(dev, pid):
     if dev.is_swap and not _locked_bytes(pid):
         raise AttachError(
             "%s: the running server (pid %d) is not locked in memory and "
-            "cannot back swap (run nbdkit with --swap, as zramd@%s.service "
+            "cannot back swap (start it with swap=true, as zramd@%s.service "
             "does)" % (dev.name, pid, dev.name))
 
 
@@ -653,6 +719,9 @@ def bring_up(dev, start_server=True):
     if old is not None:
         if _is_up(old):
             return old
+        reason = lost(old)
+        if reason:
+            _say(name, "lost: %s" % reason)
         take_down(old)
     os.makedirs(paths.runtime_dir(), mode=0o755, exist_ok=True)
     state = {"version": STATE_VERSION, "name": name, "server_pid": None,
@@ -670,13 +739,20 @@ def bring_up(dev, start_server=True):
                                      paths.nbd_socket(name)))
             state.update(server_pid=pid)
             _write_state(state)
-            _check_server(dev, pid)
+            _check_server(dev, pid, _server_status(name))
         elif start_server:
             _start_server(dev, state)
         else:
             raise AttachError("%s: no server answers on %s (is zramd@%s."
                               "service running?)"
                               % (name, paths.control_socket(name), name))
+        # The client attaches by this instance's export name: a server
+        # started anew has another and refuses it (plugin.py, open).
+        status = _server_status(name)
+        state.update(server_instance=status.get("instance"),
+                     server_io_flusher=status.get("io_flusher"),
+                     server_memory_lock=status.get("memory_lock"))
+        _write_state(state)
         if kernel_nbd():
             _attach_nbd_client(dev, state)
         else:
@@ -694,15 +770,37 @@ def bring_up(dev, start_server=True):
     return state
 
 
+def _say(name, message):
+    print("zramd: %s: %s" % (name, message), file=sys.stderr)
+
+
+def _swap_used(device):
+    """KiB in use on swap area ``device`` (None: not a swap area)."""
+    with open("/proc/swaps") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == device:
+                return int(fields[3])
+    return None
+
+
 def take_down(state):
     """Undo what ``state`` records, top layer first; removes the state
     file last.  Raises AttachError, leaving the state in place, when the
-    swap area or file system is still in use (swapoff or umount failed)."""
+    swap area or file system is still in use (swapoff or umount failed or
+    took longer than STEP_TIMEOUT).  When the server is gone, says so on
+    stderr, with what that cost."""
     name = state["name"]
     device = state.get("block_device")
+    reason = lost(state)
     # 1. use
     if state.get("use") == "swap" and device and device in _swaps():
-        _run(name, ["swapoff", device])
+        if reason:
+            used = _swap_used(device)
+            _say(name, "%s: %d KiB swapped out there cannot be read back; "
+                 "the kernel kills the processes that touch them (SIGBUS)"
+                 % (device, used or 0))
+        _run(name, ["swapoff", device], timeout=STEP_TIMEOUT)
     elif state.get("use") == "fs" and device:
         mp = state.get("mount_point")
 
@@ -712,20 +810,22 @@ def take_down(state):
             # A file system can be busy for a moment after its last user
             # (a scanner, a closing file): try for a little while, then
             # report what umount says.
-            if not _wait(lambda: (_run(name, ["umount", mp], check=False)
+            if not _wait(lambda: (_run(name, ["umount", mp], check=False,
+                                       timeout=STEP_TIMEOUT)
                                   .returncode == 0 or not mounted()),
                          2.0, interval=0.25):
-                _run(name, ["umount", mp])
+                _run(name, ["umount", mp], timeout=STEP_TIMEOUT)
     state.update(active=False)
     _write_state(state)
     # 2. block device
     fuse_dir = state.get("fuse_dir")
     if state.get("attach") == "nbd-client" and device:
-        _run(name, ["nbd-client", "-d", device], check=False)
+        _run(name, ["nbd-client", "-d", device], check=False,
+             timeout=STEP_TIMEOUT)
     elif state.get("attach") == "nbdfuse":
         backing = os.path.join(fuse_dir, "nbd") if fuse_dir else None
         if device and backing and _loop_backing(device) == backing:
-            _run(name, ["losetup", "--detach", device])
+            _run(name, ["losetup", "--detach", device], timeout=STEP_TIMEOUT)
             if not _wait(lambda: _loop_backing(device) != backing, 10):
                 raise AttachError("%s: %s still bound to %s"
                                   % (name, device, backing))
@@ -734,7 +834,8 @@ def take_down(state):
         # 3. the FUSE file
         if fuse_dir and _is_mounted(fuse_dir):
             def unmounted():
-                _run(name, ["fusermount3", "-u", fuse_dir], check=False)
+                _run(name, ["fusermount3", "-u", fuse_dir], check=False,
+                     timeout=STEP_TIMEOUT)
                 return not _is_mounted(fuse_dir)
             if not _wait(unmounted, 10, interval=0.2):
                 raise AttachError("%s: cannot unmount %s (busy)"
@@ -765,7 +866,10 @@ def take_down(state):
         for path in (state.get("nbd_socket"), state.get("control_socket")):
             if path and _answers(path) is None:
                 _unlink(path)
-        if state.get("server_log"):
+        if state.get("server_log") and reason:
+            # What the server said last is why it is gone.
+            _say(name, "its log is kept: %s" % state["server_log"])
+        elif state.get("server_log"):
             _unlink(state["server_log"])
     _unlink(paths.state_file(name))
 

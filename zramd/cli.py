@@ -249,14 +249,29 @@ def _natural_key(name):
 
 
 def list_devices():
-    """Names of the devices with a control socket in the runtime dir."""
+    """Names of the devices with a control socket or a ``zramd up`` state
+    file in the runtime dir."""
     try:
         entries = os.listdir(paths.runtime_dir())
     except (FileNotFoundError, NotADirectoryError):
         return []
-    names = [e[:-len(".sock")] for e in entries
-             if e.endswith(".sock") and len(e) > len(".sock")]
+    names = {e[:-len(suffix)] for e in entries
+             for suffix in (".sock", ".state.json")
+             if e.endswith(suffix) and len(e) > len(suffix)}
     return sorted(names, key=_natural_key)
+
+
+def lost_reason(name):
+    """Why device ``name``, brought up by ``zramd up``, has lost what was
+    stored on it (its server exited or was replaced), or None."""
+    from zramd import attach
+    if "/" in name:
+        return None
+    try:
+        state = attach.read_state(name)
+    except attach.AttachError:
+        return None
+    return attach.lost(state) if state else None
 
 
 def socket_path(name):
@@ -345,6 +360,10 @@ def cmd_list(args):
         return fail(paths.runtime_dir(), err.strerror or err)
     rows, status = [], 0
     for name in names:
+        reason = lost_reason(name)
+        if reason:
+            status = fail(name, "lost: %s" % reason)
+            continue
         try:
             rows.append(fetch_status(name))
         except control.ControlError as err:

@@ -58,7 +58,7 @@ import stat
 import threading
 from dataclasses import asdict
 
-from zramd import threadstate
+from zramd import procctl, threadstate
 from zramd.errors import InvalidRequestError, ZramdError
 from zramd.params import parse_recomp_spec
 from zramd.stats import PolicyStat
@@ -501,8 +501,9 @@ def device_status(device, name):
     debug_stat (debug_stat's format version excepted), plus name,
     algorithm, comp_algorithm, disksize, initstate, streams, num_reads,
     num_writes, pid and thread_states (Python thread states kept for
-    nbdkit's worker threads, see zramd.threadstate).  Only ever gains
-    keys."""
+    nbdkit's worker threads, see zramd.threadstate), and what the server
+    process set on itself and its instance id (zramd.procctl.facts).  Only
+    ever gains keys."""
     mm = device.mm_stat()
     io = device.io_stat()
     dbg = device.debug_stat()
@@ -519,6 +520,7 @@ def device_status(device, name):
     out["num_writes"] = device.num_writes
     out["pid"] = os.getpid()
     out["thread_states"] = len(threadstate.pinned)
+    out.update(procctl.facts)
     return out
 
 

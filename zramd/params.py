@@ -43,6 +43,9 @@ PARAMETERS = (
      "(default zramd0)"),
     ("control", "PATH", "control socket (default "
      "$ZRAMD_RUNTIME_DIR/NAME.sock, else /run/zramd/NAME.sock)"),
+    ("swap", "BOOL", "the disk backs swap: keep every page the server "
+     "touches resident (mlockall on fault) and mark it an IO flusher "
+     "(default false)"),
     ("backing_dev", "FILE", "file or block device for writeback"),
     ("recomp_algorithm", "SPECS", "secondary algorithms, comma-separated: "
      "NAME or 'algo=NAME priority=1..3 level=N' (priority: position)"),
@@ -106,6 +109,23 @@ def parse_size(key, text):
     return size
 
 
+# nbdkit_parse_bool()'s words, either case.
+_TRUE = ("1", "true", "t", "yes", "y", "on")
+_FALSE = ("0", "false", "f", "no", "n", "off")
+
+
+def parse_bool(key, text):
+    """True or False by nbdkit's boolean rules; ConfigError naming ``key``
+    otherwise."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError("%s: %r is not a boolean; accepted: %s"
+                      % (key, text, " ".join(_TRUE + _FALSE)))
+
+
 def _parse_int(key, text, accepted):
     try:
         return int(text, 10)
@@ -126,6 +146,7 @@ class Params:
     chain_size: int = DEFAULT_CHAIN_SIZE
     name: str = DEFAULT_NAME
     control: str = None
+    swap: bool = False
     backing_dev: str = None
     recomp_algorithm: tuple = ()      # of (algorithm, priority, level)
     policy_interval: int = 0
@@ -260,6 +281,9 @@ class ParamParser:
         if not value:
             raise ConfigError("control: empty; accepted: a socket path")
         return value
+
+    def _parse_swap(self, value):
+        return parse_bool("swap", value)
 
     def _parse_backing_dev(self, value):
         if not value:

@@ -2,9 +2,9 @@
 mlockall(2), and what it found: one dict, ``facts``, that the control
 channel's ``status`` reports.
 
-    parent-death signal  nbdkit 1.32.1 and later (up to at least 1.33) call
-                         prctl(PR_SET_PDEATHSIG, SIGTERM) at start even
-                         without --exit-with-parent, so a server started
+    parent-death signal  nbdkit 1.32.1 to at least 1.33.11 (not 1.42.3)
+                         call prctl(PR_SET_PDEATHSIG, SIGTERM) at start
+                         even without --exit-with-parent, so a server started
                          in the foreground quits (at its next request) once
                          the thread that started it exits: ``zramd up``
                          does, at once.  ``keep_running_without_parent``

@@ -115,9 +115,9 @@ def thread_model():
 
 
 # Stack of the threads we start (control server and its clients, deferred
-# free, policy).  They run shallow Python code, and under --swap
-# (mlockall) every stack is locked in full as soon as it is mapped: 8 MiB
-# each by default.
+# free, policy).  They run shallow Python code, and under nbdkit --swap
+# (mlockall without MCL_ONFAULT) every stack is locked in full as soon as
+# it is mapped: 8 MiB each by default.
 THREAD_STACK_BYTES = 512 * 1024
 
 

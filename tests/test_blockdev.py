@@ -281,9 +281,10 @@ def swap_used(device):
 
 @pytest.fixture
 def swap_server(tmp_path):
-    # A server behind swap runs locked in memory (--swap), as zramd up does.
-    with NbdkitServer(str(tmp_path / "srv"), size="384M",
-                      extra_args=("--swap", "--threads", "4"),
+    # A server behind swap runs locked in memory (swap=true), as zramd up
+    # does.
+    with NbdkitServer(str(tmp_path / "srv"), size="384M", swap="true",
+                      extra_args=("--threads", "4"),
                       env={"MALLOC_ARENA_MAX": "2"}) as srv:
         srv.wait_control()
         yield srv
@@ -323,7 +324,7 @@ def test_swap_workload_in_memory_cgroup(swap_server, tmp_path):
         assert "bad 0" in out
         with open(os.path.join(cgroup, "memory.failcnt")) as f:
             assert int(f.read()) > 0         # the limit did bite
-        assert vm(server, "VmLck") > 0           # --swap locked it
+        assert vm(server, "VmLck") > 0           # swap=true locked it
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -346,7 +347,7 @@ def vm(server, field):
 
 
 def test_discard_frees_memory_of_a_locked_server(swap_server, tmp_path):
-    # Under --swap (mlockall) the pool's memory is locked: trimming must
+    # Under swap=true (mlockall) the pool's memory is locked: trimming must
     # still succeed and give it back (madvise(MADV_DONTNEED) alone refuses
     # locked pages with EINVAL).
     server = swap_server

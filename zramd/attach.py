@@ -8,8 +8,8 @@ down top to bottom::
                  (after mkswap)               (after mkfs -t TYPE)
     block dev  losetup --direct-io=on --sector-size 4096 RUN/NAME.fuse/nbd
                (nbd-client -unix RUN/NAME.nbd /dev/nbdN with the kernel's nbd)
-    file       nbdfuse RUN/NAME.fuse/nbd --unix RUN/NAME.nbd
-    server     nbdkit -f [--swap] -U RUN/NAME.nbd python plugin.py size=...
+    file       nbdfuse RUN/NAME.fuse/nbd nbd+unix:///INSTANCE?socket=RUN/NAME.nbd
+    server     nbdkit -f -U RUN/NAME.nbd python plugin.py size=... [swap=true]
 
 ``RUN`` is zramd.paths.runtime_dir().  Each step is recorded at once in the
 state file ``RUN/NAME.state.json`` (rewritten atomically), so ``down`` - or
@@ -22,13 +22,20 @@ a server that was already running (say, under ``zramd@NAME.service``) is
 used and left running by ``down``, which stops only what ``up`` started.
 
 A server behind swap must never wait for swap itself: for swap devices
-nbdkit runs in the foreground with ``--swap`` (mlockall(MCL_CURRENT |
-MCL_FUTURE); it would be lost if nbdkit forked).  Everything mapped is then
-resident, thread stacks included, so the server is started with few threads
+nbdkit runs in the foreground with the plugin's ``swap=true``
+(mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), zramd.procctl; a lock
+would be lost if nbdkit forked).  Every page it touches is then resident,
+thread stacks included, so the server is started with few threads
 (``--threads``), a bounded number of malloc arenas and small stacks; see
-docs/operations.md for the measured VmLck.  nbdfuse cannot be locked; for
+docs/operations.md for the measured VmRSS.  nbdfuse cannot be locked; for
 swap it runs in a cgroup v1 memory group with swappiness 0 where there is
-one.  A running server is used for swap only if it is locked (VmLck > 0).
+one.  Both are marked IO flushers before exec where the kernel lets us.  A
+running server is used for swap only if it is locked (VmLck > 0).
+
+Each server has an instance id (its status's ``instance``) and serves the
+disk under that export name: the client attaches by it, so a server
+started anew is refused rather than taken for the old disk, and ``lost``
+tells a device whose server is gone or replaced.
 
 Errors are ZramdError (ConfigError for configuration) whose message starts
 with the device name: ``zramd0: swapon: ...``.

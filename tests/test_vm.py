@@ -1,0 +1,102 @@
+"""The VM rig's short form: a Debian 12 guest with Debian's kernel,
+systemd as PID 1 on cgroup v2 and kernel nbd (vm/rig, docs/testing.md)
+runs the README's quick start, then ``zramd up`` as swap through
+nbd-client from zramd.conf with a checked workload larger than its
+cgroup's memory.high, and ``zramd down``.
+
+It boots a VM for several minutes, so it runs only when asked:
+``ZRAMD_VM=1`` (.ci/run sets it); the guest image is built first if the
+cache (``$ZRAMD_VM_CACHE``, default /var/cache/zramd/vm) has no current
+one (about 2.5 minutes and 700 MB from Debian's archive).  Without it the
+test skips and says how to run it.  (A cached image alone is not a request:
+on a machine shared by several work trees it made every suite run boot a
+guest.)
+
+It skips, saying why, without /dev/kvm, qemu-system-x86, root, or when the
+image cannot be built.  The accelerator is the rig's choice (KVM when a
+probe guest really runs under it, else TCG); the summary records it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+RIG = os.path.join(REPO, "vm", "rig")
+SUITE = "bookworm"
+#: vm/rig's own deadline for the short form is 1200 s under TCG (one
+#: boot); this leaves room for the probe and for nothing else to hang.
+TIMEOUT = 1500
+
+
+def _load_rig():
+    """vm/rig as a module (it has no .py suffix)."""
+    from importlib.machinery import SourceFileLoader
+    from importlib.util import module_from_spec, spec_from_loader
+    loader = SourceFileLoader("zramd_vm_rig", RIG)
+    module = module_from_spec(spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def why_not():
+    """Why the short form does not run here, or None."""
+    wanted = os.environ.get("ZRAMD_VM", "")
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
+    if os.geteuid() != 0:
+        return "needs root (the rig boots a guest with 9p shares as root)"
+    if wanted != "1":
+        return "set ZRAMD_VM=1 to boot the guest (docs/testing.md)"
+    rig = _load_rig()
+    cache = os.environ.get("ZRAMD_VM_CACHE", rig.DEFAULT_CACHE)
+    if not rig.image_ready(cache, SUITE) and shutil.which("mmdebstrap") is None:
+        return "mmdebstrap missing to build the guest (apt-get install mmdebstrap)"
+    return None
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_short_form_swap_through_kernel_nbd(tmp_path):
+    reason = why_not()
+    if reason:
+        pytest.skip("VM rig: " + reason)
+    out = tmp_path / "vm"
+    proc = subprocess.run([sys.executable, RIG, "run", "--plan", "short",
+                           "--suite", SUITE, "--out", str(out)],
+                          stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=TIMEOUT - 60)
+    if proc.returncode == 77:
+        pytest.skip("VM rig: " + proc.stderr.strip().splitlines()[-1])
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        if "vm/build-image" in proc.stderr:
+            pytest.skip("VM rig: the guest image cannot be built here: %s"
+                        % proc.stderr.strip().splitlines()[-1])
+        pytest.fail("vm/rig exited %d without a summary:\n%s"
+                    % (proc.returncode, proc.stderr[-3000:]))
+    summary = json.loads(summary_path.read_text())
+    if summary.get("error") and not summary["suites"]:
+        pytest.skip("VM rig: %s" % summary["error"])
+    problems = []
+    for suite in summary["suites"]:
+        for phase in suite["phases"]:
+            if phase.get("error"):
+                problems.append("%s/%s: %s" % (suite["suite"], phase["phase"],
+                                               phase["error"]))
+            for step in phase["steps"]:
+                if step["status"] == "fail":
+                    problems.append("%s/%s: %s: %s" % (
+                        suite["suite"], phase["phase"], step["step"],
+                        step.get("detail")))
+    steps = {s["step"]: s for su in summary["suites"] for ph in su["phases"]
+             for s in ph["steps"]}
+    assert not problems, "\n".join(problems + ["(logs: %s)" % out])
+    assert steps.get("swap_nbd", {}).get("status") == "pass", steps.keys()
+    assert proc.returncode == 0, proc.stderr[-3000:]

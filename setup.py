@@ -1,7 +1,9 @@
-"""Build of zramd's one C extension (everything else is in pyproject.toml).
+"""Build of zramd's C extensions (everything else is in pyproject.toml).
 
 zramd._fastpath links the system's liblz4 and libzstd (Debian: liblz4-dev,
 libzstd-dev, python3-dev; scripts/common.sh installs them).
+zramd._threadstate (zramd.threadstate's thread-exit hook) needs only
+Python.h.
 """
 
 from setuptools import Extension, setup

@@ -107,7 +107,7 @@ def thread_states(server):
     return control.call(server.control, "status")["thread_states"]
 
 
-def wait_thread_states(server, expected, timeout=10.0):
+def wait_thread_states(server, expected, timeout=30.0):
     """A connection's threads free their states as they exit, just after
     the client has seen the connection close."""
     deadline = time.monotonic() + timeout

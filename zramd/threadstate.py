@@ -33,7 +33,12 @@ Python started it does no harm, and Python frees that state as usual.
 
 import atexit
 
-from zramd import _threadstate
+try:
+    from zramd import _threadstate
+except ImportError as err:   # a clone built before that extension existed
+    raise ImportError("zramd._threadstate is not built: run "
+                      "'pip install -e .' in the clone (scripts/test "
+                      "does)") from err
 
 pin = _threadstate.pin
 

@@ -21,6 +21,7 @@ import io
 import os
 import random
 import sys
+import sysconfig
 import tarfile
 
 PAGE = 4096
@@ -36,11 +37,11 @@ def parse_size(text):
 
 
 def real_data(limit):
-    """Up to ``limit`` bytes of real files: a tar of the Python stdlib,
-    then shared libraries."""
+    """Up to ``limit`` bytes of real files: a tar of the running Python's
+    stdlib (so Debian 12 and 13 corpora differ), then shared libraries."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add("/usr/lib/python3.11", recursive=True,
+        tar.add(sysconfig.get_paths()["stdlib"], recursive=True,
                 filter=lambda info: info if buf.tell() < limit else None)
     data = bytearray(buf.getvalue()[:limit])
     for path in sorted(glob.glob("/usr/lib/x86_64-linux-gnu/*.so*")):

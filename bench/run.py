@@ -235,6 +235,9 @@ def main(argv=None):
                          "before/after comparisons)")
     ap.add_argument("--no-plot", action="store_true",
                     help="skip the plot (matplotlib not needed)")
+    ap.add_argument("--server-threads", type=int, metavar="N",
+                    help="nbdkit worker threads per connection for zramd "
+                         "(default: as zramd up runs it)")
     args = ap.parse_args(argv)
     if args.size <= 0 or args.size % (1 << 20):
         ap.error("--size must be a positive multiple of 1 MiB")
@@ -249,6 +252,9 @@ def main(argv=None):
         if unknown:
             ap.error("unknown systems: %s" % ", ".join(sorted(unknown)))
         chosen = [s for s in chosen if s.name in wanted]
+    for system in chosen:
+        if hasattr(system, "threads"):
+            system.threads = args.server_threads
 
     started = time.monotonic()
     load_before = load_average()
@@ -279,9 +285,12 @@ def main(argv=None):
     print()
     print(report.text_targets(targets))
 
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short",
-                             "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "?"
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short",
+                                 "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "?"
+    except FileNotFoundError:       # no git (a release root): say so
+        commit = "?"
     info = {"corpus_size": args.size, "runtime": runtime,
             "repeat": max(args.repeat, 1),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

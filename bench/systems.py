@@ -131,6 +131,7 @@ class Zramd(System):
         self.label = "zramd algorithm=" + algorithm
         self.server = None
         self.extra = {}
+        self.threads = None
 
     def available(self):
         if not os.path.exists(PLUGIN):
@@ -146,14 +147,15 @@ class Zramd(System):
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
         from tests.nbdkit_server import NbdkitServer
-        from zramd.attach import SERVER_THREADS
-        # As `zramd up` and the systemd unit run it (SERVER_THREADS worker
-        # threads per connection; see zramd/attach.py for why so few).
+        from zramd.attach import server_threads
+        # As `zramd up` and the systemd unit run it (server_threads() worker
+        # threads per connection; see zramd/attach.py for why so few),
+        # unless the run asks for another number (--server-threads).
+        threads = self.threads or server_threads()
         self.server = NbdkitServer(os.path.join(workdir, self.name),
                                    size=str(size), name=self.name,
                                    algorithm=self.algorithm,
-                                   extra_args=("--threads",
-                                               str(SERVER_THREADS)),
+                                   extra_args=("--threads", str(threads)),
                                    **self.extra)
         try:
             self.server.wait_control()

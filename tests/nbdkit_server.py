@@ -1,16 +1,17 @@
 """A real nbdkit serving plugin.py on a Unix socket, for the end-to-end tests.
 
 ``NbdkitServer(directory, size="64M", **params)`` starts
-``nbdkit -f -U SOCK --threads 1 python plugin.py size=... key=value...``
+``nbdkit -f -U SOCK --threads N python plugin.py size=... key=value...``
 with the control socket and runtime directory inside ``directory``, waits
 until the NBD socket accepts connections (``wait_control()`` waits for the
 control socket too), and stops the server (SIGTERM, then SIGKILL) on
 ``stop()`` or at the end of a ``with`` block.  nbdkit's stderr goes to
 ``directory/nbdkit.log`` so a failing test can show it.
 
-One worker per connection (``--threads 1``, as scripts/quickstart serves):
-with more, nbdkit 1.32 aborts now and then when a client dies with requests
-in flight (docs/operations.md, "Known limit: nbdkit 1.32 and dying clients").
+N worker threads per connection as zramd up and scripts/quickstart serve
+(zramd.attach.server_threads(): one on nbdkit 1.32, which with more aborts
+now and then when a client dies with requests in flight, docs/operations.md,
+"Known limit: nbdkit 1.32 and dying clients"; more on later nbdkit).
 ``threads=N`` (or ``--threads`` in ``extra_args``) asks for another number,
 ``threads=None`` for nbdkit's default (16).
 """
@@ -23,12 +24,11 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(REPO, "plugin.py")
-THREADS = 1
 
 
 class NbdkitServer:
     def __init__(self, directory, size="64M", name="zramd0", extra_args=(),
-                 env=None, threads=THREADS, **params):
+                 env=None, threads="as zramd up", **params):
         self.directory = str(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.name = name
@@ -36,6 +36,9 @@ class NbdkitServer:
         self.control = os.path.join(self.directory, name + ".sock")
         self.log_path = os.path.join(self.directory, "nbdkit.log")
         self.uri = "nbd+unix:///?socket=" + self.socket
+        if threads == "as zramd up":
+            from zramd.attach import server_threads
+            threads = server_threads()
         if threads is not None and not any(
                 arg in ("-t", "--threads") or arg.startswith("--threads=")
                 for arg in extra_args):

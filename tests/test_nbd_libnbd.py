@@ -344,7 +344,8 @@ def test_clients_killed_again_and_again(nbdkit_server, tmp_path):
     socket dead in one thread while others still answer; nbdkit 1.32 with
     several workers per connection then aborts within a few kills
     (connections.c:402 sock >= 0; docs/operations.md), which is why zramd
-    serves with --threads 1 (tests/nbdkit_server.py)."""
+    serves nbdkit 1.32 with --threads 1 and later nbdkit with more
+    (zramd.attach.server_threads, as this test's server)."""
     server = nbdkit_server(size="16M")
     kept = page_data(random.Random(7), 4 * MiB)
     script = tmp_path / "client.py"

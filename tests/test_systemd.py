@@ -109,7 +109,7 @@ def test_serve_builds_the_server_command(tmp_path, monkeypatch):
     swap = attach.server_command(devs["zramd0"], plugin="/p.py")
     assert swap == [
         "nbdkit", "--foreground", "--threads",
-        str(attach.SERVER_THREADS), "--unix", str(tmp_path / "zramd0.nbd"),
+        str(attach.server_threads()), "--unix", str(tmp_path / "zramd0.nbd"),
         "python", "/p.py", "size=%d" % (64 << 20), "algorithm=zstd",
         "level=3", "swap=true", "name=zramd0",
         "control=%s" % (tmp_path / "zramd0.sock")]

@@ -60,12 +60,16 @@ from zramd.errors import ConfigError, ZramdError
 
 STATE_VERSION = 1
 
-#: nbdkit worker threads per connection, and nbdfuse connections: with
-#: mlockall every thread stack is resident, so keep the product small.
-#: One worker: with more, nbdkit 1.32 can abort when a client dies with
-#: requests in flight (docs/operations.md, "Known limit: nbdkit 1.32 and
-#: dying clients"); the plugin's callbacks take turns at the GIL anyway.
-SERVER_THREADS = 1
+#: nbdkit worker threads per connection, and nbdfuse connections: every
+#: thread stack the server touches stays resident, so keep the product
+#: small.  nbdkit before 1.34 can abort when a client dies with requests in
+#: flight and two or more workers (docs/operations.md, "Known limit: nbdkit
+#: 1.32 and dying clients"): one worker there.  Later nbdkit gets
+#: SERVER_THREADS (docs/benchmarks.md, "Worker threads per connection").
+SERVER_THREADS = 4
+SERVER_THREADS_NBDKIT_1_32 = 1
+#: The first nbdkit release without that abort.
+NBDKIT_SAFE_THREADS = (1, 34)
 FUSE_CONNECTIONS = 2
 #: Stack size of every server thread (RLIMIT_STACK at exec; glibc takes the
 #: default pthread stack from it).  The plugin's Python frames are shallow.
@@ -316,12 +320,37 @@ def states():
 # ---------------------------------------------------------------------------
 # The server
 
+_nbdkit_version = []
+
+
+def nbdkit_version():
+    """nbdkit's version as a tuple of ints, from ``nbdkit --version``
+    (asked once); (0,) when nbdkit cannot say."""
+    if not _nbdkit_version:
+        try:
+            out = subprocess.run(["nbdkit", "--version"], capture_output=True,
+                                 text=True, timeout=30).stdout
+            match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+        except (OSError, subprocess.SubprocessError):
+            match = None
+        _nbdkit_version.append(tuple(int(g) for g in match.groups() if g)
+                               if match else (0,))
+    return _nbdkit_version[0]
+
+
+def server_threads():
+    """Worker threads per connection for the installed nbdkit."""
+    if nbdkit_version() < NBDKIT_SAFE_THREADS:
+        return SERVER_THREADS_NBDKIT_1_32
+    return SERVER_THREADS
+
+
 def server_command(dev, plugin=None, nbd_socket=None, control=None):
     """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, and
     the plugin's ``swap=true`` (locked on fault, IO flusher) when the
     device is swap."""
     argv = ["nbdkit", "--foreground",
-            "--threads", str(SERVER_THREADS),
+            "--threads", str(server_threads()),
             "--unix", nbd_socket or paths.nbd_socket(dev.name),
             "python", plugin or plugin_path()]
     argv += dev.plugin_params()

@@ -5,12 +5,12 @@ nbd-client from zramd.conf with a checked workload larger than its
 cgroup's memory.high, and ``zramd down``.
 
 It boots a VM for several minutes, so it runs only when asked:
-``ZRAMD_VM=1`` (.ci/run sets it); the guest image is built first if the
-cache (``$ZRAMD_VM_CACHE``, default /var/cache/zramd/vm) has no current
-one (about 2.5 minutes and 700 MB from Debian's archive).  Without it the
-test skips and says how to run it.  (A cached image alone is not a request:
-on a machine shared by several work trees it made every suite run boot a
-guest.)
+``ZRAMD_VM=1``.  The guest image is built first if the cache
+(``$ZRAMD_VM_CACHE``, default /var/cache/zramd/vm) has no current one
+(about 2.5 minutes and 700 MB from Debian's archive).  Without ZRAMD_VM=1
+the test skips and says how to run it.  A cached image alone is not a
+request: on a machine shared by several work trees it would make every
+suite run boot a guest.
 
 It skips, saying why, without /dev/kvm, qemu-system-x86, root, or when the
 image cannot be built.  The accelerator is the rig's choice (KVM when a
@@ -30,8 +30,9 @@ REPO = os.path.dirname(TESTS)
 RIG = os.path.join(REPO, "vm", "rig")
 SUITE = "bookworm"
 #: vm/rig's own deadline for the short form is 1200 s under TCG (one
-#: boot); this leaves room for the probe and for nothing else to hang.
-TIMEOUT = 1500
+#: boot); this leaves room for an image build (about 150 s), the probe
+#: (45 s) and a wait for another rig's guest, and for nothing else to hang.
+TIMEOUT = 1800
 
 
 def _load_rig():

@@ -12,7 +12,7 @@ PYTHON=/usr/bin/python3
 # gcc, python3-dev, liblz4-dev and libzstd-dev build zramd._fastpath (C).
 RUNTIME_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
-    python3-zstandard python3-pip python3-setuptools
+    python3-zstandard liblzo2-2 python3-pip python3-setuptools
     gcc python3-dev liblz4-dev libzstd-dev
     qemu-utils fio fuse3 e2fsprogs util-linux mount kmod
 )

@@ -322,17 +322,22 @@ def test_corrupt_message_without_slot(name):
 
 # --- registry ----------------------------------------------------------------
 
+ALL = ["lz4", "lz4hc", "zstd", "deflate", "lzo-rle", "lzo"]
+
+
 def test_names_in_table_order():
-    assert compress.names() == ["lz4", "lz4hc", "zstd", "deflate"]
+    assert compress.names() == ALL
     compress.names().append("bogus")  # a copy: the table cannot be changed
-    assert compress.names() == ["lz4", "lz4hc", "zstd", "deflate"]
+    assert compress.names() == ALL
 
 
 @pytest.mark.parametrize("active, text", [
-    ("lz4", "[lz4] lz4hc zstd deflate \n"),
-    ("lz4hc", "lz4 [lz4hc] zstd deflate \n"),
-    ("zstd", "lz4 lz4hc [zstd] deflate \n"),
-    ("deflate", "lz4 lz4hc zstd [deflate] \n"),
+    ("lz4", "[lz4] lz4hc zstd deflate lzo-rle lzo \n"),
+    ("lz4hc", "lz4 [lz4hc] zstd deflate lzo-rle lzo \n"),
+    ("zstd", "lz4 lz4hc [zstd] deflate lzo-rle lzo \n"),
+    ("deflate", "lz4 lz4hc zstd [deflate] lzo-rle lzo \n"),
+    ("lzo-rle", "lz4 lz4hc zstd deflate [lzo-rle] lzo \n"),
+    ("lzo", "lz4 lz4hc zstd deflate lzo-rle [lzo] \n"),
 ])
 def test_available_golden(active, text):
     assert compress.available(active) == text
@@ -340,11 +345,12 @@ def test_available_golden(active, text):
 
 def test_available_unknown():
     with pytest.raises(ConfigError):
-        compress.available("lzo")
+        compress.available("842")
 
 
 @pytest.mark.parametrize("name, level", [
     ("lz4", None), ("lz4hc", 9), ("zstd", 3), ("deflate", 6),
+    ("lzo-rle", None), ("lzo", None),
 ])
 def test_default_levels(name, level):
     comp = compress.create(name)
@@ -379,11 +385,12 @@ def test_level_errors():
         compress.create("lz4hc", level=4.0)
 
 
-@pytest.mark.parametrize("bad", ["foo", "LZ4", "", "lzo-rle", None, 3])
+@pytest.mark.parametrize("bad", ["foo", "LZ4", "", "842", "lzo_rle", None, 3])
 def test_unknown_algorithm(bad):
     with pytest.raises(ConfigError) as info:
         compress.create(bad)
-    assert str(info.value) == "algorithm: unknown %r; accepted: lz4 lz4hc zstd deflate" % (bad,)
+    assert str(info.value) == ("algorithm: unknown %r; accepted: lz4 lz4hc "
+                               "zstd deflate lzo-rle lzo" % (bad,))
     assert info.value.errno == errno.EINVAL
 
 

@@ -9,7 +9,7 @@ A backend's parameters (level, dictionary) are fixed when it is created and
 checked here, so bad configuration fails at start-up with a ConfigError
 naming the key and what is accepted:
 
-    algorithm: unknown 'foo'; accepted: lz4 lz4hc zstd deflate
+    algorithm: unknown 'foo'; accepted: lz4 lz4hc zstd deflate lzo-rle lzo
     level: 13 out of range for lz4hc; accepted: 1..12
     dict_path: /etc/zramd/d.zstd: lz4 takes no dictionary; accepted by: zstd
 
@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from .backend_deflate import Deflate
 from .backend_lz4 import Lz4
 from .backend_lz4hc import Lz4HC
+from .backend_lzo import Lzo, LzoRle
 from .backend_zstd import Zstd
 from .base import Compressor
 
@@ -31,6 +32,8 @@ _BACKENDS = {cls.name: cls for cls in (
     Lz4HC,
     Zstd,
     Deflate,
+    LzoRle,     # zram's default since 5.1 (LZO1X-1 here: backend_lzo)
+    Lzo,
 )}
 
 

@@ -155,6 +155,11 @@ def test_generator_output_and_verify(tmp_path):
     d1 = load(str(out / "zramd-attach@scratch.service.d/50-zramd-generator.conf"))
     assert d1["Unit"]["Before"] == ["local-fs.target"]
     assert d1["Unit"]["RequiresMountsFor"] == ["/var/lib"]
+    # The units read zramd.conf as the generator did: unknown keys warned.
+    for name in ("zramd0", "scratch"):
+        for unit in ("zramd-attach@%s.service", "zramd@%s.service"):
+            d = load(str(out / (unit % name + ".d") / "50-zramd-generator.conf"))
+            assert d["Service"]["Environment"] == ["ZRAMD_UNKNOWN_KEYS=warn"]
     assert not os.path.exists(str(out) + "-early")   # normal dir only
     # The generated instances, with their drop-ins and wants, verify (no
     # ordering cycle with swap.target / local-fs.target either).
@@ -173,6 +178,31 @@ def test_generator_bad_config_writes_nothing(tmp_path):
     assert r.returncode == 1
     assert "zramd.conf:3: [zramd1] zram-size" in r.stderr
     assert os.listdir(out) == []
+
+
+def test_generator_warns_on_unknown_keys_and_sets_up_the_rest(tmp_path):
+    # As zram-generator: a typo or a newer zram-generator's key is reported
+    # in the journal (stderr) and the machine still boots with its swap.
+    root, out = tmp_path / "root", tmp_path / "gen"
+    write_conf(str(root), "[zramd0]\nzram-sise = 100\nmemory-limit = none\n"
+               "compression-algorithm = lzo-rle zstd(level=3) (type=idle)\n")
+    r = run_generator(root, out)
+    assert r.returncode == 0, r.stderr
+    conf = root / "etc/zramd/zramd.conf"
+    assert r.stderr.splitlines() == [
+        "zramd-generator: warning: %s:2: [zramd0] zram-sise: unknown key "
+        "(accepted: zram-size, compression-algorithm, swap-priority, "
+        "fs-type, mount-point, options, fs-create-options, mem-limit, "
+        "zram-resident-limit, host-memory-limit, writeback-device), ignored"
+        % conf,
+        "zramd-generator: warning: %s:3: [zramd0] memory-limit: obsolete, "
+        "use host-memory-limit instead" % conf]
+    assert (out / "swap.target.wants" / "zramd-attach@zramd0.service"
+            ).is_symlink()
+    # zramd up by hand still refuses the file.
+    from zramd import config
+    with pytest.raises(config.ConfigError, match="zram-sise: unknown key"):
+        config.load(str(root))
 
 
 def test_generator_no_config(tmp_path):

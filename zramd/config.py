@@ -53,6 +53,10 @@ import math
 import operator
 import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
 
 from zramd.errors import ConfigError
 
@@ -70,11 +74,41 @@ DEFAULT_OPTIONS = "discard"
 DEFAULT_FS_TYPE = "ext2"
 
 #: Fallback when zramd.compress is not importable (the plugin's list).
-KNOWN_ALGORITHMS = ("lz4", "lz4hc", "zstd", "deflate")
+KNOWN_ALGORITHMS = ("lz4", "lz4hc", "zstd", "deflate", "lzo-rle", "lzo")
 
 KEYS = ("zram-size", "compression-algorithm", "swap-priority", "fs-type",
-        "mount-point", "options", "mem-limit", "zram-resident-limit",
-        "host-memory-limit", "writeback-device")
+        "mount-point", "options", "fs-create-options", "mem-limit",
+        "zram-resident-limit", "host-memory-limit", "writeback-device")
+
+#: zram-generator's obsolete keys, still accepted with a warning, and what
+#: replaces each.  memory-limit is host-memory-limit under its old name (not
+#: zramd's mem-limit); the other two override zram-size.
+OBSOLETE_KEYS = {"memory-limit": "host-memory-limit",
+                 "zram-fraction": "zram-size",
+                 "max-zram-size": "zram-size"}
+
+#: ``load(unknown_keys=...)``: "error" refuses a file with an unknown key
+#: (``zramd up``), "warn" reports it and ignores the setting, as
+#: zram-generator does (the generator, and the units it enables, through
+#: this variable in their environment).
+UNKNOWN_KEYS_ENV = "ZRAMD_UNKNOWN_KEYS"
+UNKNOWN_KEYS_MODES = ("error", "warn")
+
+#: The one directive of the global section: ``set!VAR = program``.
+SET_DIRECTIVE = "set!"
+#: Most seconds a ``set!`` program may run.  systemd gives all generators
+#: together 90 s at boot; a program that hangs must not take them all.
+SET_TIMEOUT = 10
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: Global recompression parameters (``compression-algorithm = lz4 zstd
+#: (type=idle)``) become zramd's post-processing policy, which needs a
+#: period; zram's own ``type=idle`` acts once, on what the last idle
+#: marking selected.  Every ten minutes, on pages idle for
+#: policy_idle_age (an hour by default), each pass has little to do.
+RECOMPRESS_INTERVAL = 600
+#: zram's recompression priorities, 1..3 (ZRAM_MAX_COMPS - 1).
+MAX_RECOMP = 3
 
 #: A device name is used in file names and systemd instance names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -89,8 +123,12 @@ class DeviceConfig:
 
     ``size`` and ``mem_limit`` are bytes (``size`` a multiple of 4096;
     ``mem_limit`` 0 for none).  ``fs_type`` is ``"swap"`` or a file system
-    type; ``mount_point`` is None for swap.  ``sources`` lists the files
-    that set any key, in reading order.
+    type; ``mount_point`` is None for swap; ``fs_create_options`` the
+    words mkfs takes before the device.  ``recomp_algorithms`` are the
+    recompression algorithms of priority 1, 2, ... as ``(name, level or
+    None)``; ``recompress_type`` and ``recompress_max_pages`` the global
+    recompression parameters, run by the plugin's policy.  ``sources``
+    lists the files that set any key, in reading order.
     """
 
     name: str
@@ -105,6 +143,10 @@ class DeviceConfig:
     options: str = DEFAULT_OPTIONS
     mem_limit: int = 0
     writeback_device: str | None = None
+    fs_create_options: tuple = ()
+    recomp_algorithms: tuple = ()
+    recompress_type: str | None = None
+    recompress_max_pages: int = 0
     sources: tuple = ()
 
     @property
@@ -122,6 +164,18 @@ class DeviceConfig:
             params.append("mem_limit=%d" % self.mem_limit)
         if self.writeback_device is not None:
             params.append("backing_dev=%s" % self.writeback_device)
+        if self.recomp_algorithms:
+            params.append("recomp_algorithm=" + ",".join(
+                "algo=%s priority=%d" % (name, prio)
+                + ("" if level is None else " level=%d" % level)
+                for prio, (name, level) in enumerate(self.recomp_algorithms,
+                                                     1)))
+        if self.recompress_type is not None:
+            params += ["policy_interval=%d" % RECOMPRESS_INTERVAL,
+                       "policy_recompress=%s" % self.recompress_type]
+            if self.recompress_max_pages:
+                params.append("policy_max_pages=%d"
+                              % self.recompress_max_pages)
         return params
 
 
@@ -166,20 +220,35 @@ def _masked(path):
         return False
 
 
-def parse_file(path):
+def parse_file(path, unknown_keys="error", warn=None):
     """Parse one file into ``[(section, key, value, lineno)]``; a section
     header is an entry with key and value None, so ``[zramd0]`` alone
-    defines a device with every default.
+    defines a device with every default, and a ``set!VAR`` directive of
+    the global section (before any header) has section None.  A value in
+    matching single or double quotes loses them, as zram-generator's ini
+    reader takes it.
 
-    Raises ConfigError naming the file and line for a syntax error.
+    Raises ConfigError naming the file and line for a syntax error.  An
+    unknown key, a setting outside a section or a bad section name is
+    refused too, or, with ``unknown_keys="warn"``, passed to ``warn`` and
+    left out (a bad section with all its settings).
     """
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("%s: cannot read: %s" % (path, e)) from None
+    lenient = unknown_keys == "warn"
+
+    def refuse(lineno, message):
+        message = "%s:%d: %s" % (path, lineno, message)
+        if not lenient:
+            raise ConfigError(message)
+        (warn or _warn_stderr)(message + ", ignored")
+
     entries = []
     section = None
+    skipping = False        # in a section refused with a warning
     i = 0
     while i < len(lines):
         lineno = i + 1
@@ -195,25 +264,49 @@ def parse_file(path):
                 raise ConfigError("%s:%d: malformed section header %r"
                                   % (path, lineno, line))
             section = line[1:-1].strip()
-            if not NAME_RE.match(section):
-                raise ConfigError(
-                    "%s:%d: [%s]: bad device name (letters, digits, '_', "
-                    "'.', '-', at most 64, not starting with a punctuation "
-                    "mark)" % (path, lineno, section))
+            skipping = not NAME_RE.match(section)
+            if skipping:
+                refuse(lineno, "[%s]: bad device name (letters, digits, "
+                       "'_', '.', '-', at most 64, not starting with a "
+                       "punctuation mark)" % section)
+                continue
             entries.append((section, None, None, lineno))
             continue
         if "=" not in line:
             raise ConfigError("%s:%d: expected 'key = value' or '[section]', "
                               "got %r" % (path, lineno, line))
         key, value = (s.strip() for s in line.split("=", 1))
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if skipping:
+            continue
         if section is None:
-            raise ConfigError("%s:%d: %s: setting outside of a [device] "
-                              "section" % (path, lineno, key))
-        if key not in KEYS:
-            raise ConfigError("%s:%d: [%s] %s: unknown key (accepted: %s)"
-                              % (path, lineno, section, key, ", ".join(KEYS)))
+            if key.startswith(SET_DIRECTIVE):
+                var = key[len(SET_DIRECTIVE):]
+                if not _VAR_RE.match(var) or var in _RESERVED_NAMES:
+                    raise ConfigError(
+                        "%s:%d: %s: bad variable name %r (letters, digits "
+                        "and '_', not starting with a digit; not %s)"
+                        % (path, lineno, key, var,
+                           ", ".join(sorted(_RESERVED_NAMES))))
+                entries.append((None, key, value, lineno))
+            elif "!" in key:
+                refuse(lineno, "%s: unknown directive (accepted: "
+                       "set!VARIABLE = program)" % key)
+            else:
+                refuse(lineno, "%s: setting outside of a [device] section"
+                       % key)
+            continue
+        if key not in KEYS and key not in OBSOLETE_KEYS:
+            refuse(lineno, "[%s] %s: unknown key (accepted: %s)"
+                   % (section, key, ", ".join(KEYS)))
+            continue
         entries.append((section, key, value, lineno))
     return entries
+
+
+def _warn_stderr(message):
+    print("zramd: warning: %s" % message, file=sys.stderr, flush=True)
 
 
 def mem_total_mib(root="/"):
@@ -231,47 +324,123 @@ def mem_total_mib(root="/"):
     raise ConfigError("%s: no MemTotal line" % path)
 
 
-def load(root="/", ram_mib=None):
+def load(root="/", ram_mib=None, unknown_keys=None, warn=None):
     """Read the whole configuration under ``root``.
 
     Returns ``{name: DeviceConfig}`` in the order devices first appear,
     leaving out devices whose size is 0 and those whose host-memory-limit
     is below the machine's RAM.  ``ram_mib`` overrides MemTotal.
+    ``unknown_keys`` is "error" (refuse the configuration) or "warn"
+    (ignore the setting); None takes $ZRAMD_UNKNOWN_KEYS, else "error".
+    Warnings (obsolete keys, and unknown ones with "warn") go to ``warn``,
+    a function of one line, by default stderr.  ``set!`` programs run
+    here, in the order read, each for at most SET_TIMEOUT seconds.
     Raises ConfigError (file, line, section and key) and nothing else.
     """
-    raw = {}             # name -> {key: (value, path, lineno)}
+    if unknown_keys is None:
+        unknown_keys = os.environ.get(UNKNOWN_KEYS_ENV) or "error"
+    if unknown_keys not in UNKNOWN_KEYS_MODES:
+        raise ConfigError("%s: %r; accepted: %s" % (
+            UNKNOWN_KEYS_ENV, unknown_keys, " ".join(UNKNOWN_KEYS_MODES)))
+    warn = warn or _warn_stderr
+    raw = {}             # name -> {key: (value, path, lineno, spelled)}
     sources = {}
+    directives = []      # (key, program, path, lineno)
     for path in config_files(root):
-        for section, key, value, lineno in parse_file(path):
+        for section, key, value, lineno in parse_file(path, unknown_keys,
+                                                      warn):
+            if section is None:
+                directives.append((key, value, path, lineno))
+                continue
             keys = raw.setdefault(section, {})
             if key is None:
                 pass
             elif value or key == "options":   # 'options =': none at all
-                keys[key] = (value, path, lineno)
+                canonical = "host-memory-limit" if key == "memory-limit" \
+                    else key
+                keys[canonical] = (value, path, lineno, key)
             else:                    # 'key =' resets it, as in systemd
-                keys.pop(key, None)
+                keys.pop("host-memory-limit" if key == "memory-limit"
+                         else key, None)
             srcs = sources.setdefault(section, [])
             if path not in srcs:
                 srcs.append(path)
-    if not raw:
+    if not raw and not directives:
         return {}
     if ram_mib is None:
         ram_mib = mem_total_mib(root)
+    variables = {"ram": ram_mib}
+    for key, program, path, lineno in directives:
+        variables[key[len(SET_DIRECTIVE):]] = _run_set(
+            "%s:%d: %s" % (path, lineno, key), program, variables)
     devices = {}
     for name, keys in raw.items():
-        dev = _device(name, keys, ram_mib, tuple(sources[name]))
+        dev = _device(name, keys, variables, tuple(sources[name]), warn)
         if dev is not None and dev.size > 0:
             devices[name] = dev
     return devices
 
 
+#: Names a set! directive may not take: the evaluator's own.
+_RESERVED_NAMES = frozenset(("ram", "e", "pi", "min", "max", "abs", "int",
+                             "round", "ceil", "floor", "sqrt", "log"))
+
+
+def _run_set(where, program, variables):
+    """Run ``program`` with ``/bin/sh -c``, as system(3) does, and evaluate
+    what it prints as an expression of ``variables``.  ConfigError starting
+    with ``where`` if it cannot run, runs longer than SET_TIMEOUT (it is
+    killed, with its process group), exits other than 0, or prints nothing
+    that evaluates to a number."""
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", "--", program],
+                                stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except OSError as e:
+        raise ConfigError("%s: cannot run /bin/sh: %s" % (where, e)) from None
+    try:
+        out, err = proc.communicate(timeout=SET_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.communicate()
+        raise ConfigError("%s: %r did not finish in %d seconds; killed"
+                          % (where, program, SET_TIMEOUT)) from None
+    detail = err.decode(errors="replace").strip().splitlines()
+    detail = ": " + detail[-1] if detail else ""
+    if proc.returncode:
+        status = ("exit %d" % proc.returncode if proc.returncode > 0
+                  else "signal %d" % -proc.returncode)
+        raise ConfigError("%s: %r failed (%s)%s" % (where, program, status,
+                                                   detail))
+    try:
+        text = out.decode().strip()
+    except UnicodeDecodeError:
+        raise ConfigError("%s: %r printed bytes that are not UTF-8"
+                          % (where, program)) from None
+    if not text:
+        raise ConfigError("%s: %r printed nothing; expected a number or an "
+                          "expression" % (where, program))
+    try:
+        return evaluate(text, variables)
+    except ConfigError as e:
+        raise ConfigError("%s: %r printed %s" % (where, program, e.message)
+                          ) from None
+
+
 # ---------------------------------------------------------------------------
 # Values
 
-def _device(name, keys, ram_mib, sources):
+def _device(name, keys, variables, sources, warn):
+    ram_mib = variables["ram"]
+
     def where(key):
-        _, path, lineno = keys[key]
-        return "%s:%d: [%s] %s" % (path, lineno, name, key)
+        _, path, lineno, spelled = keys[key]
+        return "%s:%d: [%s] %s" % (path, lineno, name, spelled)
 
     def get(key, parse, default):
         if key not in keys:
@@ -282,24 +451,47 @@ def _device(name, keys, ram_mib, sources):
             raise ConfigError("%s: %s" % (where(key), e.message)) from None
 
     def mib(key, default):
-        """An expression of ``ram`` in MiB (zram-size and
-        zram-resident-limit), never negative."""
-        value = get(key, lambda v: evaluate(v, {"ram": ram_mib}), default)
+        """An expression of ``ram`` and the set! variables in MiB
+        (zram-size and zram-resident-limit), never negative."""
+        value = get(key, lambda v: evaluate(v, variables), default)
         if value < 0:
             raise ConfigError("%s: %r is negative (%g MiB)"
                               % (where(key), keys[key][0], value))
         return value
 
+    for key in ("host-memory-limit", "zram-fraction", "max-zram-size"):
+        spelled = keys[key][3] if key in keys else None
+        if spelled in OBSOLETE_KEYS:
+            warn("%s: obsolete, use %s instead" % (where(key),
+                                                    OBSOLETE_KEYS[spelled]))
     host_limit = get("host-memory-limit", _parse_host_memory_limit, None)
     if host_limit is not None and ram_mib > host_limit:
         return None          # more RAM than the limit: zram-generator skips
-    size_expr = keys["zram-size"][0] if "zram-size" in keys else DEFAULT_SIZE
-    size_mib = mib("zram-size", evaluate(DEFAULT_SIZE, {"ram": ram_mib}))
+    if "zram-fraction" in keys or "max-zram-size" in keys:
+        # zram-generator's old sizing, which overrides zram-size:
+        # min(int(fraction * ram), max) MiB, fraction 0.5 and no maximum
+        # by default.
+        fraction = get("zram-fraction", _parse_fraction, 0.5)
+        most = get("max-zram-size", _parse_host_memory_limit, None)
+        size_expr = "int(ram * %r)" % fraction
+        size_mib = math.trunc(ram_mib * fraction)
+        if most is not None:
+            size_expr = "min(%s, %d)" % (size_expr, most)
+            size_mib = min(size_mib, most)
+        if "zram-size" in keys:
+            warn("%s: overridden by the obsolete %s" % (
+                where("zram-size"), " and ".join(
+                    k for k in ("zram-fraction", "max-zram-size")
+                    if k in keys)))
+    else:
+        size_expr = keys["zram-size"][0] if "zram-size" in keys \
+            else DEFAULT_SIZE
+        size_mib = mib("zram-size", evaluate(DEFAULT_SIZE, variables))
     size = int(size_mib * MiB) // PAGE_SIZE * PAGE_SIZE
 
-    algorithm, level, dict_path = get("compression-algorithm",
-                                      parse_algorithm,
-                                      (DEFAULT_ALGORITHM, None, None))
+    algos = get("compression-algorithm", parse_algorithms,
+                Algorithms((DEFAULT_ALGORITHM, None, None)))
+    algorithm, level, dict_path = algos.primary
     priority = get("swap-priority", _parse_priority, DEFAULT_PRIORITY)
     mount_point = get("mount-point", _parse_mount_point, None)
     fs_type = get("fs-type", _parse_fs_type,
@@ -311,6 +503,11 @@ def _device(name, keys, ram_mib, sources):
     if fs_type != "swap" and not mount_point:
         raise ConfigError("%s: file system %r needs a mount-point"
                           % (where("fs-type"), fs_type))
+    fs_create_options = get("fs-create-options", _parse_words, ())
+    if fs_create_options and fs_type == "swap":
+        raise ConfigError("%s: a swap device is made by mkswap, not mkfs; "
+                          "accepted with mount-point" % where(
+                              "fs-create-options"))
     options = get("options", _parse_options, DEFAULT_OPTIONS)
     if "mem-limit" in keys and "zram-resident-limit" in keys:
         raise ConfigError("%s: and zram-resident-limit both set; accepted: "
@@ -325,6 +522,10 @@ def _device(name, keys, ram_mib, sources):
                        swap_priority=priority, fs_type=fs_type,
                        mount_point=mount_point, options=options,
                        mem_limit=mem_limit, writeback_device=writeback_device,
+                       fs_create_options=fs_create_options,
+                       recomp_algorithms=algos.recompress,
+                       recompress_type=algos.recompress_type,
+                       recompress_max_pages=algos.recompress_max_pages,
                        sources=sources)
     if dev.size > 0:
         _check_with_plugin(dev, keys, where)
@@ -361,6 +562,9 @@ def _check_with_plugin(dev, keys, where):
     except ConfigError as e:
         plugin_key = e.message.partition(":")[0]
         key = _PLUGIN_KEY_SOURCE.get(plugin_key, "compression-algorithm")
+        if key == "zram-size" and key not in keys:
+            key = ("zram-fraction" if "zram-fraction" in keys
+                   else "max-zram-size")
         if key == "mem-limit" and "zram-resident-limit" in keys:
             key = "zram-resident-limit"     # the one the file sets
         place = where(key) if key in keys else "[%s] %s" % (dev.name, key)
@@ -376,22 +580,52 @@ def algorithms():
         return KNOWN_ALGORITHMS
 
 
-_ALGO_RE = re.compile(r"^([A-Za-z0-9_-]+)\s*(?:\((.*)\))?$")
+_ALGO_RE = re.compile(r"([A-Za-z0-9_-]*)(?:\(([^()]*)\))?")
+_ALGO_FORMS = ("NAME, NAME(level=N, dict=PATH), then recompression "
+               "algorithms NAME(level=N) and (type=TYPE, max_pages=N)")
+#: The kernel's recompress types zramd's policy takes.
+RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
 
 
-def parse_algorithm(value):
-    """``zstd``, ``zstd(level=3)``, ``zstd(level=3, dict=/path)`` ->
-    ``(name, level or None, dict path or None)``."""
-    m = _ALGO_RE.match(value.strip())
-    if not m:
-        raise ConfigError("%r: expected NAME or NAME(level=N, dict=PATH)"
-                          % value)
-    name, params = m.group(1), m.group(2)
-    accepted = algorithms()
-    if name not in accepted:
-        raise ConfigError("unknown algorithm %r (accepted: %s)"
-                          % (name, ", ".join(accepted)))
-    level = dict_path = None
+@dataclasses.dataclass(frozen=True)
+class Algorithms:
+    """A compression-algorithm value: ``primary`` is ``(name, level or
+    None, dict path or None)``; ``recompress`` the recompression
+    algorithms by priority, ``((name, level or None), ...)``; then the
+    global recompression parameters."""
+
+    primary: tuple
+    recompress: tuple = ()
+    recompress_type: str | None = None
+    recompress_max_pages: int = 0
+
+
+def _algorithm_tokens(value):
+    """Split a compression-algorithm value at whitespace into ``(name,
+    params or None)``; a space inside parentheses does not split, a space
+    before them does (``zstd (level=3)`` is zstd, then a group without a
+    name), as zram-generator reads it."""
+    tokens = []
+    pos = 0
+    value = value.strip()
+    while pos < len(value):
+        m = _ALGO_RE.match(value, pos)
+        end = m.end()
+        if end == pos or (end < len(value) and not value[end].isspace()):
+            raise ConfigError("%r: expected %s" % (value, _ALGO_FORMS))
+        tokens.append((m.group(1), m.group(2)))
+        pos = end
+        while pos < len(value) and value[pos].isspace():
+            pos += 1
+    if not tokens:
+        raise ConfigError("%r: expected %s" % (value, _ALGO_FORMS))
+    return tokens
+
+
+def _algorithm_params(value, params, accepted):
+    """``level=3, dict=/x`` -> ``{"level": "3", "dict": "/x"}``, each key
+    one of ``accepted``."""
+    out = {}
     items = params.split(",") if params and params.strip() else []
     for item in items:
         item = item.strip()
@@ -400,19 +634,129 @@ def parse_algorithm(value):
         k, sep, v = (s.strip() for s in item.partition("="))
         if not sep or not v:
             raise ConfigError("%r: expected key=value, got %r" % (value, item))
-        if k == "level":
+        if k not in accepted:
+            raise ConfigError("unknown parameter %r (accepted: %s)"
+                              % (k, ", ".join(accepted)))
+        out[k] = v
+    return out
+
+
+def _known(name):
+    accepted = algorithms()
+    if name not in accepted:
+        raise ConfigError("unknown algorithm %r (accepted: %s)"
+                          % (name, ", ".join(accepted)))
+    return name
+
+
+def _level(params):
+    if "level" not in params:
+        return None
+    try:
+        return int(params["level"])
+    except ValueError:
+        raise ConfigError("level %r is not an integer"
+                          % params["level"]) from None
+
+
+def parse_algorithm(value):
+    """``zstd``, ``zstd(level=3)``, ``zstd(level=3, dict=/path)`` ->
+    ``(name, level or None, dict path or None)``."""
+    tokens = _algorithm_tokens(value)
+    name, params = tokens[0]
+    if len(tokens) != 1 or not name:
+        raise ConfigError("%r: expected NAME or NAME(level=N, dict=PATH)"
+                          % value)
+    _known(name)
+    params = _algorithm_params(value, params, ("level", "dict"))
+    dict_path = params.get("dict")
+    if dict_path is not None and not os.path.isabs(dict_path):
+        raise ConfigError("dict %r is not an absolute path" % dict_path)
+    return name, _level(params), dict_path
+
+
+def parse_algorithms(value):
+    """zram-generator's compression-algorithm list -> Algorithms.
+
+    ``lz4 zstd(level=9) deflate (type=idle, max_pages=1000)``: the first
+    name is the algorithm, the following ones recompression algorithms of
+    priority 1, 2, 3 (with a level), and a group without a name the global
+    recompression parameters, which zramd's policy applies every
+    RECOMPRESS_INTERVAL seconds.  Raises ConfigError for anything else."""
+    tokens = _algorithm_tokens(value)
+    primary = None
+    recompress = []
+    group = None
+    for name, params in tokens:
+        if not name:
+            if group is not None:
+                raise ConfigError("%r: two groups of global recompression "
+                                  "parameters; accepted: one" % value)
             try:
-                level = int(v)
-            except ValueError:
-                raise ConfigError("level %r is not an integer" % v) from None
-        elif k == "dict":
-            if not os.path.isabs(v):
-                raise ConfigError("dict %r is not an absolute path" % v)
-            dict_path = v
+                group = _algorithm_params(value, params,
+                                          ("type", "max_pages"))
+            except ConfigError as e:
+                raise ConfigError(
+                    "(%s): %s for the global recompression parameters; a "
+                    "parameter of an algorithm follows its name without a "
+                    "space, NAME(level=N)" % (params, e.message)) from None
+        elif primary is None:
+            primary = parse_algorithm(name if params is None
+                                      else "%s(%s)" % (name, params))
         else:
-            raise ConfigError("unknown parameter %r (accepted: level, dict)"
-                              % k)
-    return name, level, dict_path
+            _known(name)
+            try:
+                p = _algorithm_params(value, params, ("level",))
+            except ConfigError as e:
+                raise ConfigError("%s: %s for a recompression algorithm"
+                                  % (name, e.message)) from None
+            recompress.append((name, _level(p)))
+    if primary is None:
+        raise ConfigError("%r: no algorithm; expected %s"
+                          % (value, _ALGO_FORMS))
+    if len(recompress) > MAX_RECOMP:
+        raise ConfigError("%r: %d recompression algorithms; accepted: at "
+                          "most %d (zram's priorities 1..%d)"
+                          % (value, len(recompress), MAX_RECOMP, MAX_RECOMP))
+    rtype, max_pages = None, 0
+    if group is not None:
+        if not recompress:
+            raise ConfigError("%r: global recompression parameters without "
+                              "a recompression algorithm; accepted: NAME "
+                              "NAME2 (type=TYPE)" % value)
+        rtype = group.get("type")
+        if rtype is None:
+            raise ConfigError("%r: type= missing in the global "
+                              "recompression parameters; accepted: %s"
+                              % (value, " ".join(RECOMPRESS_TYPES)))
+        if rtype not in RECOMPRESS_TYPES:
+            raise ConfigError("type %r; accepted: %s"
+                              % (rtype, " ".join(RECOMPRESS_TYPES)))
+        if "max_pages" in group:
+            text = group["max_pages"]
+            if not text.isdigit() or int(text) == 0:
+                raise ConfigError("max_pages %r; accepted: a number of "
+                                  "pages > 0" % text)
+            max_pages = int(text)
+    return Algorithms(primary, tuple(recompress), rtype, max_pages)
+
+
+def _parse_words(value):
+    """Words as the shell splits them (quotes, backslashes)."""
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as e:
+        raise ConfigError("%r: %s" % (value, e)) from None
+
+
+def _parse_fraction(value):
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not (math.isfinite(fraction) and fraction >= 0):
+        raise ConfigError("%r: expected a number >= 0" % value)
+    return fraction
 
 
 def _parse_priority(value):

@@ -221,7 +221,23 @@ def test_line_continuation(root):
     ("2 ** 3", 8.0),
     ("-(-ram) % 1000", 192.0),
     ("int(ram / 3)", 2730.0),
-    ("round(2.5) + ceil(0.1) + floor(1.9) + abs(-1)", 5.0),
+    # Halves round away from zero, as fasteval (Rust) rounds them.
+    ("round(2.5) + ceil(0.1) + floor(1.9) + abs(-1)", 6.0),
+    ("round(-2.5)", -3.0),
+    ("round(0.5, 1.3)", 1.5),
+    # fasteval's SI suffixes (decimal), and zram-generator's own tests.
+    ("500k", 500000.0),
+    ("32G", 32e9),
+    ("2M + 1.5K + 2T / 1e12", 2001502.0),
+    ("250m * 4", 1.0),
+    ("4u * 1e6 + 5n * 1e9 + 7p * 1e12", 16.0),
+    ("0.5 * ram", 4096.0),
+    # fasteval's constant functions, sign and trigonometric functions.
+    ("e() + pi() - e - pi", 0.0),
+    ("sign(-ram) + sign(2)", 0.0),
+    ("round(1000 * (sin(pi / 2) + cos(0) + tan(0) + asin(1) + acos(1) + "
+     "atan(0) + sinh(0) + cosh(0) + tanh(0) + asinh(0) + acosh(1) + "
+     "atanh(0)))", 4571.0),
     ("log(1000)", 3.0),
     ("log(2, 1024)", 10.0),
     ("sqrt(ram * 2)", 128.0),
@@ -255,6 +271,10 @@ def test_expressions(expr, expected):
     ("log(0)", "log:"),
     ("sqrt(-1)", "sqrt of a negative"),
     ("ram /", "syntax error"),
+    ("2G2", "syntax error"),
+    ("2Q", "syntax error"),
+    ("ram / e(1)", "e takes 0 argument(s), got 1"),
+    ("(ram - 100) / 0", "division by zero"),
     ("1" * 2000, "longer than"),
 ])
 def test_expression_errors(expr, message):

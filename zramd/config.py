@@ -286,9 +286,9 @@ def parse_file(path, unknown_keys="error", warn=None):
                 if not _VAR_RE.match(var) or var in _RESERVED_NAMES:
                     raise ConfigError(
                         "%s:%d: %s: bad variable name %r (letters, digits "
-                        "and '_', not starting with a digit; not %s)"
-                        % (path, lineno, key, var,
-                           ", ".join(sorted(_RESERVED_NAMES))))
+                        "and '_', not starting with a digit; not ram nor a "
+                        "constant or function of the expressions)"
+                        % (path, lineno, key, var))
                 entries.append((None, key, value, lineno))
             elif "!" in key:
                 refuse(lineno, "%s: unknown directive (accepted: "
@@ -379,11 +379,6 @@ def load(root="/", ram_mib=None, unknown_keys=None, warn=None):
         if dev is not None and dev.size > 0:
             devices[name] = dev
     return devices
-
-
-#: Names a set! directive may not take: the evaluator's own.
-_RESERVED_NAMES = frozenset(("ram", "e", "pi", "min", "max", "abs", "int",
-                             "round", "ceil", "floor", "sqrt", "log"))
 
 
 def _run_set(where, program, variables):
@@ -865,14 +860,46 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub,
            ast.Mult: operator.mul, ast.Div: _div, ast.Mod: _mod,
            ast.Pow: _pow}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+def _round(*args):
+    # fasteval's round([modulus, ] x): to a multiple of modulus (1 if not
+    # given), halves away from zero as Rust's f64::round.
+    modulus, x = (1.0,) + args if len(args) == 1 else args
+    q = _div(x, modulus)
+    return math.copysign(math.floor(abs(q) + 0.5), q) * modulus
+
+
+def _sign(x):
+    return math.copysign(1.0, x)
+
+
 _FUNCTIONS = {
     "min": (min, 1, None), "max": (max, 1, None), "abs": (abs, 1, 1),
-    "int": (math.trunc, 1, 1), "round": (round, 1, 1),
+    "int": (math.trunc, 1, 1), "round": (_round, 1, 2),
     "ceil": (math.ceil, 1, 1), "floor": (math.floor, 1, 1),
-    "sqrt": (_sqrt, 1, 1), "log": (_log, 1, 2),
+    "sqrt": (_sqrt, 1, 1), "log": (_log, 1, 2), "sign": (_sign, 1, 1),
+    # fasteval's constants are functions: e(), pi().
+    "e": (lambda: math.e, 0, 0), "pi": (lambda: math.pi, 0, 0),
 }
+# fasteval's trigonometric functions, in radians.
+_FUNCTIONS.update((name, (getattr(math, name), 1, 1)) for name in (
+    "sin", "cos", "tan", "asin", "acos", "atan",
+    "sinh", "cosh", "tanh", "asinh", "acosh", "atanh"))
 _CONSTANTS = {"e": math.e, "pi": math.pi}
 MAX_EXPRESSION = 1000
+#: Names a set! directive may not take: the evaluator's own.
+_RESERVED_NAMES = frozenset({"ram"} | set(_CONSTANTS) | set(_FUNCTIONS))
+
+# fasteval's SI suffixes on a number without an exponent: 2G is 2e9 and
+# 500k 5e5 (decimal, as in zram-generator: 2G MiB of zram-size is not
+# 2 GiB).
+_SI_SUFFIX = {"k": 3, "K": 3, "M": 6, "G": 9, "T": 12, "m": -3, "u": -6,
+              "\u00b5": -6, "n": -9, "p": -12}
+_SI_RE = re.compile(r"(?<![\w.])(\d+\.?\d*|\.\d+)([kKMGTmunp\u00b5])(?!\w)")
+
+
+def _si(expr):
+    return _SI_RE.sub(lambda m: "%se%d" % (m.group(1),
+                                           _SI_SUFFIX[m.group(2)]), expr)
 
 
 def evaluate(expr, variables):
@@ -889,7 +916,7 @@ def evaluate(expr, variables):
         # '^' is the power operator, as in zram-generator (fasteval); as
         # '**' it keeps the precedence of a power.  No string literal can
         # appear, so the replacement is safe.
-        tree = ast.parse(expr.strip().replace("^", "**"), mode="eval")
+        tree = ast.parse(_si(expr.strip()).replace("^", "**"), mode="eval")
     except SyntaxError as e:
         raise ConfigError("%r: syntax error at column %s"
                           % (expr, e.offset)) from None

@@ -111,7 +111,7 @@ class Lzo(Compressor):
         if r != 0:          # LZO1X-1 cannot fail on a buffer this size
             raise RuntimeError("%s compress: %s" % (self.name,
                                                     _ERRORS.get(r, r)))
-        return out.raw[:out_len.value]
+        return ctypes.string_at(out, out_len.value)
 
     def decompress(self, data, slot=None):
         _, out, out_len = self._buffers()
@@ -126,7 +126,7 @@ class Lzo(Compressor):
         if out_len.value != PAGE_SIZE:
             raise self._corrupt(slot, "%d bytes out, expected %d"
                                 % (out_len.value, PAGE_SIZE))
-        return out.raw[:PAGE_SIZE]
+        return ctypes.string_at(out, PAGE_SIZE)
 
 
 class LzoRle(Lzo):

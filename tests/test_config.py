@@ -729,6 +729,19 @@ def test_set_run_time_is_bounded(root, monkeypatch):
         "seconds; killed" % path)
 
 
+def test_set_run_time_is_bounded_for_escaped_children(root, monkeypatch):
+    # A child in its own session keeps the output pipe open; the limit
+    # still holds.
+    import time
+    monkeypatch.setattr(config, "SET_TIMEOUT", 1)
+    write(root, "etc/zramd/zramd.conf",
+          "set!d = setsid sleep 4 & sleep 20\n[z]\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="did not finish in 1 seconds"):
+        config.load(root)
+    assert time.monotonic() - start < 10
+
+
 def test_set_has_no_stdin(root):
     write(root, "etc/zramd/zramd.conf", "set!n = cat; echo 64\n[z]\n"
           "zram-size = n\n")

@@ -1142,7 +1142,8 @@ def test_control_attributes(backing, tmp_path):
     store(dev, "recomp_algorithm", "algo=zstd priority=1")
     store(dev, "recomp_algorithm", "algo=deflate priority=2 level=9")
     assert show(dev, "recomp_algorithm") == (
-        "#1: lz4 lz4hc [zstd] deflate \n#2: lz4 lz4hc zstd [deflate] \n")
+        "#1: lz4 lz4hc [zstd] deflate lzo-rle lzo \n"
+        "#2: lz4 lz4hc zstd [deflate] lzo-rle lzo \n")
     store(dev, "recompress", "type=idle threshold=100 max_pages=3")
     store(dev, "idle", "all")
     store(dev, "recompress", "type=idle max_pages=2 algo=zstd")
@@ -1256,7 +1257,8 @@ def test_post_processing_parameters(tmp_path):
     device = p.build_device()
     try:
         assert device.recomp_algorithm() == (
-            "#1: lz4 lz4hc [zstd] deflate \n#3: lz4 lz4hc zstd [deflate] \n")
+            "#1: lz4 lz4hc [zstd] deflate lzo-rle lzo \n"
+            "#3: lz4 lz4hc zstd [deflate] lzo-rle lzo \n")
         assert device.backing_dev == str(backing)
         assert device.policy is not None and device.policy.interval == 60
     finally:

@@ -1,19 +1,31 @@
 """zramd.conf: which devices ``zramd up`` and the systemd units bring up.
 
-The format and the search rules follow zram-generator.conf(5).  Each device
-is one section named for it; every key is optional::
+The format and the search rules follow zram-generator.conf(5), whose keys
+and directive it takes.  Each device is one section named for it; every
+key is optional::
+
+    set!hotplug = cat /etc/hotplug-max    # global: VAR = a program's output
 
     [zramd0]
     zram-size = min(ram / 2, 4096)        # MiB, an expression of ram (MiB)
-    compression-algorithm = zstd(level=3)
+    compression-algorithm = lz4 zstd(level=9) (type=idle)
     swap-priority = 100                   # swap devices only
     fs-type = swap                        # or ext4, ext2, xfs, ...
     mount-point = /var/compressed         # file-system devices only
+    fs-create-options = -L scratch        # mkfs words, file systems only
     options = discard                     # swapon -o / mount -o
     mem-limit = 1G                        # cap on the pool (0: none)
-    zram-resident-limit = ram / 8         # the same cap, in MiB of ram
+    zram-resident-limit = hotplug / 8     # the same cap, in MiB
     host-memory-limit = 9048              # MiB: no device on more RAM
     writeback-device = /dev/sdb2          # backing_dev for writeback
+
+``compression-algorithm`` is the algorithm, then up to three
+recompression algorithms (the plugin's ``recomp_algorithm``, priority 1,
+2, 3), then a group without a name, the global recompression parameters,
+which become the plugin's policy (``policy_recompress``,
+``policy_max_pages``, every RECOMPRESS_INTERVAL seconds).  zram-generator's
+obsolete keys (``memory-limit``, ``zram-fraction``, ``max-zram-size``) are
+taken with a warning naming their replacement.
 
 Files are read from four directories, lowest precedence first::
 
@@ -32,18 +44,26 @@ drop-in may change one key of a device that another file defines.
 The syntax is systemd's (systemd.syntax(5)) as far as zramd needs it:
 ``[section]`` headers, ``key = value`` lines, comments starting with ``#``
 or ``;``, blank lines, a trailing backslash that continues a value on the
-next line, and an empty value (``key =``) that resets the key to its
-default (but ``options =`` means no options, as in zram-generator).
-Anything else, an unknown key, or a bad value is a
+next line, a value in quotes (they are dropped), and an empty value
+(``key =``) that resets the key to its default (but ``options =`` means no
+options, as in zram-generator).  Anything else or a bad value is a
 :class:`~zramd.errors.ConfigError` naming the file, line, section and key;
 :func:`load` either returns the whole configuration or raises, so a bad file
-changes nothing.
+changes nothing.  An unknown key is refused too, or, as zram-generator
+does, reported and ignored (``unknown_keys="warn"``: the generator).
 
-``zram-size`` is evaluated by a small arithmetic evaluator over Python's
-``ast`` (never ``eval``): numbers, ``ram`` (MemTotal in MiB, read from
-``ROOT/proc/meminfo``), ``e``, ``pi``, ``+ - * / %``, ``^`` and ``**`` for
-powers, parentheses, and the functions ``min max abs int round ceil floor
-sqrt log``.  A device whose size works out as 0 is not brought up, as in
+``set!VAR = program`` lines of the global section (before any header) run
+``/bin/sh -c program`` when the configuration is read, in reading order,
+each for at most SET_TIMEOUT seconds; its output, an expression, becomes
+VAR for the later ``set!`` lines and every file's ``zram-size`` and
+``zram-resident-limit``, which are evaluated once all files are read.
+
+Expressions are evaluated by a small arithmetic evaluator over Python's
+``ast`` (never ``eval``), in fasteval's language as zram-generator uses
+it: numbers with optional SI suffixes, ``ram`` (MemTotal in MiB, read
+from ``ROOT/proc/meminfo``), the ``set!`` variables, ``e``, ``pi``, ``+ -
+* / %``, ``^`` and ``**`` for powers, parentheses, and the functions in
+_FUNCTIONS.  A device whose size works out as 0 is not brought up, as in
 zram-generator.
 """
 
@@ -402,7 +422,11 @@ def _run_set(where, program, variables):
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             pass
-        proc.communicate()
+        # Not communicate(): a child that left the process group may hold
+        # the pipes open for as long as it likes.
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
         raise ConfigError("%s: %r did not finish in %d seconds; killed"
                           % (where, program, SET_TIMEOUT)) from None
     detail = err.decode(errors="replace").strip().splitlines()

@@ -205,6 +205,32 @@ def test_generator_warns_on_unknown_keys_and_sets_up_the_rest(tmp_path):
         config.load(str(root))
 
 
+def test_generator_on_zram_generators_example(tmp_path, monkeypatch):
+    # zram-generator's example config, as test_config has it: on a Xen
+    # guest (a fake xenstore-read) both devices come up; elsewhere its
+    # set! line fails, is named, and nothing is enabled.
+    from test_config import EXAMPLE
+    root, out = tmp_path / "root", tmp_path / "gen"
+    write_conf(str(root), EXAMPLE)
+    out.mkdir()
+    r = run_generator(root, out)
+    assert r.returncode == 1
+    assert r.stderr.startswith("zramd-generator: %s:8: set!maxhotplug: "
+                               % (root / "etc/zramd/zramd.conf"))
+    assert os.listdir(out) == []
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "xenstore-read").write_text("#!/bin/sh\necho 4096\n")
+    (bindir / "xenstore-read").chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (bindir, os.environ["PATH"]))
+    r = run_generator(root, out)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert (out / "swap.target.wants/zramd-attach@zram0.service").is_symlink()
+    assert (out / "local-fs.target.wants/zramd-attach@zram1.service"
+            ).is_symlink()
+
+
 def test_generator_no_config(tmp_path):
     out = tmp_path / "gen"
     out.mkdir()

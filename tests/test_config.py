@@ -872,6 +872,18 @@ def test_warnings_go_to_stderr_by_default(root, capsys):
         "host-memory-limit instead\n" % path)
 
 
+def test_improbable_size_warned(root):
+    # zram-generator's warning: the device would need more than 32:1.
+    path = write(root, "etc/zramd/zramd.conf",
+                 "[ok]\nzram-size = ram * 32\n[units]\nzram-size = 4G\n")
+    warnings = []
+    assert list(config.load(root, warn=warnings.append)) == ["ok", "units"]
+    assert warnings == [
+        "%s:4: [units] zram-size: 4G = 4194304000000000 bytes would "
+        "need an improbable compression ratio of 488281 with 8192 MiB of "
+        "RAM; units may be wrong (a size is in MiB, and G is 1e9)" % path]
+
+
 # --- fs-create-options and quoting ---------------------------------------------
 
 @pytest.mark.parametrize("value, words", [

@@ -129,6 +129,8 @@ _VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RECOMPRESS_INTERVAL = 600
 #: zram's recompression priorities, 1..3 (ZRAM_MAX_COMPS - 1).
 MAX_RECOMP = 3
+#: zram-generator warns of a device more than this many times the RAM.
+IMPROBABLE_RATIO = 32
 
 #: A device name is used in file names and systemd instance names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -507,6 +509,14 @@ def _device(name, keys, variables, sources, warn):
             else DEFAULT_SIZE
         size_mib = mib("zram-size", evaluate(DEFAULT_SIZE, variables))
     size = int(size_mib * MiB) // PAGE_SIZE * PAGE_SIZE
+    if ram_mib and size // (ram_mib * MiB) > IMPROBABLE_RATIO:
+        # zram-generator's warning; SI suffixes make it easy: 4G is 4e9.
+        warn("%s: %s = %d bytes would need an improbable compression ratio "
+             "of %d with %d MiB of RAM; units may be wrong (a size is in "
+             "MiB, and G is 1e9)" % (
+                 where("zram-size") if "zram-size" in keys
+                 else "[%s] zram-size" % name, size_expr, size,
+                 size // (ram_mib * MiB), ram_mib))
 
     algos = get("compression-algorithm", parse_algorithms,
                 Algorithms((DEFAULT_ALGORITHM, None, None)))

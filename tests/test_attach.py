@@ -7,6 +7,7 @@ directory is per test ($ZRAMD_RUNTIME_DIR)."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -684,3 +685,101 @@ def test_nbd_client_commands(env, monkeypatch):
     attach.take_down(state)
     assert calls == [["swapoff", "/dev/nbd3"], ["nbd-client", "-d", "/dev/nbd3"]]
     assert not os.path.exists(os.path.join(env.run, "zk.state.json"))
+
+
+# ---------------------------------------------------------------------------
+# What a runtime directory may hold, and what a state file may make root do
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda run: os.chmod(run, 0o777), "writable by group or others"),
+    (lambda run: os.chown(run, 1000, 1000), "owned by uid 1000"),
+])
+def test_up_refuses_a_runtime_dir_others_could_write(env, spoil, message):
+    env.configure("[zrd]\nzram-size = 32\n")
+    os.makedirs(env.run)
+    spoil(env.run)
+    with pytest.raises(ZramdError, match=message):
+        attach.up(root=env.root)
+    assert os.listdir(env.run) == []
+
+
+def test_up_refuses_a_runtime_dir_that_is_a_link(env, tmp_path):
+    env.configure("[zrd]\nzram-size = 32\n")
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    os.symlink(real, env.run)
+    with pytest.raises(ZramdError, match="is a symbolic link"):
+        attach.up(root=env.root)
+    with pytest.raises(ZramdError, match="is a symbolic link"):
+        attach.down()
+    assert os.listdir(real) == []
+
+
+def test_state_is_never_written_through_a_planted_link(env, tmp_path):
+    os.makedirs(env.run)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, os.path.join(env.run, "zx.state.json.tmp"))
+    attach._write_state({"name": "zx", "since": 1.0})
+    assert victim.read_text() == "precious\n"
+    assert env.state("zx") == {"name": "zx", "since": 1.0}
+    st = os.stat(os.path.join(env.run, "zx.state.json"))
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    os.unlink(os.path.join(env.run, "zx.state.json"))
+    os.symlink(victim, os.path.join(env.run, "zx.state.json"))
+    with pytest.raises(ZramdError, match="unreadable state"):
+        attach.read_state("zx")
+
+
+def test_a_planted_state_cannot_make_down_touch_other_things(env, tmp_path,
+                                                             capsys):
+    os.makedirs(env.run)
+    victims = [tmp_path / "log", tmp_path / "fuse.log"]
+    for v in victims:
+        v.write_text("keep\n")
+    (tmp_path / "dir").mkdir()
+    planted = {"name": "zpl", "since": 1.0, "use": None, "active": False,
+               "server_started": True, "server_pid": None,
+               "server_log": str(victims[0]), "fuse_log": str(victims[1]),
+               "attach": "nbdfuse", "fuse_dir": str(tmp_path / "dir"),
+               "memory_cgroup": attach.CGROUP_V1_MEMORY,
+               "block_device": "/dev/sda",
+               "nbd_socket": str(tmp_path / "x.nbd"),
+               "control_socket": str(tmp_path / "x.sock")}
+    with open(os.path.join(env.run, "zpl.state.json"), "w") as f:
+        json.dump(planted, f)
+    assert attach.down() == ["zpl"]
+    for v in victims:
+        assert v.read_text() == "keep\n"
+    assert (tmp_path / "dir").is_dir()
+    assert os.path.isdir(attach.CGROUP_V1_MEMORY) or \
+        not os.path.exists("/sys/fs/cgroup")
+    err = capsys.readouterr().err
+    for key in ("server_log", "fuse_log", "fuse_dir", "memory_cgroup",
+                "block_device", "nbd_socket", "control_socket"):
+        assert "zramd: zpl: state's %s " % key in err, err
+    assert "left alone" in err
+    assert not os.path.exists(os.path.join(env.run, "zpl.state.json"))
+
+
+def test_a_bad_state_file_does_not_stop_the_others(env, capsys):
+    os.makedirs(env.run)
+    for name, content in (("zbad", "[]"), ("zok", '{"name": "zok"}'),
+                          ("zwho", '{"name": "zother"}')):
+        with open(os.path.join(env.run, name + ".state.json"), "w") as f:
+            f.write(content)
+    assert attach.down() == ["zok"]
+    err = capsys.readouterr().err
+    assert "zramd: zbad: " in err and "not the state of zbad" in err
+    assert "zramd: zwho: " in err and "skipped" in err
+
+
+def test_device_files_of_one_name_are_not_another_names():
+    # "a"'s nbdfuse log was "a.fuse.log", which was also the server log of
+    # a device named "a.fuse": taking one down deleted the other's log.
+    names = ("a", "a.fuse", "a.server", "a.fuse.fuse")
+    files = [f(n) for n in names for f in (
+        attach.paths.server_log, attach.paths.fuse_log,
+        attach.paths.fuse_dir, attach.paths.state_file,
+        attach.paths.nbd_socket, attach.paths.control_socket)]
+    assert len(files) == len(set(files))

@@ -297,6 +297,77 @@ def test_start_refuses_a_live_socket_and_a_file(served, tmp_path):
     assert plain.read_text() == "keep me"
 
 
+def test_start_keeps_a_socket_it_cannot_judge(tmp_path):
+    # A server whose backlog is full (or that is stopped) makes connect()
+    # time out: that is no proof the socket is stale, so it stays.
+    path = tmp_path / "busy.sock"
+    busy = socket.socket(socket.AF_UNIX)
+    busy.bind(str(path))
+    busy.listen(0)
+    queued = []
+    try:
+        for _ in range(4):          # fill the backlog; never accepted
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        with pytest.raises(control.ControlError,
+                           match="cannot tell whether a server listens"):
+            control.ControlServer(FakeDevice(), path, "b").start()
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        for c in queued:
+            c.close()
+        busy.close()
+
+
+def test_start_refuses_a_directory_others_can_write(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(control.ControlError,
+                       match="writable by group or others"):
+        control.ControlServer(FakeDevice(), shared / "d.sock", "d").start()
+    assert list(shared.iterdir()) == []
+
+
+def test_client_believes_no_other_users_server(tmp_path):
+    # Another user's server where ours should be is refused before a byte
+    # of its reply is read (SO_PEERCRED), so it cannot feed the table.
+    path = tmp_path / "d.sock"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            srv = socket.socket(socket.AF_UNIX)
+            srv.bind(str(path))
+            # The peer credentials of a listening socket are those of the
+            # process that calls listen(): another user's, from here on.
+            os.setgid(65534)
+            os.setuid(65534)
+            srv.listen(1)
+            os.write(ready_w, b"1")
+            conn, _ = srv.accept()
+            conn.sendall(b'{"version": 1, "ok": true, "disksize": 1}\n')
+            conn.recv(1)
+        finally:
+            os._exit(0)
+    try:
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"1"
+        with pytest.raises(control.ControlPermissionError,
+                           match="served by uid 65534, neither us"):
+            control.call(path, "status")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+
+
 def make_stale_socket(path):
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(path))

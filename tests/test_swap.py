@@ -211,7 +211,7 @@ def test_restarted_server_never_serves_the_old_swap(env):
         if server is not None:
             server.terminate()
             server.wait(30)
-    for leftover in ("zre.nbd", "zre.sock", "zre.log"):
+    for leftover in ("zre.nbd", "zre.sock", "zre.server.log"):
         path = os.path.join(env.run, leftover)
         if os.path.exists(path):
             os.unlink(path)
@@ -233,7 +233,7 @@ def test_up_after_the_server_died_starts_afresh_and_says_so(env):
     assert running(again["server_pid"], "nbdkit")
     r = zramd(env, "down", "zup")
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    for leftover in ("zup.log",):
+    for leftover in ("zup.server.log",):
         path = os.path.join(env.run, leftover)
         if os.path.exists(path):
             os.unlink(path)

@@ -48,6 +48,7 @@ import re
 import resource
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -279,21 +280,43 @@ def _unlink(path):
 # State file
 
 def read_state(name):
-    """The state of device ``name``, or None when it is not up."""
+    """The state of device ``name``, or None when it is not up.  Raises
+    AttachError for a state file that is not a regular file holding a JSON
+    object (never followed through a symbolic link)."""
+    path = paths.state_file(name)
     try:
-        with open(paths.state_file(name)) as f:
-            return json.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise AttachError("%s: %s: unreadable state: %s"
+                          % (name, path, e.strerror)) from None
+    try:
+        with os.fdopen(fd) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            state = json.load(f)
+        if not isinstance(state, dict) or state.get("name") != name:
+            raise ValueError("not the state of %s" % name)
     except (OSError, ValueError) as e:
         raise AttachError("%s: %s: unreadable state: %s"
-                          % (name, paths.state_file(name), e)) from None
+                          % (name, path, e)) from None
+    return state
+
+
+def _create_private(path, mode=0o600, append=False):
+    """Open ``path`` for writing, created with ``mode``, never through a
+    symbolic link; a new file unless ``append``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if append else os.O_EXCL
+    return os.open(path, flags, mode)
 
 
 def _write_state(state):
     path = paths.state_file(state["name"])
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    _unlink(tmp)                    # a leftover, or a link planted there
+    with os.fdopen(_create_private(tmp), "w") as f:
         json.dump(state, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
@@ -304,13 +327,20 @@ def states():
     were brought up (then by name)."""
     result = {}
     try:
-        entries = sorted(os.listdir(paths.runtime_dir()))
+        entries = sorted(os.listdir(paths.private_runtime_dir()))
     except FileNotFoundError:
         return result
+    except paths.UnsafeDirectoryError as e:
+        raise AttachError(e.message) from None
     for entry in entries:
         if entry.endswith(".state.json"):
             name = entry[:-len(".state.json")]
-            st = read_state(name)
+            try:
+                st = read_state(name)
+            except AttachError as e:
+                # One bad file must not stop the teardown of the others.
+                _say(name, "%s; skipped" % e.message)
+                continue
             if st is not None:
                 result[name] = st
     order = sorted(result, key=lambda n: (result[n].get("since", 0), n))
@@ -413,7 +443,7 @@ def _spawn(name, argv, log_path, preexec=None, io_flusher=False, env=None):
         if io_flusher:
             os.write(report_w, b"1" if procctl.set_io_flusher() else b"0")
     try:
-        with open(log_path, "ab") as log:
+        with os.fdopen(_create_private(log_path, append=True), "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT,
                                     env=env, preexec_fn=child,
@@ -431,7 +461,10 @@ def serve(name, root="/"):
     """Replace this process by the server of device ``name`` (the
     ExecStart of zramd@.service: same PID, so systemd watches nbdkit)."""
     dev = _select(config.load(root), [name])[0]
-    os.makedirs(paths.runtime_dir(), mode=0o755, exist_ok=True)
+    try:
+        paths.private_runtime_dir(create=True)
+    except paths.UnsafeDirectoryError as e:
+        raise AttachError("%s: %s" % (name, e.message)) from None
     # A restart (or Restart=on-failure after a crash) finds the last
     # server's sockets in the preserved runtime directory.
     _remove_stale_sockets(dev.name)
@@ -445,17 +478,42 @@ def _remove_stale_sockets(name):
     """Remove device ``name``'s NBD and control sockets when nobody answers
     on them: nbdkit leaves its -U socket behind when it exits and refuses
     to start on an existing one ("Address already in use")."""
-    for path, answers in ((paths.nbd_socket(name), _nbd_answers),
-                          (paths.control_socket(name), _answers)):
-        if os.path.exists(path) and answers(path) is None:
+    for path in (paths.nbd_socket(name), paths.control_socket(name)):
+        if _stale_socket(name, path):
             _unlink(path)
+
+
+def _stale_socket(name, path):
+    """Whether ``path`` is a Unix socket nobody listens on (connect is
+    refused).  False when absent or answered; AttachError when it is not
+    a socket, or the connect fails otherwise (a full backlog, a stopped
+    server): that says nothing of whether a server is there."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise AttachError("%s: %s is not a socket; not replacing it"
+                              % (name, path))
+    except FileNotFoundError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise AttachError("%s: %s: cannot tell whether a server listens "
+                              "(%s); not replacing it"
+                              % (name, path, e.strerror or e)) from None
+    return False
 
 
 def _start_server(dev, state):
     nbd = paths.nbd_socket(dev.name)
     control = paths.control_socket(dev.name)
     _remove_stale_sockets(dev.name)
-    log_path = os.path.join(paths.runtime_dir(), dev.name + ".log")
+    log_path = paths.server_log(dev.name)
     _unlink(log_path)
     argv = server_command(dev, nbd_socket=nbd, control=control)
     proc, _ = _spawn(dev.name, argv, log_path, preexec=_server_preexec,
@@ -522,12 +580,11 @@ def _attach_nbd_client(dev, state):
 
 
 def _attach_nbdfuse(dev, state):
-    runtime = paths.runtime_dir()
-    fuse_dir = os.path.join(runtime, dev.name + ".fuse")
+    fuse_dir = paths.fuse_dir(dev.name)
     pidfile = fuse_dir + ".pid"
     os.makedirs(fuse_dir, mode=0o700, exist_ok=True)
     _unlink(pidfile)
-    log_path = fuse_dir + ".log"
+    log_path = paths.fuse_log(dev.name)
     argv = ["nbdfuse", "--pidfile", pidfile,
             "--connections", str(FUSE_CONNECTIONS),
             os.path.join(fuse_dir, "nbd"),
@@ -751,6 +808,10 @@ def bring_up(dev, start_server=True):
     zramd@NAME.service owns it).
     """
     name = dev.name
+    try:
+        paths.private_runtime_dir(create=True)
+    except paths.UnsafeDirectoryError as e:
+        raise AttachError("%s: %s" % (name, e.message)) from None
     old = read_state(name)
     if old is not None:
         if _is_up(old):
@@ -759,7 +820,6 @@ def bring_up(dev, start_server=True):
         if reason:
             _say(name, "lost: %s" % reason)
         take_down(old)
-    os.makedirs(paths.runtime_dir(), mode=0o755, exist_ok=True)
     state = {"version": STATE_VERSION, "name": name, "server_pid": None,
              "server_started": False, "nbd_socket": paths.nbd_socket(name),
              "control_socket": paths.control_socket(name), "fuse_dir": None,
@@ -820,12 +880,52 @@ def _swap_used(device):
     return None
 
 
+_VETTED_PATHS = {"fuse_dir": paths.fuse_dir, "fuse_log": paths.fuse_log,
+                 "server_log": paths.server_log, "nbd_socket": paths.nbd_socket,
+                 "control_socket": paths.control_socket}
+
+
+def _vetted(state):
+    """``state`` less what zramd up would never have written there: paths
+    other than the device's own in the runtime directory, a memory cgroup
+    not of its name, a block device that is not its loop device (backed by
+    its FUSE file) or an nbd device.  A state file is only as trustworthy
+    as its directory; this keeps a planted one from making root delete,
+    unmount or switch off anything else.  Says what it drops."""
+    name = state["name"]
+    out = dict(state)
+
+    def drop(key, why):
+        _say(name, "state's %s %r %s: left alone" % (key, out.pop(key), why))
+    for key, expected in _VETTED_PATHS.items():
+        if out.get(key) is not None and out[key] != expected(name):
+            drop(key, "is not %s" % expected(name))
+    cgroup = out.get("memory_cgroup")
+    if cgroup is not None and not re.fullmatch(
+            re.escape(os.path.join(CGROUP_V1_MEMORY, "zramd-%s-" % name))
+            + r"[0-9]+", str(cgroup)):
+        drop("memory_cgroup", "is not a cgroup of zramd's")
+    device = out.get("block_device")
+    if device is not None:
+        if out.get("attach") == "nbd-client":
+            ours = re.fullmatch(r"/dev/nbd[0-9]+", str(device))
+        else:
+            ours = (re.fullmatch(r"/dev/loop[0-9]+", str(device))
+                    and _loop_backing(device) in (
+                        None, os.path.join(paths.fuse_dir(name), "nbd")))
+        if not ours:
+            drop("block_device", "is not this device's")
+    return out
+
+
 def take_down(state):
     """Undo what ``state`` records, top layer first; removes the state
     file last.  Raises AttachError, leaving the state in place, when the
     swap area or file system is still in use (swapoff or umount failed or
     took longer than STEP_TIMEOUT).  When the server is gone, says so on
-    stderr, with what that cost."""
+    stderr, with what that cost.  Touches only what zramd up itself would
+    have recorded (``_vetted``)."""
+    state = _vetted(state)
     name = state["name"]
     device = state.get("block_device")
     reason = lost(state)
@@ -900,7 +1000,7 @@ def take_down(state):
         if pid and _runs(pid, "nbdkit", state.get("nbd_socket")):
             _stop_process(pid)
         for path in (state.get("nbd_socket"), state.get("control_socket")):
-            if path and _answers(path) is None:
+            if path and _stale_socket(name, path):
                 _unlink(path)
         if state.get("server_log") and reason:
             # What the server said last is why it is gone.

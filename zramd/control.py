@@ -55,10 +55,11 @@ import os
 import re
 import socket
 import stat
+import struct
 import threading
 from dataclasses import asdict
 
-from zramd import procctl, threadstate
+from zramd import paths, procctl, threadstate
 from zramd.errors import InvalidRequestError, ZramdError
 from zramd.params import parse_recomp_spec
 from zramd.stats import PolicyStat
@@ -567,6 +568,10 @@ class ControlServer:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o755, exist_ok=True)
+            try:
+                paths.check_private_dir(directory)
+            except paths.UnsafeDirectoryError as err:
+                raise ControlError(err.message) from None
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -628,9 +633,12 @@ class ControlServer:
         except ConnectionRefusedError:
             os.unlink(self.path)            # nobody listens: stale
             return
-        except OSError:
-            os.unlink(self.path)
-            return
+        except OSError as err:
+            # A full backlog (EAGAIN), a timeout (a stopped server) or a
+            # permission error says nothing of whether a server is there.
+            raise ControlError("%s: cannot tell whether a server listens "
+                               "(%s); not replacing it"
+                               % (self.path, err.strerror or err)) from None
         finally:
             probe.close()
         raise ControlError("%s: another server is listening" % self.path)
@@ -789,6 +797,15 @@ class ControlClient:
         except OSError as err:
             sock.close()
             raise ControlError("control socket: %s" % err.strerror) from None
+        # Only a server of ours or root's is believed: another user could
+        # have put a socket of theirs where ours was.
+        uid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        if uid not in (os.geteuid(), 0):
+            sock.close()
+            raise ControlPermissionError(
+                "served by uid %d, neither us (uid %d) nor root; not "
+                "believed" % (uid, os.geteuid()))
         self.sock = sock
 
     def request(self, line):

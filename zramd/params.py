@@ -21,6 +21,7 @@ tested without nbdkit and the message can name the key.
 """
 
 import dataclasses
+import os
 import re
 import socket
 
@@ -428,7 +429,15 @@ def _check_compressor(params):
 
 
 def _check_control(path):
-    """Refuse a control socket that a running server still answers on."""
+    """Refuse a control socket that a running server still answers on, or
+    in a directory another user could write (paths.check_private_dir)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        paths.check_private_dir(directory)
+    except FileNotFoundError:
+        pass                # made at start, as the owner's
+    except paths.UnsafeDirectoryError as err:
+        raise ConfigError("control: %s" % err.message) from None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(path)

@@ -299,6 +299,12 @@ def test_attr_reads(runtime, capsys):
         0, "version: 1\n0        0\n", "")
 
 
+def test_attr_name_with_a_newline_is_refused(runtime, capsys):
+    runtime("zramd0")
+    assert run(capsys, "attr", "zramd0", "mm\nstat") == (
+        1, "", "zramd: zramd0: 'mm\\nstat': not an attribute name\n")
+
+
 def test_attr_writes(runtime, capsys):
     device = runtime("zramd0")
     assert run(capsys, "attr", "zramd0", "mem_limit", "1G") == (0, "", "")

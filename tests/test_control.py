@@ -129,7 +129,7 @@ def test_classes_is_the_debugfs_table(served):
     ("1G", 1 << 30), ("512m", 512 << 20), ("4096", 4096), ("0", 0),
     ("0x1000", 4096), ("8K\n", 8192), ("3k", 3072), ("1T", 1 << 40),
     ("010", 8), ("0X10m", 16 << 20),
-    ("0xffffffffffffffff", (1 << 64) - 1), ("15E", 15 << 60),
+    ("0xfffffffffffff000", (1 << 64) - 4096), ("15E", 15 << 60),
 ])
 def test_mem_limit_memparse(served, value, limit):
     device, server = served
@@ -167,6 +167,18 @@ def test_u64_attributes_refuse_what_does_not_fit(served, value):
         assert reply["ok"] is False and reply["errno"] == errno.EINVAL, reply
         assert reply["error"].startswith(attr + ": invalid value")
     assert device.calls == []
+
+
+def test_mem_limit_that_wraps_when_page_aligned_is_refused(served):
+    # 2^64 - 1 rounds up to 2^64 pages' worth: the kernel's PAGE_ALIGN
+    # wraps it to 0 (no limit); it read back as 18446744073709551616 here.
+    device, server = served
+    reply = ask(server, "set mem_limit 18446744073709551615")
+    assert reply["ok"] is False and reply["errno"] == errno.EINVAL, reply
+    assert "up to 2^64 - 4096" in reply["error"]
+    assert device.calls == []
+    assert ask(server, "set mem_limit 18446744073709547520")["ok"]
+    assert device.calls == [("set_mem_limit", (1 << 64) - 4096)]
 
 
 def test_mem_used_max_reset(served):

@@ -136,6 +136,18 @@ def test_key_given_twice():
     assert refused("size=1G", "size=2G") == "size: given twice ('1G', then '2G')"
 
 
+def test_size_whose_slot_table_exceeds_the_ram_is_one_line(tmp_path):
+    # size=1P used to fail in after_fork with a MemoryError traceback.
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        1048576 kB\n")          # 1 GiB
+    params._check_slot_table(256 << 30, str(meminfo))       # 1 GiB table
+    with pytest.raises(ConfigError) as exc:
+        params._check_slot_table((256 << 30) + 4096, str(meminfo))
+    assert exc.value.message == (
+        "size: 274877911040 bytes needs a slot table of 1024 MiB (16 bytes "
+        "per 4 KiB), more than this machine's 1024 MiB of RAM")
+
+
 def test_size_is_required():
     assert refused("algorithm=lz4").startswith("size: required;")
 

@@ -1186,6 +1186,10 @@ def test_backing_dev_errors(tmp_path):
     small.write_bytes(b"x")
     with pytest.raises(ConfigError, match="at least"):
         Device(SIZE, backing_dev=str(small))
+    # A NUL byte (over the control channel) used to escape as an
+    # "internal error: ValueError".
+    with pytest.raises(ConfigError, match="a path holds no NUL byte"):
+        Device(SIZE, backing_dev=str(tmp_path / "a\0b"))
 
 
 def test_writeback_during_set_backing_dev(backing, tmp_path, monkeypatch):

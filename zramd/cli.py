@@ -377,6 +377,8 @@ def cmd_list(args):
 
 
 def cmd_attr(args):
+    if not re.fullmatch(r"[A-Za-z0-9_]+", args.attr):
+        return fail(args.name, "%r: not an attribute name" % args.attr)
     try:
         if args.value is None:
             reply = control.call(socket_path(args.name), "get " + args.attr)

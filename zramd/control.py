@@ -175,13 +175,20 @@ def _kstrtoull(text):
     return _u64(_strtoull(m.group(1)), text)
 
 
+#: The largest mem_limit whose page-aligned size is still a u64 (the
+#: kernel's PAGE_ALIGN would wrap a larger one to 0, no limit).
+MEM_LIMIT_MAX = (1 << 64) - 4096
+
+
 def _store_mem_limit(device, value):
     try:
         limit = memparse(value)
+        if limit > MEM_LIMIT_MAX:
+            raise ValueError(value)
     except ValueError:
         raise InvalidRequestError(
             "mem_limit: invalid value %r: accepted: a size in bytes up to "
-            "2^64 - 1, optionally followed by K, M, G, T, P or E "
+            "2^64 - 4096, optionally followed by K, M, G, T, P or E "
             "(0 = no limit)"
             % value) from None
     device.set_mem_limit(limit)

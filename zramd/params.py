@@ -333,6 +333,7 @@ class ParamParser:
         name = values.get("name", DEFAULT_NAME)
         values.setdefault("control", paths.control_socket(name))
         params = Params(**values)
+        _check_slot_table(params.size)
         _check_policy(params, self._values)
         if check_compressor:
             _check_compressor(params)
@@ -426,6 +427,36 @@ def _check_compressor(params):
         build("level", level=params.level)
     if params.dict_path is not None:
         build("dict", level=params.level, dict_path=params.dict_path)
+
+
+#: Bytes of slot table per 4 KiB of disk: the device's handle (8), meta (4)
+#: and access-time (4) columns (zramd/device.py).
+SLOT_TABLE_BYTES = 16
+
+
+def _mem_total(meminfo="/proc/meminfo"):
+    """MemTotal in bytes, or None if unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_slot_table(size, meminfo="/proc/meminfo"):
+    """Refuse a disk whose slot table alone would not fit in RAM (as zram's
+    disksize_store fails to allocate it): one line now, not a traceback
+    from after_fork."""
+    table = size // PAGE_SIZE * SLOT_TABLE_BYTES
+    total = _mem_total(meminfo)
+    if total is not None and table > total:
+        raise ConfigError("size: %d bytes needs a slot table of %d MiB (%d "
+                          "bytes per 4 KiB), more than this machine's %d MiB "
+                          "of RAM" % (size, table >> 20, SLOT_TABLE_BYTES,
+                                      total >> 20))
 
 
 def _check_control(path):

@@ -28,6 +28,9 @@ class BackingDev:
     """A file or block device of 4 KiB blocks for written-back pages."""
 
     def __init__(self, path):
+        if "\0" in path:
+            raise ConfigError("backing_dev: %r: a path holds no NUL byte"
+                              % path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:

@@ -509,6 +509,22 @@ def test_dictionary_errors(tmp_path, trained_dict):
         compress.create("zstd", dict_path=str(broken))
 
 
+def test_dictionary_must_be_a_bounded_regular_file(tmp_path):
+    # dict=/dev/zero grew without bound, and a FIFO hung nbdkit.
+    fifo = tmp_path / "fifo.dict"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(ConfigError) as info:
+            compress.create("zstd", dict_path=str(path))
+        assert str(info.value) == "dict_path: %s: not a regular file" % path
+    big = tmp_path / "big.dict"
+    big.write_bytes(bytes(compress.MAX_DICT_BYTES + 1))
+    with pytest.raises(ConfigError) as info:
+        compress.create("zstd", dict_path=str(big))
+    assert str(info.value) == ("dict_path: %s: larger than %d bytes"
+                               % (big, compress.MAX_DICT_BYTES))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_dictionary_unreadable(tmp_path, trained_dict):
     path = tmp_path / "secret.dict"

@@ -181,6 +181,24 @@ def test_mem_limit_that_wraps_when_page_aligned_is_refused(served):
     assert device.calls == [("set_mem_limit", (1 << 64) - 4096)]
 
 
+@pytest.mark.parametrize("value, message", [
+    ("samples=18446744073709551615", "samples=18446744073709551615; "
+     "accepted: 1..16384"),
+    ("size=18446744073709551615", "size=18446744073709551615; accepted: "
+     "1024..1048576"),
+    ("size=1099511627776", "size=1099511627776; accepted: 1024..1048576"),
+    ("samples=0", "samples=0; accepted: 1..16384"),
+])
+def test_train_dict_is_bounded(served, value, message):
+    # samples=2^64-1 held every stored page at once; size=2^64-1 was an
+    # internal OverflowError, size=1T a MemoryError.
+    device, server = served
+    reply = ask(server, "set train_dict " + value)
+    assert reply == {"version": 1, "ok": False, "errno": errno.EINVAL,
+                     "error": "train_dict: " + message}, reply
+    assert device.calls == []
+
+
 def test_mem_used_max_reset(served):
     device, server = served
     assert ask(server, "set mem_used_max 0") == {"version": 1, "ok": True,

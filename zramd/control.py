@@ -344,13 +344,23 @@ def _store_writeback_limit_enable(device, value):
     device.writeback_limit_enable = value.strip() == "1"
 
 
+#: train_dict's bounds: a dictionary as compress.MAX_DICT_BYTES allows,
+#: and samples of at most 64 MiB of pages held in memory while it trains.
+TRAIN_DICT_SIZE = (1024, 1 << 20)
+TRAIN_DICT_SAMPLES = (1, 16384)
+
+
 def _store_train_dict(device, value):
     # zramd's own: "[size=BYTES] [samples=PAGES]".
     opts = dict(_keyvals("train_dict", value, ("size", "samples")))
-    device.train_dictionary(
-        dict_size=_number("train_dict", "size", opts.get("size", "16384")),
-        max_samples=_number("train_dict", "samples",
-                            opts.get("samples", "4096")))
+    size = _number("train_dict", "size", opts.get("size", "16384"))
+    samples = _number("train_dict", "samples", opts.get("samples", "4096"))
+    for key, got, (low, high) in (("size", size, TRAIN_DICT_SIZE),
+                                  ("samples", samples, TRAIN_DICT_SAMPLES)):
+        if not low <= got <= high:
+            raise InvalidRequestError("train_dict: %s=%d; accepted: %d..%d"
+                                      % (key, got, low, high))
+    device.train_dictionary(dict_size=size, max_samples=samples)
 
 
 def _show_policy_stat(device):

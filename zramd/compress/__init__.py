@@ -17,6 +17,10 @@ The hot path is ``Compressor.compress`` and ``Compressor.decompress`` (see
 ``base``); those take whole 4 KiB pages and keep no state between pages.
 """
 
+import errno
+import os
+import stat
+
 from ..errors import ConfigError
 from .backend_deflate import Deflate
 from .backend_lz4 import Lz4
@@ -99,12 +103,31 @@ def _check_level(cls, level):
     return level
 
 
+#: The largest dictionary read: zstd's own trainer makes 110 KiB ones, and
+#: a 4 KiB page gains nothing from megabytes of history.
+MAX_DICT_BYTES = 1 << 20
+
+
 def _read_dictionary(path):
+    """The bytes of a dictionary file: a regular file (a FIFO or a device
+    such as /dev/zero is refused, never read) of at most MAX_DICT_BYTES."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise ConfigError("dict_path: %s: %s"
+                                  % (path, os.strerror(errno.EISDIR)))
+            if not stat.S_ISREG(mode):
+                raise ConfigError("dict_path: %s: not a regular file" % path)
+            data = f.read(MAX_DICT_BYTES + 1)
     except OSError as e:
         raise ConfigError("dict_path: %s: %s" % (path, e.strerror or e)) from e
+    except ValueError as e:             # a NUL byte in the path
+        raise ConfigError("dict_path: %r: %s" % (path, e)) from e
+    if len(data) > MAX_DICT_BYTES:
+        raise ConfigError("dict_path: %s: larger than %d bytes"
+                          % (path, MAX_DICT_BYTES))
     if not data:
         raise ConfigError("dict_path: %s: empty file" % (path,))
     return data

@@ -649,24 +649,67 @@ def test_client_that_stops_reading_is_dropped(served, monkeypatch):
 
 
 def test_too_many_connections(served, monkeypatch):
+    # With every place taken, the connection idle the longest makes way for
+    # a newcomer (32 silent clients used to lock the CLI out); only when
+    # none is idle is a newcomer refused.
     device, server = served
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 2)
     held = [raw_connection(server) for _ in range(2)]
-    for s, reader in held:          # make sure both are being served
+    for s, reader in held:          # served, then idle: held[0] the longest
         s.sendall(b"ping\n")
         assert read_reply(reader)["ok"]
+    newcomer, newcomer_reader = raw_connection(server)
+    with newcomer:
+        newcomer.sendall(b"ping\n")
+        assert read_reply(newcomer_reader)["ok"]
+        held[0][0].settimeout(30)           # a bound on the wait only
+        assert held[0][0].recv(10) == b""   # it made way
+        # Both places now hold a request under way (half a line): neither
+        # makes way, and the next newcomer is refused.
+        held[1][0].sendall(b"pi")
+        newcomer.sendall(b"pi")
+        wait_for(lambda: list(server._conns.values()) == [None, None],
+                 "both connections to be inside a request")
+        refused, refused_reader = raw_connection(server)
+        with refused:
+            reply = read_reply(refused_reader)
+            assert reply["errno"] == errno.EBUSY
+            assert "too many connections" in reply["error"]
+        refused_reader.close()
+        for s, reader in ((held[1][0], held[1][1]),
+                          (newcomer, newcomer_reader)):
+            s.sendall(b"ng\n")
+            assert read_reply(reader)["ok"]
+    newcomer_reader.close()
+    for s, reader in held:
+        reader.close()
+        s.close()
+
+
+def test_a_byte_now_and_then_does_not_keep_a_connection(served, monkeypatch):
+    # The idle timeout ran anew at every byte: one byte every 2 s held a
+    # place for ever.  A request line must now be complete within
+    # IDLE_TIMEOUT of the last reply.
+    device, server = served
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.5)
     s, reader = raw_connection(server)
     with s:
-        reply = read_reply(reader)
-        assert reply["errno"] == errno.EBUSY
-        assert "too many connections" in reply["error"]
-    for obj in held[0]:             # the reader holds the socket open too
-        obj.close()
-    wait_for(lambda: connections(server) == 1,
-             "the closed connection's place to be given back")
-    assert ask(server, "ping")["ok"]
-    for obj in held[1]:
-        obj.close()
+        closed = False
+        for _ in range(200):                # 20 s at most, a bound only
+            try:
+                s.sendall(b"p")
+            except OSError:
+                closed = True
+                break
+            s.settimeout(0.1)
+            try:
+                if s.recv(10) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                pass
+        assert closed, "a trickle of bytes kept the connection open"
+    reader.close()
 
 
 def test_stop_with_open_connections(tmp_path):

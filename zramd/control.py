@@ -33,8 +33,10 @@ zramd.stats records.
 Robustness, because the channel lives inside the process that serves I/O:
 
 - one thread per connection (capped at ``MAX_CONNECTIONS``), so a client
-  that connects and says nothing only parks its own thread, and drops it
-  after ``IDLE_TIMEOUT`` seconds;
+  that connects and says nothing only parks its own thread; a connection
+  must complete each request line within ``IDLE_TIMEOUT`` seconds of the
+  last reply (a byte now and then does not keep it), and when all places
+  are taken, the connection idle the longest makes way for a newcomer;
 - a request longer than ``MAX_REQUEST`` bytes gets one error reply and the
   rest of it, up to the next newline, is discarded; the connection stays
   usable;
@@ -57,6 +59,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from dataclasses import asdict
 
 from zramd import paths, procctl, threadstate
@@ -573,7 +576,9 @@ class ControlServer:
         self._inode = None
         self._thread = None
         self._lock = threading.Lock()      # guards _conns
-        self._conns = set()
+        # connection -> when it last became idle (waiting for a request,
+        # nothing of one received), or None while a request is under way
+        self._conns = {}
         self._stopping = False
 
     # -- life cycle --------------------------------------------------------
@@ -672,9 +677,21 @@ class ControlServer:
                     return
                 continue
             with self._lock:
+                evicted = None
+                if len(self._conns) >= MAX_CONNECTIONS:
+                    idle = [(since, id(c), c) for c, since
+                            in self._conns.items() if since is not None]
+                    if idle:
+                        evicted = min(idle)[2]
+                        del self._conns[evicted]
                 crowded = len(self._conns) >= MAX_CONNECTIONS
                 if not crowded:
-                    self._conns.add(conn)
+                    self._conns[conn] = time.monotonic()
+            if evicted is not None:
+                try:
+                    evicted.shutdown(socket.SHUT_RDWR)   # wakes its recv
+                except OSError:
+                    pass
             if crowded:
                 try:
                     conn.settimeout(0.5)
@@ -690,15 +707,20 @@ class ControlServer:
     def _serve(self, conn):
         buf = bytearray()
         discarding = False          # inside the tail of an oversized line
+        deadline = time.monotonic() + IDLE_TIMEOUT
         try:
             while not self._stopping:
-                conn.settimeout(IDLE_TIMEOUT)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                conn.settimeout(left)
                 try:
                     chunk = conn.recv(65536)
                 except OSError:
                     return
                 if not chunk:
                     return
+                self._mark(conn, idle=False)
                 buf += chunk
                 while True:
                     nl = buf.find(b"\n")
@@ -723,12 +745,22 @@ class ControlServer:
                             % MAX_REQUEST))
                         continue
                     self._send(conn, self.handle(line))
+                    deadline = time.monotonic() + IDLE_TIMEOUT
+                if not buf and not discarding:
+                    self._mark(conn, idle=True)
         except OSError:
             return
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.pop(conn, None)
             conn.close()
+
+    def _mark(self, conn, idle):
+        """Record whether ``conn`` waits for a request with nothing of one
+        received (it may then make way for a newcomer)."""
+        with self._lock:
+            if conn in self._conns:
+                self._conns[conn] = time.monotonic() if idle else None
 
     @staticmethod
     def _send(conn, data):

@@ -789,6 +789,7 @@ def test_writeback_page_indexes_are_bounded_before_they_are_expanded(tmp_path):
     from zramd.errors import InvalidRequestError
     backing = tmp_path / "backing.img"
     backing.write_bytes(bytes(16 * 4096))
+    backing.chmod(0o600)
     device = Device(16 * 4096, backing_dev=str(backing))
     try:
         for value in ("page_indexes=0-2000000000", "page_indexes=3-16",

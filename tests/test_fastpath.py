@@ -795,6 +795,7 @@ def test_written_back_slots_inside_one_read_and_write(tmp_path):
             path = tmp_path / ("backing-%d.img" % native)
             with open(path, "wb") as f:
                 f.truncate(32 * PAGE)
+            path.chmod(0o600)
             devs.append(Device(16 * PAGE, algorithm="lz4", native=native,
                                backing_dev=str(path)))
         c, py = devs

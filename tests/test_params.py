@@ -275,6 +275,7 @@ def test_policy_that_could_never_act_is_refused(runtime_dir, pairs, message):
 def test_policy_with_what_it_needs(runtime_dir, tmp_path):
     backing = tmp_path / "wb"
     backing.write_bytes(bytes(1 << 20))
+    backing.chmod(0o600)
     p = parsed("size=1G", "policy_interval=10", "policy_idle_age=60",
                "policy_writeback=idle", "backing_dev=%s" % backing,
                "policy_recompress=huge", "recomp_algorithm=zstd")

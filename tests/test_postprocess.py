@@ -211,6 +211,7 @@ def backing(tmp_path):
     path = tmp_path / "backing.img"
     with open(path, "wb") as f:
         f.truncate(SIZE + 2 * PAGE_SIZE)
+    path.chmod(0o600)           # as BackingDev requires of a file
     return str(path)
 
 
@@ -230,6 +231,7 @@ class PostProcessMachine(RuleBasedStateMachine):
         self.path = "/tmp/zramd-pp-%d.img" % os.getpid()
         with open(self.path, "wb") as f:
             f.truncate(SIZE + 2 * PAGE_SIZE)
+        os.chmod(self.path, 0o600)
         self.dev = Device(SIZE, algorithm=algorithm, backing_dev=self.path)
         self.dev.set_recomp_algorithm("zstd", 1, level=9)
         self.dev.set_recomp_algorithm("deflate", 2, level=9)
@@ -778,6 +780,7 @@ def test_failed_writeback_gives_its_block_back(tmp_path):
     path = tmp_path / "small.img"
     with open(path, "wb") as f:
         f.truncate(4 * PAGE_SIZE)           # blocks 1..3
+    path.chmod(0o600)
     dev = Device(SIZE, backing_dev=str(path))
     rng = random.Random(4)
     data = b"".join(rng.randbytes(PAGE_SIZE) for _ in range(3))
@@ -1172,6 +1175,7 @@ def test_control_attributes(backing, tmp_path):
     assert show(dev, "dict_id") == "0\n"
     other = tmp_path / "other.img"
     other.write_bytes(bytes(4 * PAGE_SIZE))
+    other.chmod(0o600)
     with pytest.raises(InvalidRequestError, match="holds"):
         store(dev, "backing_dev", str(other))
     assert dev.read(0, SIZE) == data
@@ -1184,12 +1188,48 @@ def test_backing_dev_errors(tmp_path):
         Device(SIZE, backing_dev=str(tmp_path / "missing"))
     small = tmp_path / "small"
     small.write_bytes(b"x")
+    small.chmod(0o600)
     with pytest.raises(ConfigError, match="at least"):
         Device(SIZE, backing_dev=str(small))
+    # Issue 17 F2: '/etc/services' was taken and written to.  A file must
+    # be ours or root's and private (pages go there in the clear), named
+    # by an absolute path, not through a link.
+    shared = tmp_path / "shared.img"
+    shared.write_bytes(bytes(4 * PAGE_SIZE))
+    shared.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"mode 0644 lets others at the "
+                       r"pages written back there; accepted: mode 0600"):
+        Device(SIZE, backing_dev=str(shared))
+    assert shared.read_bytes() == bytes(4 * PAGE_SIZE)
+    theirs = tmp_path / "theirs.img"
+    theirs.write_bytes(bytes(4 * PAGE_SIZE))
+    theirs.chmod(0o600)
+    os.chown(theirs, 1000, 1000)
+    with pytest.raises(ConfigError, match="owned by uid 1000"):
+        Device(SIZE, backing_dev=str(theirs))
+    link = tmp_path / "link.img"
+    link.symlink_to(theirs)
+    with pytest.raises(ConfigError, match="a symbolic link"):
+        Device(SIZE, backing_dev=str(link))
+    with pytest.raises(ConfigError, match="a relative path"):
+        Device(SIZE, backing_dev="backing.img")
     # A NUL byte (over the control channel) used to escape as an
     # "internal error: ValueError".
     with pytest.raises(ConfigError, match="a path holds no NUL byte"):
         Device(SIZE, backing_dev=str(tmp_path / "a\0b"))
+
+
+def test_backing_dev_none_unsets_it(backing):
+    dev = Device(SIZE, backing_dev=backing)
+    try:
+        dev.set_backing_dev("none")
+        assert dev.backing_dev is None
+        with pytest.raises(InvalidRequestError, match="no backing_dev"):
+            dev.writeback("idle")
+        dev.set_backing_dev(backing)
+        assert dev.backing_dev == backing
+    finally:
+        dev.close()
 
 
 def test_writeback_during_set_backing_dev(backing, tmp_path, monkeypatch):
@@ -1200,6 +1240,7 @@ def test_writeback_during_set_backing_dev(backing, tmp_path, monkeypatch):
     new_path = tmp_path / "new.img"
     with open(new_path, "wb") as f:
         f.truncate(SIZE + 2 * PAGE_SIZE)
+    new_path.chmod(0o600)
     dev, data = filled_device(backing)
     dev.mark_idle()
     arrived = threading.Event()     # the pass is over, or waits its turn
@@ -1246,6 +1287,7 @@ def parse_params(*pairs):
 def test_post_processing_parameters(tmp_path):
     backing = tmp_path / "backing.img"
     backing.write_bytes(bytes(1 << 20))
+    backing.chmod(0o600)
     p = parse_params("size=64M", "backing_dev=%s" % backing,
                      "recomp_algorithm=zstd,algo=deflate priority=3 level=9",
                      "policy_interval=60", "policy_idle_age=600",

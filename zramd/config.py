@@ -587,7 +587,9 @@ def _check_with_plugin(dev, keys, where):
                 continue     # may not exist yet when the generator runs
             parser.set(key, value)
         parser.set("name", dev.name)
-        parser.complete(check_control=False)
+        # A size too large for the RAM is the server's to refuse when it
+        # starts; here it is only warned of, as zram-generator does.
+        parser.complete(check_control=False, check_memory=False)
     except ConfigError as e:
         plugin_key = e.message.partition(":")[0]
         key = _PLUGIN_KEY_SOURCE.get(plugin_key, "compression-algorithm")

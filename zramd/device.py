@@ -888,17 +888,17 @@ class Device:
         return self._backing.path if self._backing else None
 
     def set_backing_dev(self, path):
-        """Use ``path`` for writeback; allowed while no page is on the
-        current backing device (as zram allows it only before init).  A
-        writeback pass in progress finishes first, and none starts until
-        the new device is in place."""
+        """Use ``path`` for writeback, or none after ``"none"``; allowed
+        while no page is on the current backing device (as zram allows it
+        only before init).  A writeback pass in progress finishes first,
+        and none starts until the new device is in place."""
         with self._bd_lock:
             old = self._backing
             if old is not None and old.bd_count:
                 raise InvalidRequestError("backing_dev: %s holds %d pages;"
                                           " accepted: only while it holds"
                                           " none" % (old.path, old.bd_count))
-            self._backing = BackingDev(path)
+            self._backing = None if path == "none" else BackingDev(path)
             if old is not None:
                 old.close()
 

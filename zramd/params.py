@@ -47,7 +47,8 @@ PARAMETERS = (
     ("swap", "BOOL", "the disk backs swap: keep every page the server "
      "touches resident (mlockall on fault) and mark it an IO flusher "
      "(default false)"),
-    ("backing_dev", "FILE", "file or block device for writeback"),
+    ("backing_dev", "FILE", "file (ours, mode 0600) or block device for "
+     "writeback, by absolute path; none: no backing device (default)"),
     ("recomp_algorithm", "SPECS", "secondary algorithms, comma-separated: "
      "NAME or 'algo=NAME priority=1..3 level=N' (priority: position)"),
     ("policy_interval", "SECONDS", "run idle marking, recompression and "
@@ -289,8 +290,9 @@ class ParamParser:
     def _parse_backing_dev(self, value):
         if not value:
             raise ConfigError("backing_dev: empty; accepted: a writable file "
-                              "or block device")
-        return value
+                              "or block device, or none")
+        # "none", as the attribute shows an unset one: no backing device.
+        return None if value == "none" else value
 
     def _parse_recomp_algorithm(self, value):
         specs = [parse_recomp_spec("recomp_algorithm", part, position)
@@ -315,14 +317,16 @@ class ParamParser:
     def _parse_policy_writeback(self, value):
         return _parse_pp_type("policy_writeback", value, tuple(PP_TYPES))
 
-    def complete(self, check_compressor=True, check_control=True):
+    def complete(self, check_compressor=True, check_control=True,
+                 check_memory=True):
         """Check what needs every key and return ``Params``.
 
         With ``check_compressor``, builds the compressor once through
         ``zramd.compress.create`` so an unknown algorithm, a bad level or an
         unreadable dictionary is refused now, each under its own key.  With
         ``check_control``, refuses a control socket that another live server
-        is answering on.
+        is answering on.  With ``check_memory``, refuses a size whose slot
+        table would not fit in this machine's RAM.
         """
         if "size" not in self._values:
             raise ConfigError("size: required; e.g. size=1G (a positive "
@@ -333,7 +337,8 @@ class ParamParser:
         name = values.get("name", DEFAULT_NAME)
         values.setdefault("control", paths.control_socket(name))
         params = Params(**values)
-        _check_slot_table(params.size)
+        if check_memory:
+            _check_slot_table(params.size)
         _check_policy(params, self._values)
         if check_compressor:
             _check_compressor(params)

@@ -15,6 +15,7 @@ Counters are bd_stat's, in 4 KiB pages: bd_count (blocks in use), bd_reads
 and bd_writes (pages moved since the device was created).
 """
 
+import errno
 import os
 import stat
 import threading
@@ -24,24 +25,50 @@ from .errors import ConfigError, CorruptDataError, NoSpaceError, ZramdError
 from .stats import BdStat
 
 
+def _check_private_file(path, st):
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError("backing_dev: %s: owned by uid %d; accepted: a "
+                          "file of uid %d or root" % (path, st.st_uid,
+                                                      os.geteuid()))
+    if st.st_mode & 0o077:
+        raise ConfigError("backing_dev: %s: mode %04o lets others at the "
+                          "pages written back there; accepted: mode 0600 "
+                          "(chmod 600 %s)"
+                          % (path, stat.S_IMODE(st.st_mode), path))
+
+
 class BackingDev:
     """A file or block device of 4 KiB blocks for written-back pages."""
 
     def __init__(self, path):
+        """Open ``path`` as the kernel opens its backing device: a block
+        device exclusively (O_EXCL: not while mounted or in use), never
+        through a symbolic link; a regular file only if it is ours (or
+        root's) and nobody else may read or write it, since written-back
+        pages are stored in the clear.  ConfigError says what is wrong."""
         if "\0" in path:
             raise ConfigError("backing_dev: %r: a path holds no NUL byte"
                               % path)
+        if not os.path.isabs(path):
+            raise ConfigError("backing_dev: %s: a relative path; accepted: "
+                              "an absolute path" % path)
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            if stat.S_ISBLK(os.lstat(path).st_mode):
+                flags |= os.O_EXCL
+            fd = os.open(path, flags)
         except OSError as e:
+            why = ("a symbolic link" if e.errno == errno.ELOOP
+                   else e.strerror)
             raise ConfigError("backing_dev: %s: %s; accepted: a writable"
-                              " file or block device" % (path, e.strerror))
+                              " file or block device" % (path, why))
         try:
             st = os.fstat(fd)
             if stat.S_ISBLK(st.st_mode):
                 size = os.lseek(fd, 0, os.SEEK_END)
             elif stat.S_ISREG(st.st_mode):
                 size = st.st_size
+                _check_private_file(path, st)
             else:
                 raise ConfigError("backing_dev: %s: not a regular file or"
                                   " block device" % path)

@@ -1219,6 +1219,31 @@ def test_backing_dev_errors(tmp_path):
         Device(SIZE, backing_dev=str(tmp_path / "a\0b"))
 
 
+def test_backing_dev_map_costs_only_what_is_used(tmp_path):
+    # Issue 17 F3: the in-use map (a byte per 4 KiB block) was allocated
+    # and zeroed at once: a 1 TiB sparse file raised VmRSS by 256 MiB.
+    from zramd.writeback import BackingDev
+
+    def rss():
+        with open("/proc/self/status") as f:
+            return [int(line.split()[1]) << 10 for line in f
+                    if line.startswith("VmRSS:")][0]
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(1 << 40)
+    path.chmod(0o600)
+    before = rss()
+    bd = BackingDev(str(path))
+    try:
+        assert bd.nr_blocks == 1 << 28
+        assert [bd.alloc_block() for _ in range(3)] == [1, 2, 3]
+        bd.free_block(2)
+        assert bd.bd_count == 2
+        assert rss() - before < (1 << 28) // 16, rss() - before
+    finally:
+        bd.close()
+
+
 def test_backing_dev_none_unsets_it(backing):
     dev = Device(SIZE, backing_dev=backing)
     try:

@@ -6,9 +6,11 @@ handle, its block number.  Pages are stored uncompressed, one per block,
 so a read is one ``pread``.  Block 0 is never used, so a block number is
 never 0 and a WB slot always has a non-zero handle, as in the kernel.
 
-A bitmap (one byte per block: bytes are simpler to search than bits with
-``bytearray.find``, and a 64 GiB backing file costs 16 MiB of them) marks
-the blocks in use; ``_lock`` guards it and the counters.  I/O happens
+A map of one byte per block (bytes are simpler to search than bits with
+``find``) marks the blocks in use; it is an anonymous mapping, so only the
+pages of it that blocks in use have touched take memory (a 1 TiB sparse
+file would otherwise cost 256 MiB at once, resident for a locked swap
+server).  ``_lock`` guards it and the counters.  I/O happens
 outside the lock with positional calls, which are safe between threads.
 
 Counters are bd_stat's, in 4 KiB pages: bd_count (blocks in use), bd_reads
@@ -16,6 +18,7 @@ and bd_writes (pages moved since the device was created).
 """
 
 import errno
+import mmap
 import os
 import stat
 import threading
@@ -81,7 +84,7 @@ class BackingDev:
         self.path = path
         self._fd = fd
         self.nr_blocks = size // PAGE_SIZE
-        self._used = bytearray(self.nr_blocks)
+        self._used = mmap.mmap(-1, self.nr_blocks)
         self._used[0] = 1                     # block 0: never handed out
         self._next = 1                        # where the search resumes
         self._lock = threading.Lock()
@@ -93,9 +96,9 @@ class BackingDev:
         """A free block number (>= 1); NoSpaceError when the device is
         full."""
         with self._lock:
-            blk = self._used.find(0, self._next)
+            blk = self._used.find(b"\0", self._next)
             if blk < 0:
-                blk = self._used.find(0, 1)
+                blk = self._used.find(b"\0", 1)
             if blk < 0:
                 raise NoSpaceError("writeback: %s: no free block" % self.path)
             self._used[blk] = 1
@@ -140,3 +143,4 @@ class BackingDev:
 
     def close(self):
         os.close(self._fd)
+        self._used.close()

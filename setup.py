@@ -10,6 +10,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "zramd._fastpath", ["zramd/_fastpath.c"],
+    depends=["zramd/csrc/zram_defs.h"],
     libraries=["lz4", "zstd"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers",

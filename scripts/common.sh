@@ -46,15 +46,20 @@ ensure_packages() {
 }
 
 # Installs this clone for /usr/bin/python3 (editable), unless it already
-# is and its C extension is newer than its source.
+# is and its C extension is newer than every C source and header.
 install_zramd() {
-    local found built= so
+    local found built= so src stale=
     found=$(cd / && "$PYTHON" -c 'import zramd; print(zramd.__file__)' 2>/dev/null) || found=
     for so in "$REPO"/zramd/_fastpath.*.so; do
         [ -e "$so" ] && built=$so
     done
+    if [ -n "$built" ]; then
+        for src in "$REPO"/zramd/*.c "$REPO"/zramd/csrc/*.[ch]; do
+            [ -e "$src" ] && ! [ "$built" -nt "$src" ] && stale=1
+        done
+    fi
     if [ "$found" = "$REPO/zramd/__init__.py" ] && [ -x /usr/local/bin/zramd ] &&
-            [ -n "$built" ] && [ "$built" -nt "$REPO/zramd/_fastpath.c" ]; then
+            [ -n "$built" ] && [ -z "$stale" ]; then
         return 0
     fi
     say "zramd: installing $REPO for $PYTHON (editable)"

@@ -9,5 +9,12 @@ backend registry), ``device`` (zram's slot table and I/O paths), ``stats``
 
 __version__ = "0.1.0"
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+
+def __getattr__(name):
+    # PAGE_SIZE and PAGE_SHIFT are zramd/csrc/zram_defs.h's, taken from the
+    # extension on first use: importing zramd alone (zramd.config, for the
+    # systemd generator) must not need the C part.
+    if name in ("PAGE_SIZE", "PAGE_SHIFT"):
+        from . import _fastpath
+        return getattr(_fastpath, name)
+    raise AttributeError("module 'zramd' has no attribute %r" % (name,))

@@ -44,6 +44,9 @@
  * writing magicless frames with no content size, checksum or dictionary id
  * (see compress/backend_zstd.py).  zstd contexts come from a free list on
  * the codec, taken and given back under the GIL.
+ *
+ * The layouts (slot word, counters, pool handles, frames) are those of
+ * csrc/zram_defs.h, which the module exports to Python by name.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -60,41 +63,7 @@
 #define ZSTD_STATIC_LINKING_ONLY
 #include <zstd.h>
 
-#define PAGE_SIZE 4096
-#define PAGE_SHIFT 12
-#define PAGE_MASK (PAGE_SIZE - 1)
-
-/* Slot layout: must equal zramd/device.py (checked there at import). */
-#define ZRAM_FLAG_SHIFT (PAGE_SHIFT + 1)
-#define SIZE_MASK ((1u << ZRAM_FLAG_SHIFT) - 1)
-#define F_SAME (1u << (ZRAM_FLAG_SHIFT + 0))
-#define F_WB (1u << (ZRAM_FLAG_SHIFT + 1))
-#define F_HUGE (1u << (ZRAM_FLAG_SHIFT + 3))
-#define F_IDLE (1u << (ZRAM_FLAG_SHIFT + 4))
-#define COMP_PRIORITY_SHIFT (ZRAM_FLAG_SHIFT + 6)
-#define COMP_PRIORITY_MASK (3u << COMP_PRIORITY_SHIFT)
-#define DICT_SHIFT (ZRAM_FLAG_SHIFT + 8)
-#define MAX_DICTS 256
-#define DICT_MASK ((uint32_t)(MAX_DICTS - 1) << DICT_SHIFT)
-#define N_STRIPES 64
-#define STRIPE_MASK (N_STRIPES - 1)
-#define C_PAGES_STORED 0
-#define C_COMPR_SIZE 1
-#define C_SAME_PAGES 2
-#define C_HUGE_PAGES 3
-#define C_HUGE_SINCE 4
-#define C_NUM_READS 6
-#define C_NUM_WRITES 7
-#define C_PRIO_PAGES 8      /* + priority - 1: pages of priority 1..3 */
-#define N_COUNTERS 11
-
-/* Pool layout: must equal zramd/zsmalloc.py and arena.py (checked there). */
-#define HANDLE_CLASS_BITS 8
-#define HANDLE_CLASS_MASK ((1u << HANDLE_CLASS_BITS) - 1)
-#define OBJ_INDEX_BITS 12
-#define OBJ_INDEX_MASK ((1u << OBJ_INDEX_BITS) - 1)
-#define CHUNK_SHIFT 13
-#define CHUNK_MASK ((1u << CHUNK_SHIFT) - 1)
+#include "csrc/zram_defs.h"
 
 static PyObject *s_lock, *s_loc, *s_sizes, *s_frames, *s_size, *s_header,
     *s_ppz, *s_acquire, *s_release, *s_malloc, *s_free, *s_native,
@@ -444,13 +413,7 @@ static PyTypeObject CodecType = {
  * let go.
  */
 
-#define ZS_HANDLE_SIZE 8
-#define ZS_MAX_ALLOC_SIZE PAGE_SIZE
-#define ZS_INUSE_RATIO_100 11
-#define NR_FULLNESS_GROUPS 12
 #define GROUPS_WITH_ROOM ((1L << ZS_INUSE_RATIO_100) - 1)
-#define ZS_ISOLATED 254
-#define OBJ_ALLOCATED_TAG 1
 
 enum { COL_HEADS, COL_COUNTS, COL_INUSE, COL_UNUSED, COL_FREEOBJ, COL_GROUP,
        COL_PREV, COL_NEXT, COL_FRAMES, COL_HANDLE, COL_LOC, COL_SIZES,
@@ -1714,20 +1677,20 @@ slot_paths_read(SlotPaths *self, PyObject *args)
         locked = stripe;
         meta = self->meta[index];
         handle = self->handle[index];
-        if (meta & F_SAME) {
+        if (meta & ZRAM_SAME) {
             int w;
             for (w = 0; w < PAGE_SIZE; w += 8)
                 memcpy(dst + w, &handle, 8);
         } else if (!handle) {
             memset(dst, 0, PAGE_SIZE);
-        } else if (meta & (F_WB | COMP_PRIORITY_MASK)) {
+        } else if (meta & (ZRAM_WB | COMP_PRIORITY_MASK)) {
             stop = 1;
         } else {
             Codec *codec = NULL;
             PyObject *comp = NULL;
             ObjPlace p;
             int found, err;
-            if (!(meta & F_HUGE)) {
+            if (!(meta & ZRAM_HUGE)) {
                 /* The compressor is looked up for every sector, under its
                  * lock: the id alone does not do, as between two sectors
                  * (a contended lock lets other threads run) the id may
@@ -1747,21 +1710,21 @@ slot_paths_read(SlotPaths *self, PyObject *args)
                         codec = NULL;
                 }
             }
-            if (!(meta & F_HUGE) && !codec) {
+            if (!(meta & ZRAM_HUGE) && !codec) {
                 stop = 1;
             } else if ((found = obj_place(self, handle, &p)) < 0) {
                 goto error;
             } else if (!found || p.size != (meta & SIZE_MASK)
-                       || ((meta & F_HUGE) && p.size != PAGE_SIZE)) {
+                       || ((meta & ZRAM_HUGE) && p.size != PAGE_SIZE)) {
                 if (found && obj_unplace(&p) < 0)
                     goto error;
                 stop = 1;
             } else {
-                char *to = meta & F_HUGE ? dst : obj;
+                char *to = meta & ZRAM_HUGE ? dst : obj;
                 memcpy(to, p.first, p.first_len);
                 if (p.second)
                     memcpy(to + p.first_len, p.second, p.size - p.first_len);
-                if (count == 1 && !(meta & F_HUGE)) {
+                if (count == 1 && !(meta & ZRAM_HUGE)) {
                     ZSTD_DCtx *dctx = NULL;
                     const char *why;
                     if (codec->kind == KIND_ZSTD
@@ -1774,7 +1737,7 @@ slot_paths_read(SlotPaths *self, PyObject *args)
                         codec_give_dctx(codec, dctx);
                     if (why)
                         stop = 1;      /* the Python path raises it */
-                } else if (!(meta & F_HUGE)) {
+                } else if (!(meta & ZRAM_HUGE)) {
                     if (!dargs.codec) {
                         /* Held until phase two is over: without the GIL a
                          * retired dictionary's codec could go meanwhile.
@@ -1796,8 +1759,8 @@ slot_paths_read(SlotPaths *self, PyObject *args)
         was_handle[i] = handle;
         if (count == 1 && !stop) {
             /* touch now: as Device._read_sector(touch=True) */
-            if (meta & F_IDLE)
-                self->meta[index] = meta & ~F_IDLE;
+            if (meta & ZRAM_IDLE)
+                self->meta[index] = meta & ~ZRAM_IDLE;
             self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
             self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
             touched = 1;
@@ -1849,8 +1812,8 @@ slot_paths_read(SlotPaths *self, PyObject *args)
         self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
         if (self->meta[index] == was_meta[k]
                 && self->handle[index] == was_handle[k]) {
-            if (was_meta[k] & F_IDLE)
-                self->meta[index] = was_meta[k] & ~F_IDLE;
+            if (was_meta[k] & ZRAM_IDLE)
+                self->meta[index] = was_meta[k] & ~ZRAM_IDLE;
             self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
         }
         if (call_lock(self->lock_release[stripe]) < 0)
@@ -2063,14 +2026,14 @@ slot_paths_write(SlotPaths *self, PyObject *args)
         int have_new = 0;          /* handle is ours to free on failure */
 
         if (size == 0) {
-            meta = F_SAME;
+            meta = ZRAM_SAME;
         } else {
             const char *src = size == PAGE_SIZE ? (const char *)data.buf
                 + (i << PAGE_SHIFT) : scratch + i * SCRATCH_STRIDE;
             long pages, max_used;
             ObjPlace p;
             int found;
-            meta = size == PAGE_SIZE ? F_HUGE
+            meta = size == PAGE_SIZE ? ZRAM_HUGE
                                      : (uint32_t)dict_id << DICT_SHIFT;
             handle = pool_malloc(self->pool, self->class_for, self->views,
                                  size);
@@ -2107,7 +2070,7 @@ slot_paths_write(SlotPaths *self, PyObject *args)
             goto done_free_new;
         old_meta = self->meta[index];
         old = self->handle[index];
-        if (old_meta & F_WB) {
+        if (old_meta & ZRAM_WB) {
             if (call_lock(self->lock_release[stripe]) < 0)
                 goto done_free_new;
             goto undo;                     /* the backing device's job */
@@ -2131,7 +2094,7 @@ slot_paths_write(SlotPaths *self, PyObject *args)
             self->dict_refs[stripe * MAX_DICTS + dict_id] += 1;
         }
         /* _slot_clear_locked(), WB excepted (above) */
-        if (old_meta & F_SAME) {
+        if (old_meta & ZRAM_SAME) {
             row[C_SAME_PAGES] -= 1;
             row[C_PAGES_STORED] -= 1;
             old = 0;
@@ -2139,7 +2102,7 @@ slot_paths_write(SlotPaths *self, PyObject *args)
             if (old_meta & DICT_MASK)
                 self->dict_refs[stripe * MAX_DICTS
                                 + ((old_meta & DICT_MASK) >> DICT_SHIFT)] -= 1;
-            if (old_meta & F_HUGE)
+            if (old_meta & ZRAM_HUGE)
                 row[C_HUGE_PAGES] -= 1;
             if (old_meta & COMP_PRIORITY_MASK)
                 row[C_PRIO_PAGES - 1 + ((old_meta & COMP_PRIORITY_MASK)
@@ -2152,11 +2115,11 @@ slot_paths_write(SlotPaths *self, PyObject *args)
         self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
         row[C_PAGES_STORED] += 1;
         row[C_NUM_WRITES] += 1;
-        if (meta & F_SAME) {
+        if (meta & ZRAM_SAME) {
             row[C_SAME_PAGES] += 1;
         } else {
             row[C_COMPR_SIZE] += size;
-            if (meta & F_HUGE) {
+            if (meta & ZRAM_HUGE) {
                 row[C_HUGE_PAGES] += 1;
                 row[C_HUGE_SINCE] += 1;
             }
@@ -2296,6 +2259,39 @@ static struct PyModuleDef fastpath_module = {
     " lz4/zstd codecs in C.", -1, module_methods,
 };
 
+/* Every constant of csrc/zram_defs.h, by the name Python knows it by:
+ * zramd's Python modules import them from here and define none. */
+struct named_constant {
+    const char *name;
+    long value;
+};
+
+#define K(name) {#name, name}
+static const struct named_constant constants[] = {
+    K(PAGE_SHIFT), K(PAGE_SIZE), K(PAGE_MASK),
+    K(ZRAM_FLAG_SHIFT), K(SIZE_MASK),
+    {"SAME", ZRAM_SAME}, {"WB", ZRAM_WB}, {"PP_SLOT", ZRAM_PP_SLOT},
+    {"HUGE", ZRAM_HUGE}, {"IDLE", ZRAM_IDLE},
+    {"INCOMPRESSIBLE", ZRAM_INCOMPRESSIBLE},
+    K(COMP_PRIORITY_SHIFT), K(COMP_PRIORITY_MASK), K(MAX_PRIORITIES),
+    K(DICT_SHIFT), K(MAX_DICTS), K(DICT_MASK),
+    K(N_STRIPES), K(STRIPE_MASK),
+    K(C_PAGES_STORED), K(C_COMPR_SIZE), K(C_SAME_PAGES), K(C_HUGE_PAGES),
+    K(C_HUGE_SINCE), K(C_NOTIFY_FREE), K(C_NUM_READS), K(C_NUM_WRITES),
+    K(C_PRIO_PAGES), K(N_COUNTERS),
+    K(ZS_MIN_ALLOC_SIZE), K(ZS_MAX_ALLOC_SIZE), K(ZS_HANDLE_SIZE),
+    K(CLASS_BITS), K(ZS_SIZE_CLASS_DELTA), K(ZS_SIZE_CLASSES),
+    K(CHAIN_SIZE_MIN), K(CHAIN_SIZE_MAX), K(CHAIN_SIZE_DEFAULT),
+    K(ZS_INUSE_RATIO_0), K(ZS_INUSE_RATIO_10), K(ZS_INUSE_RATIO_99),
+    K(ZS_INUSE_RATIO_100), K(NR_FULLNESS_GROUPS), K(ZS_ISOLATED), K(ZS_FREE),
+    K(OBJ_INDEX_BITS), K(OBJ_INDEX_MASK), K(OBJ_ALLOCATED_TAG),
+    K(HANDLE_CLASS_BITS), K(HANDLE_CLASS_MASK),
+    K(CHUNK_SHIFT), K(CHUNK_FRAMES), K(CHUNK_MASK), K(TRIM_FRAMES),
+    K(DEFERRED_CAPACITY),
+    {NULL, 0}
+};
+#undef K
+
 #define INTERN(var, text) \
     if (!(var = PyUnicode_InternFromString(text))) return NULL
 
@@ -2356,30 +2352,11 @@ PyInit__fastpath(void)
     if (PyModule_AddObject(m, "Codec", (PyObject *)&CodecType) < 0
             || PyModule_AddObject(m, "SlotPaths", (PyObject *)&SlotPathsType) < 0)
         return NULL;
-    /* The layouts this file was written for; device.py and zsmalloc.py
-     * compare them with their own at import. */
-    if (PyModule_AddIntConstant(m, "PAGE_SIZE", PAGE_SIZE) < 0
-            || PyModule_AddIntConstant(m, "ZRAM_FLAG_SHIFT", ZRAM_FLAG_SHIFT) < 0
-            || PyModule_AddIntConstant(m, "SAME", F_SAME) < 0
-            || PyModule_AddIntConstant(m, "WB", F_WB) < 0
-            || PyModule_AddIntConstant(m, "HUGE", F_HUGE) < 0
-            || PyModule_AddIntConstant(m, "IDLE", F_IDLE) < 0
-            || PyModule_AddIntConstant(m, "COMP_PRIORITY_MASK", COMP_PRIORITY_MASK) < 0
-            || PyModule_AddIntConstant(m, "DICT_SHIFT", DICT_SHIFT) < 0
-            || PyModule_AddIntConstant(m, "MAX_DICTS", MAX_DICTS) < 0
-            || PyModule_AddIntConstant(m, "N_STRIPES", N_STRIPES) < 0
-            || PyModule_AddIntConstant(m, "N_COUNTERS", N_COUNTERS) < 0
-            || PyModule_AddIntConstant(m, "C_PAGES_STORED", C_PAGES_STORED) < 0
-            || PyModule_AddIntConstant(m, "C_COMPR_SIZE", C_COMPR_SIZE) < 0
-            || PyModule_AddIntConstant(m, "C_SAME_PAGES", C_SAME_PAGES) < 0
-            || PyModule_AddIntConstant(m, "C_HUGE_PAGES", C_HUGE_PAGES) < 0
-            || PyModule_AddIntConstant(m, "C_HUGE_SINCE", C_HUGE_SINCE) < 0
-            || PyModule_AddIntConstant(m, "C_NUM_READS", C_NUM_READS) < 0
-            || PyModule_AddIntConstant(m, "C_NUM_WRITES", C_NUM_WRITES) < 0
-            || PyModule_AddIntConstant(m, "C_PRIO_PAGES", C_PRIO_PAGES) < 0
-            || PyModule_AddIntConstant(m, "HANDLE_CLASS_BITS", HANDLE_CLASS_BITS) < 0
-            || PyModule_AddIntConstant(m, "OBJ_INDEX_BITS", OBJ_INDEX_BITS) < 0
-            || PyModule_AddIntConstant(m, "CHUNK_SHIFT", CHUNK_SHIFT) < 0)
-        return NULL;
+    {
+        const struct named_constant *k;
+        for (k = constants; k->name; k++)
+            if (PyModule_AddIntConstant(m, k->name, k->value) < 0)
+                return NULL;
+    }
     return m;
 }

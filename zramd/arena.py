@@ -31,17 +31,11 @@ import os
 import threading
 from array import array
 
-from . import PAGE_SIZE, PAGE_SHIFT
+# Chunk geometry and the trim threshold: zramd/csrc/zram_defs.h.
+from ._fastpath import (CHUNK_FRAMES, CHUNK_MASK, CHUNK_SHIFT, PAGE_SHIFT,
+                        PAGE_SIZE, TRIM_FRAMES)
 
-CHUNK_SHIFT = 13                      # 8192 frames = 32 MiB per mmap chunk
-CHUNK_FRAMES = 1 << CHUNK_SHIFT
-CHUNK_MASK = CHUNK_FRAMES - 1
 CHUNK_BYTES = CHUNK_FRAMES * PAGE_SIZE
-# After this many frames (32 MiB) are given back since the high mark, the
-# heap that held their bookkeeping (zspage records, handle-table growth) is
-# trimmed too, so RSS follows the pool down, not only the frames.
-TRIM_FRAMES = 8192
-
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
                     use_errno=True)

@@ -55,29 +55,21 @@ from array import array
 from collections import namedtuple
 from time import monotonic as _monotonic
 
-from . import PAGE_SIZE, PAGE_SHIFT
 from . import _fastpath, compress
+# Slot flags (zram_drv.h enum zram_pageflags, above the size bits), the
+# stripes and the counter columns: zramd/csrc/zram_defs.h, one definition
+# for C and Python.
+from ._fastpath import (
+    PAGE_SHIFT, PAGE_SIZE,
+    C_COMPR_SIZE, C_HUGE_PAGES, C_HUGE_SINCE, C_NOTIFY_FREE, C_NUM_READS,
+    C_NUM_WRITES, C_PAGES_STORED, C_PRIO_PAGES, C_SAME_PAGES,
+    COMP_PRIORITY_MASK, COMP_PRIORITY_SHIFT, DICT_MASK, DICT_SHIFT, HUGE,
+    IDLE, INCOMPRESSIBLE, MAX_DICTS, MAX_PRIORITIES, N_COUNTERS, N_STRIPES,
+    PP_SLOT, SAME, SIZE_MASK, STRIPE_MASK, WB)
 from .errors import ConfigError, InvalidRequestError, NoSpaceError, ZramdError
 from .stats import BdStat, DebugStat, IoStat, MmStat
 from .writeback import BackingDev
 from .zsmalloc import Pool
-
-# ---- slot flags (zram_drv.h enum zram_pageflags), above the size bits ----
-ZRAM_FLAG_SHIFT = PAGE_SHIFT + 1
-SIZE_MASK = (1 << ZRAM_FLAG_SHIFT) - 1
-SAME = 1 << (ZRAM_FLAG_SHIFT + 0)           # page is one repeated 8-byte value
-WB = 1 << (ZRAM_FLAG_SHIFT + 1)             # page is on the backing device
-PP_SLOT = 1 << (ZRAM_FLAG_SHIFT + 2)        # selected for post-processing
-HUGE = 1 << (ZRAM_FLAG_SHIFT + 3)           # stored raw: did not compress
-IDLE = 1 << (ZRAM_FLAG_SHIFT + 4)           # not accessed since idle marking
-INCOMPRESSIBLE = 1 << (ZRAM_FLAG_SHIFT + 5)  # no algorithm could compress it
-COMP_PRIORITY_SHIFT = ZRAM_FLAG_SHIFT + 6   # 2 bits: which algorithm
-COMP_PRIORITY_MASK = 3 << COMP_PRIORITY_SHIFT
-# zramd's own: which primary dictionary compressed the page (0: none).
-DICT_SHIFT = ZRAM_FLAG_SHIFT + 8
-MAX_DICTS = 256
-DICT_MASK = (MAX_DICTS - 1) << DICT_SHIFT
-MAX_PRIORITIES = 4          # the primary and three secondary algorithms
 
 # Flags that change while the page stays the same (an access, the
 # bookkeeping of post-processing): ignored when a read-modify-write checks
@@ -90,40 +82,7 @@ PP_TYPES = {"idle": IDLE, "huge": HUGE, "huge_idle": HUGE | IDLE,
 # recompress takes these (an INCOMPRESSIBLE page is never recompressed).
 RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
 
-# Stripes of slot locks: enough that two cores rarely meet, few enough to
-# keep the per-stripe counter rows small.
-N_STRIPES = 64
-STRIPE_MASK = N_STRIPES - 1
-
-# Per-stripe counter columns.
-C_PAGES_STORED = 0      # allocated slots (orig_data_size / 4096)
-C_COMPR_SIZE = 1        # bytes of stored objects (huge count 4096)
-C_SAME_PAGES = 2
-C_HUGE_PAGES = 3
-C_HUGE_SINCE = 4        # pages ever stored huge
-C_NOTIFY_FREE = 5       # sectors freed by discard / write-zeroes
-C_NUM_READS = 6         # sectors read
-C_NUM_WRITES = 7        # sectors written
-C_PRIO_PAGES = 8        # 3 columns: pages stored by the secondary
-                        # algorithm of priority p in C_PRIO_PAGES + p - 1
-N_COUNTERS = C_PRIO_PAGES + MAX_PRIORITIES - 1
-
 ZERO_PAGE = bytes(PAGE_SIZE)
-
-# zramd._fastpath reads and writes this layout in C.
-if (_fastpath.ZRAM_FLAG_SHIFT, _fastpath.SAME, _fastpath.WB, _fastpath.HUGE,
-        _fastpath.IDLE, _fastpath.COMP_PRIORITY_MASK, _fastpath.DICT_SHIFT,
-        _fastpath.MAX_DICTS, _fastpath.N_STRIPES, _fastpath.N_COUNTERS,
-        _fastpath.C_PAGES_STORED, _fastpath.C_COMPR_SIZE,
-        _fastpath.C_SAME_PAGES, _fastpath.C_HUGE_PAGES,
-        _fastpath.C_HUGE_SINCE, _fastpath.C_NUM_READS,
-        _fastpath.C_NUM_WRITES, _fastpath.C_PRIO_PAGES) != (
-        ZRAM_FLAG_SHIFT, SAME, WB, HUGE, IDLE, COMP_PRIORITY_MASK, DICT_SHIFT,
-        MAX_DICTS, N_STRIPES, N_COUNTERS, C_PAGES_STORED, C_COMPR_SIZE,
-        C_SAME_PAGES, C_HUGE_PAGES, C_HUGE_SINCE, C_NUM_READS,
-        C_NUM_WRITES, C_PRIO_PAGES):
-    raise ImportError("zramd._fastpath was built for another slot layout:"
-                      " rebuild it (pip install -e .)")
 
 SlotInfo = namedtuple("SlotInfo", "flags size priority dict_id")
 

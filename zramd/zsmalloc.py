@@ -117,49 +117,20 @@ import struct
 import threading
 from array import array
 
-from . import PAGE_SIZE, PAGE_SHIFT, _fastpath
+from . import _fastpath
+# The pool's geometry and layout: zramd/csrc/zram_defs.h, one definition
+# for C and Python.
+from ._fastpath import (
+    CHAIN_SIZE_DEFAULT, CHAIN_SIZE_MAX, CHAIN_SIZE_MIN, DEFERRED_CAPACITY,
+    HANDLE_CLASS_BITS, HANDLE_CLASS_MASK, NR_FULLNESS_GROUPS,
+    OBJ_ALLOCATED_TAG, OBJ_INDEX_BITS, OBJ_INDEX_MASK, PAGE_MASK, PAGE_SHIFT,
+    PAGE_SIZE, ZS_FREE, ZS_HANDLE_SIZE, ZS_INUSE_RATIO_0, ZS_INUSE_RATIO_10,
+    ZS_INUSE_RATIO_99, ZS_INUSE_RATIO_100, ZS_ISOLATED, ZS_MAX_ALLOC_SIZE,
+    ZS_MIN_ALLOC_SIZE, ZS_SIZE_CLASS_DELTA, ZS_SIZE_CLASSES)
 from .arena import Arena, CHUNK_MASK, CHUNK_SHIFT
 from .stats import ClassStat, PoolStats
 
-ZS_MIN_ALLOC_SIZE = 32
-ZS_MAX_ALLOC_SIZE = PAGE_SIZE
-ZS_HANDLE_SIZE = 8
-CLASS_BITS = 8
-ZS_SIZE_CLASS_DELTA = PAGE_SIZE >> CLASS_BITS            # 16
-ZS_SIZE_CLASSES = -(-(ZS_MAX_ALLOC_SIZE - ZS_MIN_ALLOC_SIZE)
-                    // ZS_SIZE_CLASS_DELTA) + 1          # 255
-CHAIN_SIZE_MIN, CHAIN_SIZE_MAX, CHAIN_SIZE_DEFAULT = 4, 16, 8
-PAGE_MASK = PAGE_SIZE - 1
-
-# Fullness groups, as enum fullness_group in mm/zsmalloc.c.
-ZS_INUSE_RATIO_0 = 0
-ZS_INUSE_RATIO_10 = 1
-ZS_INUSE_RATIO_99 = 10
-ZS_INUSE_RATIO_100 = 11
-NR_FULLNESS_GROUPS = 12
-# Values of the group column for a zspage on no list.
-ZS_ISOLATED = 254            # off its list while compaction works on it
-ZS_FREE = 255                # released: the id waits on free_ids
-
-OBJ_INDEX_BITS = 12          # objects per zspage <= 256 on 4 KiB pages
-OBJ_INDEX_MASK = (1 << OBJ_INDEX_BITS) - 1
-OBJ_ALLOCATED_TAG = 1
-# A handle's low byte is its class's index (0..254).
-HANDLE_CLASS_BITS = 8
-HANDLE_CLASS_MASK = (1 << HANDLE_CLASS_BITS) - 1
-
-# Deferred free, as "mm/zsmalloc: reduce zs_free() latency on swap release
-# path": 128 MiB worth of 4 KiB pages of handles.
-DEFERRED_CAPACITY = (128 << 20) >> PAGE_SHIFT             # 32768
 DEFERRED_IDLE_DELAY = 0.05   # seconds a lone handle may wait for company
-
-# zramd._fastpath finds objects in C through _handle_class, the handle
-# columns, frames and the arena's views, with this layout.
-if (_fastpath.HANDLE_CLASS_BITS, _fastpath.OBJ_INDEX_BITS,
-        _fastpath.CHUNK_SHIFT) != (HANDLE_CLASS_BITS, OBJ_INDEX_BITS,
-                                   CHUNK_SHIFT):
-    raise ImportError("zramd._fastpath was built for another pool layout:"
-                      " rebuild it (pip install -e .)")
 
 _zs_malloc = _fastpath.zs_malloc
 _zs_free = _fastpath.zs_free

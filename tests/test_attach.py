@@ -278,7 +278,8 @@ def test_swap_round_trip(env):
 def test_ext4_round_trip(env):
     mnt = os.path.join(env.mnt, "scratch")
     env.configure("[zdisk]\nzram-size = 96\nfs-type = ext4\n"
-                  "mount-point = %s\noptions = discard,noatime\n" % mnt)
+                  "mount-point = %s\noptions = discard,noatime\n"
+                  "fs-create-options = -L 'zram tmp' -m 0\n" % mnt)
     (state,) = attach.up(["zdisk"], root=env.root)
     dev = state["block_device"]
     assert env.state("zdisk")["use"] == "fs"
@@ -290,6 +291,13 @@ def test_ext4_round_trip(env):
     assert (src, fstype) == (dev, "ext4")
     assert "discard" in opts.split(",") and "noatime" in opts.split(",")
     assert b"--swap" not in cmdline(state["server_pid"])
+    # fs-create-options reached mkfs: the label, and no reserved blocks.
+    label = subprocess.run(["blkid", "-s", "LABEL", "-o", "value", dev],
+                           capture_output=True, text=True).stdout.strip()
+    assert label == "zram tmp"
+    sb = subprocess.run(["tune2fs", "-l", dev], capture_output=True,
+                        text=True).stdout
+    assert "Reserved block count:     0\n" in sb, sb
     # The file system works and its data reaches the plugin.
     data = os.urandom(3 * MiB)
     with open(os.path.join(mnt, "f"), "wb") as f:

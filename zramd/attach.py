@@ -693,7 +693,7 @@ def _use(dev, state):
         mkfs = ["mkfs", "-t", dev.fs_type]
         if dev.fs_type.startswith("ext") or dev.fs_type in ("xfs", "btrfs"):
             mkfs.append("-q")
-        _run(dev.name, mkfs + [device])
+        _run(dev.name, mkfs + list(dev.fs_create_options) + [device])
         os.makedirs(dev.mount_point, exist_ok=True)
         state.update(use="fs", mount_point=dev.mount_point,
                      fs_type=dev.fs_type)

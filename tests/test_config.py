@@ -276,6 +276,12 @@ def test_expressions(expr, expected):
     ("ram / e(1)", "e takes 0 argument(s), got 1"),
     ("(ram - 100) / 0", "division by zero"),
     ("1" * 2000, "longer than"),
+    # Issue 17 F7: these escaped as OverflowError, ValueError and
+    # RecursionError instead of a ConfigError naming the expression.
+    ("9" * 400, "int too large to convert to float"),
+    ("(1e308*10) % 2", "math domain error"),
+    ("-" * 995 + "1", "nested too deeply"),
+    ("(" * 300 + "1" + ")" * 300, "syntax error"),
 ])
 def test_expression_errors(expr, message):
     with pytest.raises(ConfigError) as exc:

@@ -154,7 +154,7 @@ def test_generator_output_and_verify(tmp_path):
     assert d0["Unit"]["After"] == ["run-zramd-zramd0.fuse.mount"]
     d1 = load(str(out / "zramd-attach@scratch.service.d/50-zramd-generator.conf"))
     assert d1["Unit"]["Before"] == ["local-fs.target"]
-    assert d1["Unit"]["RequiresMountsFor"] == ["/var/lib"]
+    assert d1["Unit"]["RequiresMountsFor"] == ['"/var/lib"']
     # The units read zramd.conf as the generator did: unknown keys warned.
     for name in ("zramd0", "scratch"):
         for unit in ("zramd-attach@%s.service", "zramd@%s.service"):
@@ -168,6 +168,21 @@ def test_generator_output_and_verify(tmp_path):
                "swap.target", "local-fs.target")
     assert r.returncode == 0, r.stderr
     assert "cycle" not in r.stderr
+
+
+def test_generator_quotes_a_mount_point_parent_with_a_space(tmp_path):
+    # Issue 17 F9: "mount-point = /mnt/a b/c" gave RequiresMountsFor=/mnt/a
+    # b, which systemd split ("path is not absolute, ignoring: b").
+    root, out = tmp_path / "root", tmp_path / "gen"
+    write_conf(str(root), '[sp]\nfs-type=ext4\nmount-point=/mnt/a b%%1/c\n')
+    r = run_generator(root, out)
+    assert r.returncode == 0, r.stderr
+    d = load(str(out / "zramd-attach@sp.service.d/50-zramd-generator.conf"))
+    assert d["Unit"]["RequiresMountsFor"] == ['"/mnt/a b%%%%1"']
+    r = verify([str(out), UNITS], "zramd-attach@sp.service")
+    assert r.returncode == 0, r.stderr
+    assert "not absolute" not in r.stderr and "ignoring" not in r.stderr, \
+        r.stderr
 
 
 def test_generator_bad_config_writes_nothing(tmp_path):

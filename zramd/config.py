@@ -953,9 +953,10 @@ def evaluate(expr, variables):
         # '**' it keeps the precedence of a power.  No string literal can
         # appear, so the replacement is safe.
         tree = ast.parse(_si(expr.strip()).replace("^", "**"), mode="eval")
-    except SyntaxError as e:
-        raise ConfigError("%r: syntax error at column %s"
-                          % (expr, e.offset)) from None
+    except (SyntaxError, RecursionError, MemoryError) as e:
+        where = (" at column %s" % e.offset
+                 if isinstance(e, SyntaxError) else ": nested too deeply")
+        raise ConfigError("%r: syntax error%s" % (expr, where)) from None
     names = dict(_CONSTANTS)
     names.update(variables)
     try:
@@ -964,6 +965,12 @@ def evaluate(expr, variables):
         if e.message.startswith(repr(expr)):
             raise
         raise ConfigError("%r: %s" % (expr, e.message)) from None
+    except RecursionError:
+        raise ConfigError("%r: nested too deeply" % expr) from None
+    except (ArithmeticError, ValueError) as e:
+        # A number too large for a float, a math domain error: whatever
+        # the operators above did not catch themselves.
+        raise ConfigError("%r: %s" % (expr, e)) from None
     if not math.isfinite(value):
         raise ConfigError("%r: result is not finite" % expr)
     return float(value)

@@ -1239,7 +1239,7 @@ def test_crew_limit_changes_nothing_but_who_does_the_work(algorithm):
 
 
 def objects_in(pool):
-    return sum(cls.obj_used for cls in pool.classes)
+    return sum(c.obj_used for c in pool.stats().classes)
 
 
 def test_failed_object_write_leaks_nothing():

@@ -1,4 +1,5 @@
-"""Tests for zramd.zsmalloc.Pool, written from its specification.
+"""Tests for zramd.zsmalloc.Pool (the C pool, zramd/csrc/zsmalloc.c),
+written from its specification, and against its model.
 
 The pool promises the kernel's zsmalloc geometry (mm/zsmalloc.c on 4 KiB
 pages), so this file recomputes that geometry on its own -- the size classes,
@@ -13,6 +14,13 @@ Besides the public API, ``Pool.audit()`` -- the pool's check of its own
 metadata (fullness lists against inuse counts, free zspage ids and handle
 rows against live ones, frames against the arena) -- runs as an invariant
 of the state machine and after the concurrent and compaction tests.
+
+The model, tests/zsmalloc_model.py, is the pool in Python (the one zramd
+had before it was C, not part of the product): the same algorithms on the
+same geometry.  The state machine drives the C pool and the model with
+the same calls and requires the same result from each (handles, sizes,
+bytes read, which reads were copies, frames compacted) and the same stats
+after every step, besides the dict model of contents.
 
 Model of the deferred-free queue: a handle given to free_deferred() is
 "pending" until free_deferred_flush(); the drain worker may free it at any
@@ -35,6 +43,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize,
                                  invariant, precondition, rule)
 
+import zsmalloc_model
 from conftest import race
 from zramd.errors import ZramdError
 from zramd.stats import PoolStats
@@ -729,27 +738,30 @@ def test_deferred_worker_drains_when_idle(pool):
         "deferred frees" % pool.total_pages())
 
 
+def vm_size():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
 def test_close_flushes_and_returns_frames():
     # close() with deferred frees queued and an object still live: the
-    # queue is flushed, and every frame goes back, the arena's chunks
-    # unmapped and their views released (so nothing can read them).
+    # queue is flushed, every frame goes back and the frames' chunks are
+    # unmapped (the address space shrinks by at least one 32 MiB chunk).
     p = Pool()
     for _ in range(100):
         p.free_deferred(p.malloc(300))
     keep = p.malloc(300)
     p.obj_write(keep, content(1, 300))
     assert p.total_pages() > 0
-    arena = p._arena
-    chunks, views = list(arena._chunks), list(arena.views)
-    assert chunks and len(views) == len(chunks)
+    mapped = vm_size()
     p.close()                           # must not hang or raise
-    assert p.total_pages() == arena.frames_in_use == 0
-    assert arena.views == [] and arena._chunks == []
-    assert p._views is arena.views      # the pool's alias emptied in place
-    assert all(chunk.closed for chunk in chunks)
-    for view in views:
-        with pytest.raises(ValueError, match="released"):
-            view[0]
+    assert p.closed and p.deferred_pending() == 0
+    assert mapped - vm_size() >= 32 << 20
+    with pytest.raises(ValueError, match="closed"):
+        p.total_pages()
 
 
 # --------------------------------------------------------------------------
@@ -849,16 +861,14 @@ def test_rss_returns_after_free(kind):
 
 
 # --------------------------------------------------------------------------
-# White-box: the metadata layout (flat columns per class, see the module
-# docstring), which is what lets RSS come back.
+# The metadata follows the pool down (flat columns per class, see
+# zramd/csrc/zsmalloc.c), which is what lets RSS come back.
 
-def test_empty_class_drops_its_columns(pool):
-    # After a big free a class keeps no column at its high-water size:
-    # zspage and handle columns are fresh and empty, whatever was stored.
-    sizes = (20, 40, 700, 2000, 3000, PAGE_SIZE)
-    hs = [pool.malloc(s) for s in sizes for _ in range(3000)]
-    grown = {c.index: len(c.inuse) for c in pool.classes if len(c.inuse)}
-    assert len(grown) == len(sizes) and min(grown.values()) > 1
+EMPTY_SIZES = (20, 40, 700, 2000, 3000, PAGE_SIZE)
+
+
+def _fill_and_empty(pool):
+    hs = [pool.malloc(s) for s in EMPTY_SIZES for _ in range(3000)]
     pool.audit()
     for h in hs[::2]:
         pool.free_deferred(h)
@@ -866,14 +876,34 @@ def test_empty_class_drops_its_columns(pool):
         pool.free(h)
     pool.free_deferred_flush()
     pool.audit()
-    for cls in pool.classes:
-        assert (len(cls.inuse), len(cls.frames), len(cls.free_ids)) == (
-            0, 0, 0), cls.index
-        assert (len(cls.sizes), len(cls.free_handles)) == (1, 0), cls.index
-        assert cls.heads.tolist() == [-1] * 12 and cls.nonempty == 0
-    # Rows start again from 1.
-    h = pool.malloc(40)
-    assert h >> 8 == 1 and pool.obj_size(h) == 40
+
+
+def test_empty_class_drops_its_columns():
+    # After a big free a class keeps no column at its high-water size:
+    # zspage and handle columns are fresh and empty, whatever was stored
+    # (the model's columns are Python arrays, to be looked at).
+    pool = zsmalloc_model.Pool()
+    try:
+        _fill_and_empty(pool)
+        for cls in pool.classes:
+            assert (len(cls.inuse), len(cls.frames), len(cls.free_ids)) == (
+                0, 0, 0), cls.index
+            assert (len(cls.sizes), len(cls.free_handles)) == (1, 0), \
+                cls.index
+            assert cls.heads.tolist() == [-1] * 12 and cls.nonempty == 0
+    finally:
+        pool.close()
+
+
+def test_empty_class_starts_again(pool):
+    # The C pool's handle tables are dropped with the last zspage of a
+    # class: every class used starts its rows from 1 again.
+    _fill_and_empty(pool)
+    assert pool.total_pages() == 0
+    for size in EMPTY_SIZES:
+        h = pool.malloc(size)
+        assert h >> 8 == 1 and pool.obj_size(h) == size
+        pool.free(h)
 
 
 def _live_zspage(cls):
@@ -884,42 +914,48 @@ def _live_row(cls):
     return next(r for r in range(1, len(cls.sizes)) if cls.sizes[r])
 
 
-# One planted fault each: (pool, class of 40-byte objects, huge class).
+# One planted fault each in the model: (class of 40-byte objects, huge
+# class).  The C pool plants the same ones itself (_plant_fault).
 DAMAGE = {
-    "counts": lambda p, c, hc: c.counts.__setitem__(
+    "counts": lambda c, hc: c.counts.__setitem__(
         c.group[_live_zspage(c)], c.counts[c.group[_live_zspage(c)]] + 1),
-    "id both free and live": lambda p, c, hc: c.free_ids.append(
+    "id both free and live": lambda c, hc: c.free_ids.append(
         _live_zspage(c)),
-    "inuse against group": lambda p, c, hc: c.inuse.__setitem__(
+    "inuse against group": lambda c, hc: c.inuse.__setitem__(
         _live_zspage(c), c.inuse[_live_zspage(c)] + 1),
-    "list link": lambda p, c, hc: c.prev.__setitem__(
+    "list link": lambda c, hc: c.prev.__setitem__(
         c.heads[c.group[_live_zspage(c)]], _live_zspage(c)),
-    "row free twice": lambda p, c, hc: c.free_handles.append(
+    "row free twice": lambda c, hc: c.free_handles.append(
         c.free_handles[0]),
-    "loc not pointing back": lambda p, c, hc: c.loc.__setitem__(
+    "loc not pointing back": lambda c, hc: c.loc.__setitem__(
         _live_row(c), c.loc[_live_row(c)] ^ 1),
-    "free list": lambda p, c, hc: c.freeobj.__setitem__(
+    "free list": lambda c, hc: c.freeobj.__setitem__(
         _live_zspage(c), c.unused[_live_zspage(c)]),
-    "frame in two zspages": lambda p, c, hc: hc.frames.__setitem__(
+    "frame in two zspages": lambda c, hc: hc.frames.__setitem__(
         1, hc.frames[0]),
 }
 
 
+@pytest.mark.parametrize("impl", ["c", "model"])
 @pytest.mark.parametrize("what", sorted(DAMAGE))
-def test_audit_catches_damage(what):
+def test_audit_catches_damage(what, impl):
     # audit() must not be vacuous: each planted fault is reported.
-    p = Pool()
+    p = Pool() if impl == "c" else zsmalloc_model.Pool()
     try:
         hs = [p.malloc(40) for _ in range(600)]
         hs += [p.malloc(PAGE_SIZE) for _ in range(3)]
         for h in hs[:300:3]:
             p.free(h)
         p.audit()                       # sound before the damage
-        by_index = {c.index: c for c in p.classes}
-        cls = by_index[GEOMETRY[8].row_for(40)]
-        huge = by_index[GEOMETRY[8].row_for(PAGE_SIZE)]
-        assert cls.free_handles and len(huge.inuse) == 3
-        DAMAGE[what](p, cls, huge)
+        if impl == "c":
+            size = PAGE_SIZE if what == "frame in two zspages" else 40
+            p._plant_fault(size, what)
+        else:
+            by_index = {c.index: c for c in p.classes}
+            cls = by_index[GEOMETRY[8].row_for(40)]
+            huge = by_index[GEOMETRY[8].row_for(PAGE_SIZE)]
+            assert cls.free_handles and len(huge.inuse) == 3
+            DAMAGE[what](cls, huge)
         with pytest.raises(AssertionError):
             p.audit()
     finally:
@@ -1033,42 +1069,61 @@ SIZES = st.one_of(
 )
 
 
+def no_drain_worker(pool):
+    """Keep ``pool`` from starting its drain worker: deferred frees then
+    wait for a flush, so two pools given the same calls stay in step."""
+    idle = threading.Thread(target=lambda: None)
+    idle.start()
+    idle.join()
+    pool._worker = idle
+
+
 class PoolMachine(RuleBasedStateMachine):
     """Model: live handle -> bytes; pending = handles given to
-    free_deferred since the last flush (maybe freed already, maybe not)."""
+    free_deferred since the last flush (not freed yet: there is no drain
+    worker).  Every call goes to the C pool and to zsmalloc_model.Pool,
+    and both must give the same answers and the same stats."""
 
     def __init__(self):
         super().__init__()
         self.pool = None
+        self.model = None
         self.live = {}
         self.pending = set()
         self.tag = 0
         self.local = bytearray(PAGE_SIZE)
+        self.model_local = bytearray(PAGE_SIZE)
         self.compacted = 0
 
     @initialize(chain=st.sampled_from(CHAIN_SIZES))
     def start(self, chain):
         self.geom = GEOMETRY[chain]
         self.pool = Pool(chain_size=chain)
+        self.model = zsmalloc_model.Pool(chain_size=chain)
+        no_drain_worker(self.pool)
+        no_drain_worker(self.model)
 
     def teardown(self):
-        if self.pool is not None:
-            self.pool.close()
+        for p in (self.pool, self.model):
+            if p is not None:
+                p.close()
 
     def _store(self, h, size):
         self.tag += 1
         data = content(self.tag, size)
         self.pool.obj_write(h, data)
+        self.model.obj_write(h, data)
         self.live[h] = data
 
     @rule(size=SIZES)
     def malloc(self, size):
         h = self.pool.malloc(size)
         assert isinstance(h, int) and h != 0
+        assert h == self.model.malloc(size), "handle differs from model's"
         assert h not in self.live, "handle %d is live already" % h
         # A pending handle comes back only once it has really been freed.
-        self.pending.discard(h)
-        assert self.pool.obj_size(h) == size
+        assert h not in self.pending
+        assert self.pool.obj_size(h) == size == self.model.obj_size(h)
         self._store(h, size)
 
     @precondition(lambda self: self.live)
@@ -1081,7 +1136,10 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def read(self, data):
         h = data.draw(st.sampled_from(sorted(self.live)))
-        assert read_obj(self.pool, h, self.local)[0] == self.live[h]
+        got = read_obj(self.pool, h, self.local)
+        assert got[0] == self.live[h]
+        # The same objects span two frames in both.
+        assert got == read_obj(self.model, h, self.model_local)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -1089,6 +1147,7 @@ class PoolMachine(RuleBasedStateMachine):
         h = data.draw(st.sampled_from(sorted(self.live)))
         del self.live[h]
         self.pool.free(h)
+        self.model.free(h)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -1097,10 +1156,13 @@ class PoolMachine(RuleBasedStateMachine):
         del self.live[h]
         self.pending.add(h)
         self.pool.free_deferred(h)
+        self.model.free_deferred(h)
+        assert self.pool.deferred_pending() == self.model.deferred_pending()
 
     @rule()
     def flush(self):
         self.pool.free_deferred_flush()
+        self.model.free_deferred_flush()
         self.pending.clear()
         self._check_counts(exact=True)
 
@@ -1109,10 +1171,9 @@ class PoolMachine(RuleBasedStateMachine):
         exact = not self.pending
         before = self.pool.stats()
         freed = self.pool.compact()
+        assert freed == self.model.compact()
         after = self.pool.stats()
         assert after.pages_compacted == before.pages_compacted + freed
-        # Nothing allocates meanwhile; the drain worker may free, so the
-        # frames compaction freed are at most all that went.
         assert 0 <= freed <= before.total_pages - after.total_pages
         self.compacted += freed
         if exact:
@@ -1153,10 +1214,20 @@ class PoolMachine(RuleBasedStateMachine):
         self._check_counts(exact=not self.pending)
 
     @invariant()
+    def same_stats_as_model(self):
+        if self.pool is None:
+            return
+        # Every column of every class row, pages_compacted, total_pages.
+        assert self.pool.stats() == self.model.stats()
+        assert self.pool.total_pages() == self.model.total_pages()
+        assert self.pool.huge_class_size == self.model.huge_class_size
+
+    @invariant()
     def metadata_consistent(self):
         if self.pool is None:
             return
         self.pool.audit()
+        self.model.audit()
 
 
 PoolMachine.TestCase.settings = settings(

@@ -1,6 +1,6 @@
 /*
  * zramd._fastpath: the device's whole-sector read and write loops, the
- * pool's malloc, free and fullness lists, and the lz4, lz4hc and zstd
+ * pool (csrc/zsmalloc.c) as a Python type, and the lz4, lz4hc and zstd
  * codecs, in C.
  *
  * Why C: a 4 KiB sector cost the Python paths in device.py about 30,000
@@ -8,14 +8,15 @@
  * (callgrind, docs/benchmarks.md), and all of it under the GIL; the client
  * sends 64 sectors per 256 KiB request.  Here a request is one call.
  *
- * What it works on: nothing of its own.  The slot table (the device's
- * three mmap arrays and its counter rows), the stripe locks, the pool's
- * per-class handle and zspage columns and the arena's chunk views all
- * stay the Python objects device.py and zsmalloc.py document; this module
- * reads and writes them in place through the buffer protocol and takes
- * the same threading.Lock objects in the same order (slot stripe, then
- * class).  So there is one data structure and one allocator, and the
- * Python paths remain the reference for everything this module declines:
+ * What it works on: the slot table (the device's three mmap arrays and
+ * its counter rows) and the stripe locks stay the Python objects
+ * device.py documents; this module reads and writes them in place through
+ * the buffer protocol and takes the same threading.Lock objects.  The
+ * pool is C with its own memory and mutexes: ZsPool owns a struct zs_pool
+ * and the loops call its API (zs_malloc, zs_obj_write, zs_obj_read_begin
+ * and _end, zs_free, zs_get_total_pages) and see no size class or frame
+ * of their own.  The Python paths
+ * remain the reference for everything the loops decline:
  * a sector that is written back, recompressed with a secondary algorithm,
  * compressed with a codec that has no native form, corrupt, or over the
  * memory limit makes the loop stop and return how many sectors it did;
@@ -26,18 +27,17 @@
  *     1 crew, no GIL: same-filled?         1 GIL, per sector under its
  *       compress every page to scratch       stripe lock: fill SAME/holes,
  *     2 GIL, per sector: zs_malloc,          copy HUGE out, copy objects
- *       copy in (class lock), swap the       to scratch (class lock)
+ *       zs_obj_write, swap the slot          to scratch (obj_read_begin)
  *       slot (stripe lock), zs_free old    2 crew, no GIL: decompress
  *                                          3 GIL: count and touch the
  *                                            sectors read (stripe lock)
  *
  * The GIL: every step that touches a Python object runs holding it; the
  * crew's steps touch only the caller's buffers and private scratch areas,
- * so compression on one nbdkit thread overlaps Python work on another.  A
- * buffer taken on a class's columns (array objects that grow) is held
- * only under the class lock and never across a call that could run
- * Python code or drop the GIL, so no other thread resizes a column under
- * it.  A SlotPaths refuses to close while a call is in progress.
+ * so compression on one nbdkit thread overlaps Python work on another.
+ * The pool never needs the GIL; a thread that must wait for one of its
+ * mutexes lets the GIL go meanwhile (pool_lock_wait).  A SlotPaths
+ * refuses to close while a call is in progress.
  *
  * Codec is one configured compressor: lz4 (LZ4_compress_fast, the kernel's
  * call, acceleration 1) or zstd at a level, with an optional dictionary,
@@ -64,11 +64,13 @@
 #include <zstd.h>
 
 #include "csrc/zram_defs.h"
+#include "csrc/zsmalloc.h"
 
-static PyObject *s_lock, *s_loc, *s_sizes, *s_frames, *s_size, *s_header,
-    *s_ppz, *s_acquire, *s_release, *s_malloc, *s_free, *s_native,
-    *s_frames_in_use, *s_primary, *s_dict_comps, *s_limit_pages,
-    *s_max_used_pages, *s_note_pages_used, *s_t0;
+/* Names of the Python objects' attributes and methods this module uses
+ * (interned at import). */
+static PyObject *s_acquire, *s_release, *s_native, *s_primary,
+    *s_dict_comps, *s_limit_pages, *s_max_used_pages, *s_note_pages_used,
+    *s_t0;
 
 /* ---- codecs ------------------------------------------------------------ */
 
@@ -400,221 +402,7 @@ static PyTypeObject CodecType = {
     .tp_getset = Codec_getset,
 };
 
-/* ---- pool: malloc, free and the fullness lists ---------------------------
- *
- * zsmalloc.py's SizeClass keeps each class's zspage metadata in array
- * columns; these functions are malloc, free and the list operations on
- * those columns (the only implementation: SizeClass.link/unlink/move and
- * Pool.malloc/free call them).  The caller of a list operation holds the
- * class lock; zs_malloc and zs_free take it themselves.  Making a zspage,
- * a handle row, and releasing a zspage stay in Python (Pool._new_zspage,
- * Pool._new_row, Pool._release_zspage): they grow or shrink the columns,
- * so they run before the columns' buffers are taken or after they are
- * let go.
- */
-
-#define GROUPS_WITH_ROOM ((1L << ZS_INUSE_RATIO_100) - 1)
-
-enum { COL_HEADS, COL_COUNTS, COL_INUSE, COL_UNUSED, COL_FREEOBJ, COL_GROUP,
-       COL_PREV, COL_NEXT, COL_FRAMES, COL_HANDLE, COL_LOC, COL_SIZES,
-       N_COLS };
-static const char *col_names[N_COLS] = {
-    "heads", "counts", "inuse", "unused", "freeobj", "group", "prev", "next",
-    "frames", "handle", "loc", "sizes"};
-static const Py_ssize_t col_itemsize[N_COLS] = {4, 4, 2, 2, 2, 1, 4, 4, 4,
-                                                8, 8, 2};
-static PyObject *col_attr[N_COLS];
-static PyObject *s_nonempty, *s_obj_used, *s_fullness, *s_huge, *s_index,
-    *s_class_for, *s_new_zspage, *s_new_row, *s_release_zspage, *s_pop,
-    *s_append, *s_free_handles, *s_arena_attr, *s_handle_class, *s_views;
-
-static char *
-frame_address(PyObject *views, uint32_t frame);
-static int
-take_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize,
-            const char *what);
-
-/* A class's columns, taken as buffers (class lock held). */
-typedef struct {
-    PyObject *cls;
-    unsigned mask;                       /* which columns are taken */
-    Py_buffer b[N_COLS];
-    long nonempty, nonempty0;
-} Cols;
-
-#define COL(c, i, type) ((type *)(c)->b[i].buf)
-#define LIST_COLS ((1u << COL_HEADS) | (1u << COL_COUNTS) | (1u << COL_GROUP) \
-                   | (1u << COL_PREV) | (1u << COL_NEXT))
-
-static void cols_drop(Cols *c);
-
-static int
-cols_take(Cols *c, PyObject *cls, unsigned mask)
-{
-    int i;
-    PyObject *v;
-    c->cls = cls;
-    c->mask = 0;
-    for (i = 0; i < N_COLS; i++) {
-        PyObject *col;
-        if (!(mask & (1u << i)))
-            continue;
-        if (!(col = PyObject_GetAttr(cls, col_attr[i])))
-            goto fail;
-        if (take_buffer(col, &c->b[i], col_itemsize[i], col_names[i]) < 0) {
-            Py_DECREF(col);
-            goto fail;
-        }
-        Py_DECREF(col);
-        c->mask |= 1u << i;
-    }
-    c->nonempty = c->nonempty0 = 0;
-    if (mask & (1u << COL_HEADS)) {    /* the lists' bit map goes with them */
-        if (!(v = PyObject_GetAttr(cls, s_nonempty)))
-            goto fail;
-        c->nonempty = c->nonempty0 = PyLong_AsLong(v);
-        Py_DECREF(v);
-        if (c->nonempty == -1 && PyErr_Occurred())
-            goto fail;
-    }
-    return 0;
-fail:
-    cols_drop(c);
-    return -1;
-}
-
-static void
-cols_drop(Cols *c)
-{
-    int i;
-    for (i = 0; i < N_COLS; i++)
-        if (c->mask & (1u << i))
-            PyBuffer_Release(&c->b[i]);
-    c->mask = 0;
-}
-
-/* Let the buffers go and store nonempty if it changed. */
-static int
-cols_put(Cols *c)
-{
-    cols_drop(c);
-    if (c->nonempty != c->nonempty0) {
-        PyObject *v = PyLong_FromLong(c->nonempty);
-        int r = v ? PyObject_SetAttr(c->cls, s_nonempty, v) : -1;
-        Py_XDECREF(v);
-        return r;
-    }
-    return 0;
-}
-
-static void
-list_link(Cols *c, int32_t z, int g)
-{
-    int32_t *heads = COL(c, COL_HEADS, int32_t);
-    int32_t *prev = COL(c, COL_PREV, int32_t), *next = COL(c, COL_NEXT, int32_t);
-    int32_t head = heads[g];
-    prev[z] = -1;
-    next[z] = head;
-    if (head >= 0)
-        prev[head] = z;
-    else
-        c->nonempty |= 1L << g;
-    heads[g] = z;
-    COL(c, COL_GROUP, uint8_t)[z] = g;
-    COL(c, COL_COUNTS, uint32_t)[g] += 1;
-}
-
-static void
-list_unlink(Cols *c, int32_t z)
-{
-    int32_t *heads = COL(c, COL_HEADS, int32_t);
-    int32_t *prev = COL(c, COL_PREV, int32_t), *next = COL(c, COL_NEXT, int32_t);
-    int g = COL(c, COL_GROUP, uint8_t)[z];
-    int32_t p = prev[z], n = next[z];
-    if (p >= 0) {
-        next[p] = n;
-    } else {
-        heads[g] = n;
-        if (n < 0)
-            c->nonempty &= ~(1L << g);
-    }
-    if (n >= 0)
-        prev[n] = p;
-    COL(c, COL_COUNTS, uint32_t)[g] -= 1;
-    COL(c, COL_GROUP, uint8_t)[z] = ZS_ISOLATED;
-}
-
-/* Whether zspage z has a row in every column taken in c (and, with
- * on_list, sits on a fullness list), else IndexError.  The pool's columns
- * are trusted no further than this: a wrong id must not write outside
- * them. */
-static int
-check_zspage(Cols *c, long z, int on_list)
-{
-    int i;
-    for (i = 0; i < N_COLS; i++) {
-        if (!(c->mask & (1u << i)) || i == COL_HEADS || i == COL_COUNTS
-                || i == COL_FRAMES || i == COL_LOC || i == COL_SIZES)
-            continue;
-        if (z < 0 || z >= c->b[i].len / col_itemsize[i])
-            goto bad;
-    }
-    if (on_list && COL(c, COL_GROUP, uint8_t)[z] >= NR_FULLNESS_GROUPS)
-        goto bad;
-    return 0;
-bad:
-    PyErr_Format(PyExc_IndexError, "zspage %ld out of range%s", z,
-                 on_list ? " or on no fullness list" : "");
-    return -1;
-}
-
-/* zs_list(cls, op, z, g): op 0 link, 1 unlink, 2 move (unlink, link). */
-static PyObject *
-fp_zs_list(PyObject *module, PyObject *args)
-{
-    PyObject *cls;
-    int op;
-    long z, g = 0;
-    Cols c;
-    if (!PyArg_ParseTuple(args, "Oil|l", &cls, &op, &z, &g))
-        return NULL;
-    if (cols_take(&c, cls, LIST_COLS) < 0)
-        return NULL;
-    if (check_zspage(&c, z, op != 0) < 0
-            || (op != 1 && (g < 0 || g >= NR_FULLNESS_GROUPS))) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_IndexError, "group %ld out of range", g);
-        cols_drop(&c);
-        return NULL;
-    }
-    if (op != 0)
-        list_unlink(&c, z);
-    if (op != 1)
-        list_link(&c, z, g);
-    if (cols_put(&c) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static int
-lock_call(PyObject *lock, PyObject *method)
-{
-    PyObject *r = PyObject_CallMethodNoArgs(lock, method);
-    if (!r)
-        return -1;
-    Py_DECREF(r);
-    return 0;
-}
-
-/* Release a lock with an exception pending: keep the exception. */
-static void
-lock_release_keep_error(PyObject *lock)
-{
-    PyObject *exc, *val, *tb;
-    PyErr_Fetch(&exc, &val, &tb);
-    lock_call(lock, s_release);
-    PyErr_Restore(exc, val, tb);
-}
+/* ---- Python helpers ------------------------------------------------------ */
 
 /* An int attribute into *out: 0, or -1 with an error set. */
 static int
@@ -628,427 +416,494 @@ attr_long(PyObject *obj, PyObject *name, long *out)
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
-static int
-add_to_attr(PyObject *obj, PyObject *name, long delta)
-{
-    long v;
-    PyObject *o;
-    int r;
-    if (attr_long(obj, name, &v) < 0)
-        return -1;
-    if (!(o = PyLong_FromLong(v + delta)))
-        return -1;
-    r = PyObject_SetAttr(obj, name, o);
-    Py_DECREF(o);
-    return r;
-}
+/* ---- ZsPool: the pool (csrc/zsmalloc.c) as a Python type ------------------
+ *
+ * zramd.zsmalloc.Pool subclasses it and adds the deferred-free queue and
+ * the stats dataclasses.  The pool takes its own pthread mutexes; a
+ * thread that must wait for one lets the GIL go meanwhile (pool_lock_wait),
+ * so a compaction holding a class lock for a while stalls no other Python
+ * thread.  Calls that may hold locks for long (compact, audit) run without
+ * the GIL.  SlotPaths uses the same struct zs_pool directly.
+ */
 
+/* Set while this thread runs pool code with the GIL let go. */
+static __thread int pool_gil_released;
 
-/* Byte ``start`` of zspage z's chain of frames, as Pool._locate (FRAMES
- * taken), or NULL when the zspage has no such frame in the arena. */
-static char *
-chain_address(Cols *c, PyObject *views, long ppz, int32_t z, long start)
+static void
+pool_lock_wait(pthread_mutex_t *lock)
 {
-    long slot = (long)z * ppz + (start >> PAGE_SHIFT);
-    char *base;
-    if (z < 0 || start < 0 || slot >= c->b[COL_FRAMES].len / 4)
-        return NULL;
-    base = frame_address(views, COL(c, COL_FRAMES, uint32_t)[slot]);
-    return base ? base + (start & PAGE_MASK) : NULL;
-}
-
-/* The header slot of object idx of zspage z (not a huge class). */
-static char *
-obj_header(Cols *c, PyObject *views, long csize, long ppz, int32_t z,
-           long idx)
-{
-    return chain_address(c, views, ppz, z, idx * csize);
-}
-
-/* _take_obj: hand a free object of zspage z (which has room) to handle,
- * from its free list, else its first never-used index; a huge class's
- * one object keeps the handle in the zspage's column instead of a header.
- * Counts it in inuse (obj_used is the caller's).  The index, or -1 with
- * an error set.  Columns taken: FREEOBJ, UNUSED, INUSE, FRAMES (and
- * HANDLE for a huge class). */
-static long
-obj_take(Cols *c, PyObject *views, long csize, long ppz, int huge, int32_t z,
-         uint64_t handle)
-{
-    long idx, reuse = COL(c, COL_FREEOBJ, int16_t)[z];
-    if (reuse < 0) {
-        idx = COL(c, COL_UNUSED, uint16_t)[z];
-        COL(c, COL_UNUSED, uint16_t)[z] = idx + 1;
+    if (pool_gil_released) {
+        pthread_mutex_lock(lock);
     } else {
-        idx = reuse;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(lock);
+        Py_END_ALLOW_THREADS
     }
-    if (huge) {
-        COL(c, COL_FREEOBJ, int16_t)[z] = -1;
-        COL(c, COL_HANDLE, uint64_t)[z] = handle;
-    } else {
-        char *hdr = obj_header(c, views, csize, ppz, z, idx);
-        uint64_t word;
-        if (!hdr) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "pool: frame outside the arena");
-            return -1;
-        }
-        if (reuse >= 0) {
-            memcpy(&word, hdr, 8);
-            COL(c, COL_FREEOBJ, int16_t)[z] = (int16_t)((word >> 1) - 1);
-        }
-        word = handle << 1 | OBJ_ALLOCATED_TAG;
-        memcpy(hdr, &word, 8);
-    }
-    COL(c, COL_INUSE, uint16_t)[z] += 1;
-    return idx;
 }
 
-/* _put_obj: object idx of zspage z (not a huge class: its header becomes
- * the free-list link) back on the zspage's free list; uncounts it in
- * inuse (obj_used is the caller's).  0, or -1 with an error set.
- * Columns taken: FREEOBJ, INUSE, FRAMES. */
-static int
-obj_put(Cols *c, PyObject *views, long csize, long ppz, int32_t z, long idx)
+typedef struct {
+    PyObject_HEAD
+    struct zs_pool *zs;           /* NULL once closed */
+} ZsPool;
+
+static PyTypeObject ZsPoolType;
+
+static struct zs_pool *
+zs_of(ZsPool *self)
 {
-    char *hdr = obj_header(c, views, csize, ppz, z, idx);
-    uint64_t word;
-    if (!hdr) {
-        PyErr_SetString(PyExc_RuntimeError, "pool: frame outside the arena");
+    if (!self->zs)
+        PyErr_SetString(PyExc_ValueError, "pool: closed");
+    return self->zs;
+}
+
+/* A handle argument: 0 (never a handle) for an int out of range; -1 with
+ * TypeError for another type. */
+static int
+handle_arg(PyObject *arg, unsigned long *handle)
+{
+    int overflow;
+    long long v;
+    if (!PyLong_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "handle: %R is not an int", arg);
         return -1;
     }
-    word = (uint64_t)(COL(c, COL_FREEOBJ, int16_t)[z] + 1) << 1;
-    memcpy(hdr, &word, 8);
-    COL(c, COL_FREEOBJ, int16_t)[z] = idx;
-    COL(c, COL_INUSE, uint16_t)[z] -= 1;
+    v = PyLong_AsLongLongAndOverflow(arg, &overflow);
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(arg);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            u = 0;
+        }
+        *handle = u;
+        return 0;
+    }
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *handle = v > 0 ? (unsigned long)v : 0;
     return 0;
 }
 
-#define OBJ_COLS ((1u << COL_FREEOBJ) | (1u << COL_UNUSED) \
-                  | (1u << COL_INUSE) | (1u << COL_FRAMES))
-
-/* zs_obj(cls, views, op, z, arg): op 0 takes an object of zspage z for
- * handle arg and returns its index; op 1 puts object arg back.  For
- * compaction (class lock held). */
-static PyObject *
-fp_zs_obj(PyObject *module, PyObject *args)
-{
-    PyObject *cls, *views;
-    int op;
-    long z, csize, ppz, huge, r = 0;
-    unsigned long long arg;
-    Cols c;
-    if (!PyArg_ParseTuple(args, "OO!ilK", &cls, &PyList_Type, &views, &op,
-                          &z, &arg))
-        return NULL;
-    if (attr_long(cls, s_size, &csize) < 0 || attr_long(cls, s_ppz, &ppz) < 0
-            || attr_long(cls, s_huge, &huge) < 0)
-        return NULL;
-    if (cols_take(&c, cls, OBJ_COLS | (huge ? 1u << COL_HANDLE : 0)) < 0)
-        return NULL;
-    if (check_zspage(&c, z, 0) < 0) {
-        cols_drop(&c);
-        return NULL;
-    }
-    if (op == 0)
-        r = obj_take(&c, views, csize, ppz, huge, z, arg);
-    else if (huge)
-        PyErr_SetString(PyExc_ValueError, "zs_obj: a huge class has no"
-                        " free list");
-    else
-        r = obj_put(&c, views, csize, ppz, z, (long)arg);
-    cols_drop(&c);
-    if (PyErr_Occurred())
-        return NULL;
-    return PyLong_FromLong(r);
-}
-
-/* zs_malloc(pool, size) -> handle.  Pool.malloc in full; size checked. */
-static uint64_t
-pool_malloc(PyObject *pool, PyObject *class_for, PyObject *views, long size)
-{
-    PyObject *cls, *lock = NULL, *fullness = NULL, *r;
-    long csize, ppz, index, huge, nonempty, z, g, row, idx, inuse;
-    long new_group;
-    uint64_t handle = 0;
-    Cols c;
-
-    cls = PyList_GET_ITEM(class_for, size);
-    if (!(lock = PyObject_GetAttr(cls, s_lock)))
-        return 0;
-    if (lock_call(lock, s_acquire) < 0) {
-        Py_DECREF(lock);
-        return 0;
-    }
-    if (attr_long(cls, s_size, &csize) < 0 || attr_long(cls, s_ppz, &ppz) < 0
-            || attr_long(cls, s_index, &index) < 0
-            || attr_long(cls, s_huge, &huge) < 0
-            || attr_long(cls, s_nonempty, &nonempty) < 0)
-        goto out;
-    if (nonempty & GROUPS_WITH_ROOM) {
-        /* find_get_zspage(): the head of the fullest group with room */
-        long room = nonempty & GROUPS_WITH_ROOM;
-        g = 0;
-        while (room >> (g + 1))
-            g++;
-        z = -1;                          /* read from heads below */
-    } else {
-        if (!(r = PyObject_CallMethodOneArg(pool, s_new_zspage, cls)))
-            goto out;
-        z = PyLong_AsLong(r);
-        Py_DECREF(r);
-        if (z == -1 && PyErr_Occurred())
-            goto out;
-        g = ZS_ISOLATED;
-    }
-    {
-        PyObject *fh = PyObject_GetAttr(cls, s_free_handles);
-        Py_ssize_t n = fh ? PyObject_Length(fh) : -1;
-        if (n < 0) {
-            Py_XDECREF(fh);
-            goto out;
-        }
-        r = n ? PyObject_CallMethodNoArgs(fh, s_pop)
-              : PyObject_CallMethodOneArg(pool, s_new_row, cls);
-        Py_DECREF(fh);
-        if (!r)
-            goto out;
-        row = PyLong_AsLong(r);
-        Py_DECREF(r);
-        if (row == -1 && PyErr_Occurred())
-            goto out;
-    }
-    handle = (uint64_t)row << HANDLE_CLASS_BITS | (uint64_t)index;
-    if (!(fullness = PyObject_GetAttr(cls, s_fullness)))
-        goto out_fail;
-    if (!PyBytes_Check(fullness)) {
-        PyErr_SetString(PyExc_TypeError, "malloc: fullness is not bytes");
-        goto out_fail;
-    }
-    if (cols_take(&c, cls, ~0u & ~(huge ? 0 : 1u << COL_HANDLE)) < 0)
-        goto out_fail;
-    if (z < 0)
-        z = COL(&c, COL_HEADS, int32_t)[g];
-    if (check_zspage(&c, z, g != ZS_ISOLATED) < 0
-            || row >= c.b[COL_SIZES].len / 2 || row >= c.b[COL_LOC].len / 8) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError,
-                            "malloc: pool columns disagree");
-        cols_drop(&c);
-        goto out_fail;
-    }
-    if ((idx = obj_take(&c, views, csize, ppz, huge, z, handle)) < 0) {
-        cols_drop(&c);
-        goto out_fail;
-    }
-    inuse = COL(&c, COL_INUSE, uint16_t)[z];
-    if (inuse >= PyBytes_GET_SIZE(fullness)) {
-        PyErr_SetString(PyExc_RuntimeError, "malloc: zspage over-full");
-        cols_drop(&c);
-        goto out_fail;
-    }
-    new_group = (unsigned char)PyBytes_AS_STRING(fullness)[inuse];
-    if (new_group != g) {
-        if (g != ZS_ISOLATED)
-            list_unlink(&c, z);
-        list_link(&c, z, new_group);
-    }
-    COL(&c, COL_LOC, uint64_t)[row] = (uint64_t)z << OBJ_INDEX_BITS | idx;
-    COL(&c, COL_SIZES, uint16_t)[row] = size;
-    if (cols_put(&c) < 0 || add_to_attr(cls, s_obj_used, 1) < 0)
-        goto out_fail;
-    goto out;
-
-out_fail:
-    handle = 0;
-    if (!PyErr_Occurred())
-        PyErr_SetString(PyExc_RuntimeError, "malloc failed");
-out:
-    Py_XDECREF(fullness);
-    if (PyErr_Occurred()) {
-        handle = 0;
-        lock_release_keep_error(lock);
-    } else if (lock_call(lock, s_release) < 0) {
-        handle = 0;
-    }
-    Py_DECREF(lock);
-    return handle;
-}
-
-/* zs_free(pool, handle); Pool.free in full.  0, or -1 with an error. */
 static int
-pool_free(PyObject *pool, PyObject *handle_class, PyObject *views,
-          PyObject *arena, uint64_t handle)
+not_allocated(const char *op, PyObject *handle)
 {
-    PyObject *cls, *lock, *frames = NULL, *r;
-    uint64_t row = handle >> HANDLE_CLASS_BITS, loc;
-    long csize, ppz, inuse;
-    int32_t z;
-    Cols c;
+    PyErr_Format(PyExc_ValueError, "%s: handle %R is not allocated", op,
+                 handle);
+    return -1;
+}
 
-    cls = PyList_GET_ITEM(handle_class, handle & HANDLE_CLASS_MASK);
-    if (!(lock = PyObject_GetAttr(cls, s_lock)))
-        return -1;
-    if (lock_call(lock, s_acquire) < 0) {
-        Py_DECREF(lock);
-        return -1;
-    }
-    if (attr_long(cls, s_size, &csize) < 0 || attr_long(cls, s_ppz, &ppz) < 0)
-        goto out;
-    if (cols_take(&c, cls, LIST_COLS | (1u << COL_INUSE) | (1u << COL_FREEOBJ)
-                  | (1u << COL_FRAMES) | (1u << COL_LOC) | (1u << COL_SIZES)) < 0)
-        goto out;
-    if (row == 0 || row >= (uint64_t)(c.b[COL_SIZES].len / 2)
-            || !COL(&c, COL_SIZES, uint16_t)[row]) {
-        cols_drop(&c);
-        r = PyLong_FromUnsignedLongLong(handle);
-        if (r) {
-            PyErr_Format(PyExc_ValueError, "free: handle %R is not allocated", r);
-            Py_DECREF(r);
-        }
-        goto out;
-    }
-    loc = COL(&c, COL_LOC, uint64_t)[row];
-    if (check_zspage(&c, (long)(loc >> OBJ_INDEX_BITS), 1) < 0) {
-        cols_drop(&c);
-        goto out;
-    }
-    COL(&c, COL_LOC, uint64_t)[row] = 0;
-    COL(&c, COL_SIZES, uint16_t)[row] = 0;
-    z = (int32_t)(loc >> OBJ_INDEX_BITS);
-    /* The row and the count go first: releasing the class's last zspage
-     * (below) clears the whole class. */
-    if (add_to_attr(cls, s_obj_used, -1) < 0) {
-        cols_drop(&c);
-        goto out;
-    }
-    {
-        PyObject *fh = PyObject_GetAttr(cls, s_free_handles), *ro = NULL;
-        r = NULL;
-        if (fh && (ro = PyLong_FromUnsignedLongLong(row)))
-            r = PyObject_CallMethodOneArg(fh, s_append, ro);
-        Py_XDECREF(ro);
-        Py_XDECREF(fh);
-        if (!r) {
-            cols_drop(&c);
-            goto out;
-        }
-        Py_DECREF(r);
-    }
-    inuse = COL(&c, COL_INUSE, uint16_t)[z] - 1;
-    if (inuse) {
-        /* a huge zspage (one object) never gets here, so the object has
-         * a header */
-        PyObject *fullness = PyObject_GetAttr(cls, s_fullness);
-        long new_group;
-        if (!fullness || !PyBytes_Check(fullness)
-                || obj_put(&c, views, csize, ppz, z, loc & OBJ_INDEX_MASK) < 0) {
-            Py_XDECREF(fullness);
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "free: fullness is not bytes");
-            cols_drop(&c);
-            goto out;
-        }
-        new_group = (unsigned char)PyBytes_AS_STRING(fullness)[inuse];
-        Py_DECREF(fullness);
-        if (new_group != COL(&c, COL_GROUP, uint8_t)[z]) {
-            list_unlink(&c, z);
-            list_link(&c, z, new_group);
-        }
-        if (cols_put(&c) < 0)
-            goto out;
-    } else {
-        PyObject *zo;
-        COL(&c, COL_INUSE, uint16_t)[z] = 0;
-        list_unlink(&c, z);
-        if (cols_put(&c) < 0)
-            goto out;
-        if (!(zo = PyLong_FromLong(z)))
-            goto out;
-        frames = PyObject_CallMethodObjArgs(pool, s_release_zspage, cls, zo,
-                                            NULL);
-        Py_DECREF(zo);
-        if (!frames)
-            goto out;
-    }
-out:
-    if (PyErr_Occurred()) {
-        lock_release_keep_error(lock);
-        Py_DECREF(lock);
-        Py_XDECREF(frames);
+/* zs_free's failures as Python errors: 0, or -1 with one set. */
+static int
+pool_free_or_raise(struct zs_pool *zs, unsigned long handle)
+{
+    int r = zs_free(zs, handle);
+    if (r == -EINVAL) {
+        PyErr_Format(PyExc_ValueError, "free: handle %lu is not allocated",
+                     handle);
         return -1;
     }
-    r = PyObject_CallMethodNoArgs(lock, s_release);
-    Py_DECREF(lock);
-    if (!r) {
-        Py_XDECREF(frames);
+    if (r < 0) {
+        errno = -r;
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
-    }
-    Py_DECREF(r);
-    if (frames) {
-        /* The arena's lock is taken after the class lock is let go. */
-        r = PyObject_CallMethodOneArg(arena, s_free, frames);
-        Py_DECREF(frames);
-        if (!r)
-            return -1;
-        Py_DECREF(r);
     }
     return 0;
 }
 
-static PyObject *
-fp_zs_malloc(PyObject *module, PyObject *args)
+static int
+ZsPool_init(ZsPool *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *pool, *class_for, *views;
+    static char *kwlist[] = {"chain_size", NULL};
+    PyObject *chain = NULL;
+    long n = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O", kwlist, &chain))
+        return -1;
+    if (self->zs) {
+        PyErr_SetString(PyExc_TypeError, "ZsPool: already initialised");
+        return -1;
+    }
+    if (!chain)
+        n = CHAIN_SIZE_DEFAULT;
+    else if (PyLong_CheckExact(chain))
+        n = PyLong_AsLong(chain);
+    if (n < CHAIN_SIZE_MIN || n > CHAIN_SIZE_MAX) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "chain_size: %R; accepted: %d..%d",
+                     chain, CHAIN_SIZE_MIN, CHAIN_SIZE_MAX);
+        return -1;
+    }
+    if (!(self->zs = zs_create_pool((int)n))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    zs_set_lock_wait(self->zs, pool_lock_wait);
+    return 0;
+}
+
+static void
+ZsPool_dealloc(ZsPool *self)
+{
+    /* A pool with a read open (a caller's bug) is left mapped: its
+     * reader may still look. */
+    if (self->zs && zs_destroy_pool(self->zs) == 0)
+        self->zs = NULL;
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+ZsPool_malloc(ZsPool *self, PyObject *arg)
+{
+    struct zs_pool *zs = zs_of(self);
     long size;
-    uint64_t handle;
-    if (!PyArg_ParseTuple(args, "Ol", &pool, &size))
+    unsigned long handle;
+    if (!zs)
         return NULL;
+    size = PyLong_CheckExact(arg) ? PyLong_AsLong(arg) : 0;
     if (size <= 0 || size > ZS_MAX_ALLOC_SIZE) {
-        PyErr_Format(PyExc_ValueError, "malloc: size %ld; accepted: 1..%d",
-                     size, ZS_MAX_ALLOC_SIZE);
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "malloc: size %R; accepted: 1..%d",
+                     arg, ZS_MAX_ALLOC_SIZE);
         return NULL;
     }
-    class_for = PyObject_GetAttr(pool, s_class_for);
-    views = PyObject_GetAttr(pool, s_views);
-    handle = 0;
-    if (class_for && views) {
-        if (!PyList_CheckExact(class_for) || !PyList_CheckExact(views)
-                || PyList_GET_SIZE(class_for) <= ZS_MAX_ALLOC_SIZE)
-            PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
-        else
-            handle = pool_malloc(pool, class_for, views, size);
-    }
-    Py_XDECREF(class_for);
-    Py_XDECREF(views);
-    return handle ? PyLong_FromUnsignedLongLong(handle) : NULL;
+    if (!(handle = zs_malloc(zs, size)))
+        return PyErr_NoMemory();
+    return PyLong_FromUnsignedLong(handle);
 }
 
 static PyObject *
-fp_zs_free(PyObject *module, PyObject *args)
+ZsPool_free(ZsPool *self, PyObject *arg)
 {
-    PyObject *pool, *handle_class, *views, *arena;
-    unsigned long long handle;
-    int r = -1;
-    if (!PyArg_ParseTuple(args, "OK", &pool, &handle))
+    struct zs_pool *zs = zs_of(self);
+    unsigned long handle;
+    int r;
+    if (!zs)
         return NULL;
-    handle_class = PyObject_GetAttr(pool, s_handle_class);
-    views = PyObject_GetAttr(pool, s_views);
-    arena = PyObject_GetAttr(pool, s_arena_attr);
-    if (handle_class && views && arena) {
-        if (!PyList_CheckExact(handle_class) || !PyList_CheckExact(views)
-                || PyList_GET_SIZE(handle_class) != HANDLE_CLASS_MASK + 1)
-            PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
-        else
-            r = pool_free(pool, handle_class, views, arena, handle);
+    if (handle_arg(arg, &handle) < 0) {
+        PyErr_Clear();
+        handle = 0;
     }
-    Py_XDECREF(handle_class);
-    Py_XDECREF(views);
-    Py_XDECREF(arena);
+    r = zs_free(zs, handle);
+    if (r == -EINVAL)
+        return not_allocated("free", arg), NULL;
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_obj_size(ZsPool *self, PyObject *arg)
+{
+    struct zs_pool *zs = zs_of(self);
+    unsigned long handle;
+    if (!zs || handle_arg(arg, &handle) < 0)
+        return NULL;
+    return PyLong_FromSize_t(zs_obj_size(zs, handle));
+}
+
+static PyObject *
+ZsPool_obj_write(ZsPool *self, PyObject *args)
+{
+    struct zs_pool *zs = zs_of(self);
+    PyObject *h;
+    Py_buffer data;
+    unsigned long handle;
+    int r;
+    if (!zs || !PyArg_ParseTuple(args, "Oy*", &h, &data))
+        return NULL;
+    if (handle_arg(h, &handle) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    r = zs_obj_write(zs, handle, data.buf, data.len);
+    if (r < 0) {
+        size_t size = zs_obj_size(zs, handle);
+        if (!size)
+            not_allocated("obj_write", h);
+        else
+            PyErr_Format(PyExc_ValueError, "obj_write: %zd bytes into a"
+                         " %zu-byte object", data.len, size);
+    }
+    PyBuffer_Release(&data);
     if (r < 0)
         return NULL;
     Py_RETURN_NONE;
 }
+
+static PyObject *
+ZsPool_obj_read_begin(ZsPool *self, PyObject *args)
+{
+    struct zs_pool *zs = zs_of(self);
+    PyObject *h, *local, *view = NULL;
+    Py_buffer copy;
+    unsigned long handle;
+    const void *at;
+    size_t size;
+    if (!zs || !PyArg_ParseTuple(args, "OO", &h, &local))
+        return NULL;
+    if (handle_arg(h, &handle) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(local, &copy, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (copy.len < PAGE_SIZE) {
+        PyBuffer_Release(&copy);
+        PyErr_Format(PyExc_ValueError, "obj_read_begin: local_copy of %zd"
+                     " bytes; needs %d", copy.len, PAGE_SIZE);
+        return NULL;
+    }
+    at = zs_obj_read_begin(zs, handle, copy.buf, &size);
+    PyBuffer_Release(&copy);
+    if (!at)
+        return not_allocated("obj_read_begin", h), NULL;
+    if (at != copy.buf) {
+        /* zero-copy: the frame itself, valid until obj_read_end */
+        view = PyMemoryView_FromMemory((char *)at, size, PyBUF_READ);
+    } else {
+        /* spans two frames: a read-only view of the caller's copy */
+        PyObject *whole = PyMemoryView_FromObject(local), *part = NULL;
+        if (whole)
+            part = PySequence_GetSlice(whole, 0, size);
+        if (part)
+            view = PyObject_CallMethod(part, "toreadonly", NULL);
+        Py_XDECREF(part);
+        Py_XDECREF(whole);
+    }
+    if (!view)
+        zs_obj_read_end(zs, handle);
+    return view;
+}
+
+static PyObject *
+ZsPool_obj_read_end(ZsPool *self, PyObject *args)
+{
+    struct zs_pool *zs = zs_of(self);
+    PyObject *h, *view, *r;
+    unsigned long handle;
+    if (!zs || !PyArg_ParseTuple(args, "OO", &h, &view))
+        return NULL;
+    if (handle_arg(h, &handle) < 0)
+        return NULL;
+    if (!(r = PyObject_CallMethod(view, "release", NULL)))
+        return NULL;
+    Py_DECREF(r);
+    zs_obj_read_end(zs, handle);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_compact(ZsPool *self, PyObject *unused)
+{
+    struct zs_pool *zs = zs_of(self);
+    unsigned long freed;
+    if (!zs)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pool_gil_released = 1;
+    freed = zs_compact(zs);
+    pool_gil_released = 0;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLong(freed);
+}
+
+static PyObject *
+ZsPool_total_pages(ZsPool *self, PyObject *unused)
+{
+    struct zs_pool *zs = zs_of(self);
+    return zs ? PyLong_FromUnsignedLong(zs_get_total_pages(zs)) : NULL;
+}
+
+static PyObject *
+ZsPool_lookup_class_index(ZsPool *self, PyObject *arg)
+{
+    struct zs_pool *zs = zs_of(self);
+    long size;
+    if (!zs)
+        return NULL;
+    size = PyLong_AsLong(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size <= 0 || size > ZS_MAX_ALLOC_SIZE) {
+        PyErr_Format(PyExc_ValueError, "lookup_class_index: size %ld;"
+                     " accepted: 1..%d", size, ZS_MAX_ALLOC_SIZE);
+        return NULL;
+    }
+    return PyLong_FromLong(zs_lookup_class_index(zs, size));
+}
+
+/* class_stats() -> [(index, size, fullness, obj_allocated, obj_used,
+ * pages_used, pages_per_zspage, objs_per_zspage, freeable)], a row per
+ * unmerged class, each taken under its lock. */
+static PyObject *
+ZsPool_class_stats(ZsPool *self, PyObject *unused)
+{
+    struct zs_pool *zs = zs_of(self);
+    PyObject *rows;
+    int i, n;
+    if (!zs)
+        return NULL;
+    n = zs_class_count(zs);
+    if (!(rows = PyList_New(n)))
+        return NULL;
+    for (i = 0; i < n; i++) {
+        struct zs_class_stat st;
+        PyObject *fullness, *row;
+        int g;
+        zs_class_stats(zs, i, &st);
+        if (!(fullness = PyTuple_New(NR_FULLNESS_GROUPS - 1)))
+            goto fail;
+        for (g = 0; g < NR_FULLNESS_GROUPS - 1; g++) {
+            PyObject *v = PyLong_FromUnsignedLong(st.fullness[g]);
+            if (!v) {
+                Py_DECREF(fullness);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(fullness, g, v);
+        }
+        row = Py_BuildValue("iiNkkkiik", st.index, st.size, fullness,
+                            st.obj_allocated, st.obj_used, st.pages_used,
+                            st.pages_per_zspage, st.objs_per_zspage,
+                            st.freeable);
+        if (!row)
+            goto fail;
+        PyList_SET_ITEM(rows, i, row);
+    }
+    return rows;
+fail:
+    Py_DECREF(rows);
+    return NULL;
+}
+
+static PyObject *
+ZsPool_audit(ZsPool *self, PyObject *unused)
+{
+    struct zs_pool *zs = zs_of(self);
+    char why[256];
+    int r;
+    if (!zs)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pool_gil_released = 1;
+    r = zs_audit(zs, why, sizeof(why));
+    pool_gil_released = 0;
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        PyErr_SetString(PyExc_AssertionError, why);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_plant_fault(ZsPool *self, PyObject *args)
+{
+    struct zs_pool *zs = zs_of(self);
+    long size;
+    const char *what;
+    if (!zs || !PyArg_ParseTuple(args, "ls", &size, &what))
+        return NULL;
+    if (size <= 0 || zs_plant_fault(zs, size, what) < 0) {
+        PyErr_Format(PyExc_ValueError, "_plant_fault: nothing to break for"
+                     " %s in the class of %ld bytes", what, size);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_close(ZsPool *self, PyObject *unused)
+{
+    int r;
+    if (!self->zs)
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    pool_gil_released = 1;
+    r = zs_destroy_pool(self->zs);
+    pool_gil_released = 0;
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        PyErr_SetString(PyExc_BufferError, "pool: close with a read open"
+                        " (obj_read_begin without obj_read_end)");
+        return NULL;
+    }
+    self->zs = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_get_huge_class_size(ZsPool *self, void *closure)
+{
+    struct zs_pool *zs = zs_of(self);
+    return zs ? PyLong_FromSize_t(zs_huge_class_size(zs)) : NULL;
+}
+
+static PyObject *
+ZsPool_get_pages_compacted(ZsPool *self, void *closure)
+{
+    struct zs_pool *zs = zs_of(self);
+    return zs ? PyLong_FromUnsignedLong(zs_pages_compacted(zs)) : NULL;
+}
+
+static PyObject *
+ZsPool_get_closed(ZsPool *self, void *closure)
+{
+    return PyBool_FromLong(!self->zs);
+}
+
+static PyMethodDef ZsPool_methods[] = {
+    {"malloc", (PyCFunction)ZsPool_malloc, METH_O,
+     "malloc(size) -> handle: a new object of size bytes (1..4096);"
+     " ValueError for other sizes, MemoryError when out of memory."},
+    {"free", (PyCFunction)ZsPool_free, METH_O,
+     "free(handle): free the object now; ValueError if not allocated."},
+    {"obj_size", (PyCFunction)ZsPool_obj_size, METH_O,
+     "obj_size(handle) -> the size it was allocated with, 0 if not."},
+    {"obj_write", (PyCFunction)ZsPool_obj_write, METH_VARARGS,
+     "obj_write(handle, data): copy data (at most obj_size bytes) into"
+     " the object."},
+    {"obj_read_begin", (PyCFunction)ZsPool_obj_read_begin, METH_VARARGS,
+     "obj_read_begin(handle, local_copy) -> read-only memoryview of the"
+     " object: its frame, or local_copy (>= 4096 bytes) when it spans two."
+     "  Compaction leaves it in place until obj_read_end."},
+    {"obj_read_end", (PyCFunction)ZsPool_obj_read_end, METH_VARARGS,
+     "obj_read_end(handle, view): release a view from obj_read_begin."},
+    {"compact", (PyCFunction)ZsPool_compact, METH_NOARGS,
+     "compact() -> frames freed (zs_compact)."},
+    {"total_pages", (PyCFunction)ZsPool_total_pages, METH_NOARGS,
+     "total_pages() -> frames held by zspages (zs_get_total_pages)."},
+    {"lookup_class_index", (PyCFunction)ZsPool_lookup_class_index, METH_O,
+     "lookup_class_index(size) -> index of the class size bytes land in."},
+    {"class_stats", (PyCFunction)ZsPool_class_stats, METH_NOARGS,
+     "class_stats() -> a tuple per unmerged class (the classes file)."},
+    {"_audit", (PyCFunction)ZsPool_audit, METH_NOARGS,
+     "_audit(): AssertionError naming the first broken invariant."},
+    {"_plant_fault", (PyCFunction)ZsPool_plant_fault, METH_VARARGS,
+     "_plant_fault(size, what): tests only: break an invariant."},
+    {"close", (PyCFunction)ZsPool_close, METH_NOARGS,
+     "close(): give every frame back; BufferError while a read is open."},
+    {NULL}
+};
+
+static PyGetSetDef ZsPool_getset[] = {
+    {"huge_class_size", (getter)ZsPool_get_huge_class_size, NULL,
+     "the first object size stored in a huge class", NULL},
+    {"pages_compacted", (getter)ZsPool_get_pages_compacted, NULL,
+     "frames freed by compaction so far", NULL},
+    {"closed", (getter)ZsPool_get_closed, NULL, "close() was called", NULL},
+    {NULL}
+};
+
+static PyTypeObject ZsPoolType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "zramd._fastpath.ZsPool",
+    .tp_basicsize = sizeof(ZsPool),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "ZsPool(chain_size=8): the zsmalloc pool (csrc/zsmalloc.c).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ZsPool_init,
+    .tp_dealloc = (destructor)ZsPool_dealloc,
+    .tp_methods = ZsPool_methods,
+    .tp_getset = ZsPool_getset,
+};
 
 /* ---- the crew: helper threads for one request's pages ---------------------
  *
@@ -1223,11 +1078,7 @@ typedef struct {
     Py_ssize_t nr_pages;
     PyObject *lock_acquire[N_STRIPES];   /* bound methods of stripe locks */
     PyObject *lock_release[N_STRIPES];
-    PyObject *pool;
-    PyObject *class_for;                 /* list: class by object size */
-    PyObject *handle_class;              /* list: class by handle byte */
-    PyObject *views;                     /* list: the arena's chunk views */
-    PyObject *arena;
+    PyObject *pool;                      /* a ZsPool: its zs is used */
     int open;
     int busy;                            /* read/write calls in progress */
 } SlotPaths;
@@ -1284,10 +1135,6 @@ SlotPaths_release(SlotPaths *self)
         Py_CLEAR(self->lock_release[i]);
     }
     Py_CLEAR(self->pool);
-    Py_CLEAR(self->class_for);
-    Py_CLEAR(self->handle_class);
-    Py_CLEAR(self->views);
-    Py_CLEAR(self->arena);
 }
 
 /* A read or write may let other threads run (waiting for a lock, or
@@ -1357,29 +1204,12 @@ SlotPaths_init(SlotPaths *self, PyObject *args, PyObject *kwds)
         if (!self->lock_acquire[i] || !self->lock_release[i])
             goto fail_all;
     }
+    if (!PyObject_TypeCheck(pool, &ZsPoolType)) {
+        PyErr_SetString(PyExc_TypeError, "pool: not a zramd._fastpath.ZsPool");
+        goto fail_all;
+    }
     Py_INCREF(pool);
     self->pool = pool;
-    /* The pool's internals this module shares (zsmalloc.py): the class
-     * of each handle byte, the arena's chunk views (a list that only
-     * grows) and the arena, for frames_in_use. */
-    self->handle_class = PyObject_GetAttrString(pool, "_handle_class");
-    self->views = PyObject_GetAttrString(pool, "_views");
-    self->arena = PyObject_GetAttrString(pool, "_arena");
-    self->class_for = PyObject_GetAttrString(pool, "_class_for");
-    if (!self->handle_class || !self->views || !self->arena
-            || !self->class_for)
-        goto fail_all;
-    if (!PyList_CheckExact(self->class_for)
-            || PyList_GET_SIZE(self->class_for) <= ZS_MAX_ALLOC_SIZE) {
-        PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
-        goto fail_all;
-    }
-    if (!PyList_CheckExact(self->handle_class)
-            || PyList_GET_SIZE(self->handle_class) != HANDLE_CLASS_MASK + 1
-            || !PyList_CheckExact(self->views)) {
-        PyErr_SetString(PyExc_TypeError, "pool: unexpected layout");
-        goto fail_all;
-    }
     return 0;
 
 fail_counters:
@@ -1412,107 +1242,11 @@ SlotPaths_close(SlotPaths *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* An object's place in the frames: filled in under its class lock. */
-typedef struct {
-    PyObject *lock;                 /* the class lock, held */
-    Cols cols;                      /* its LOC, SIZES and FRAMES */
-    unsigned size;                  /* the object's size */
-    char *first;                    /* its bytes in the first frame */
-    unsigned first_len;
-    char *second;                   /* and the rest, if it spans two */
-} ObjPlace;
-
-static char *
-frame_address(PyObject *views, uint32_t frame)
+/* The pool of a SlotPaths, or NULL with an error set (closed). */
+static struct zs_pool *
+paths_pool(SlotPaths *self)
 {
-    Py_ssize_t chunk = frame >> CHUNK_SHIFT;
-    PyObject *view;
-    if (chunk >= PyList_GET_SIZE(views))
-        return NULL;
-    view = PyList_GET_ITEM(views, chunk);
-    /* A released view (the arena closed) maps nothing any more. */
-    if (!PyMemoryView_Check(view)
-            || ((PyMemoryViewObject *)view)->flags & _Py_MEMORYVIEW_RELEASED)
-        return NULL;
-    return (char *)PyMemoryView_GET_BUFFER(view)->buf
-        + ((Py_ssize_t)(frame & CHUNK_MASK) << PAGE_SHIFT);
-}
-
-static int obj_unlock(ObjPlace *p);
-
-/* Take handle's class lock and find its bytes.  1: found (lock held, call
- * obj_unplace); 0: not a live handle (nothing held); -1: Python error. */
-static int
-obj_place(SlotPaths *self, uint64_t handle, ObjPlace *p)
-{
-    PyObject *cls;
-    Cols *c = &p->cols;
-    uint64_t row = handle >> HANDLE_CLASS_BITS, loc;
-    long csize, header, ppz, start;
-    int32_t z;
-
-    cls = PyList_GET_ITEM(self->handle_class, handle & HANDLE_CLASS_MASK);
-    if (attr_long(cls, s_size, &csize) < 0
-            || attr_long(cls, s_header, &header) < 0
-            || attr_long(cls, s_ppz, &ppz) < 0)
-        return -1;
-    if (!(p->lock = PyObject_GetAttr(cls, s_lock)))
-        return -1;
-    if (lock_call(p->lock, s_acquire) < 0) {
-        Py_DECREF(p->lock);
-        return -1;
-    }
-    /* Now the columns cannot change under us: take them. */
-    if (cols_take(c, cls, (1u << COL_LOC) | (1u << COL_SIZES)
-                  | (1u << COL_FRAMES)) < 0)
-        goto fail_locked;
-    if (row == 0 || row >= (uint64_t)(c->b[COL_SIZES].len / 2)
-            || !COL(c, COL_SIZES, uint16_t)[row]) {
-        cols_drop(c);
-        return obj_unlock(p) < 0 ? -1 : 0;
-    }
-    p->size = COL(c, COL_SIZES, uint16_t)[row];
-    loc = COL(c, COL_LOC, uint64_t)[row];
-    z = (int32_t)(loc >> OBJ_INDEX_BITS);
-    start = (long)(loc & OBJ_INDEX_MASK) * csize + header;
-    p->first_len = PAGE_SIZE - (start & PAGE_MASK);
-    p->second = NULL;
-    if (p->size > PAGE_SIZE
-            || !(p->first = chain_address(c, self->views, ppz, z, start)))
-        goto corrupt;
-    if (p->size > p->first_len) {
-        if (!(p->second = chain_address(c, self->views, ppz, z,
-                                        start + p->first_len)))
-            goto corrupt;
-    } else {
-        p->first_len = p->size;
-    }
-    return 1;
-
-corrupt:
-    cols_drop(c);
-    PyErr_Format(PyExc_RuntimeError, "pool: handle %llu points outside the"
-                 " arena (or the pool is closed)", (unsigned long long)handle);
-fail_locked:
-    lock_release_keep_error(p->lock);
-    Py_DECREF(p->lock);
-    return -1;
-}
-
-/* Let the class lock go (the columns already are). */
-static int
-obj_unlock(ObjPlace *p)
-{
-    int r = lock_call(p->lock, s_release);
-    Py_DECREF(p->lock);
-    return r;
-}
-
-static int
-obj_unplace(ObjPlace *p)
-{
-    cols_drop(&p->cols);
-    return obj_unlock(p);
+    return zs_of((ZsPool *)self->pool);
 }
 
 /* The native codec of a compressor object, or NULL (no error set). */
@@ -1600,7 +1334,7 @@ comp_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
  * Device._read_sector does with touch=True, until a sector needs the
  * Python path.  Phase one, holding the GIL, takes each slot under its
  * stripe lock: same-filled pages and holes are filled in, huge ones copied
- * out, compressed objects copied to a scratch area (under the class lock)
+ * out, compressed objects copied to a scratch area (obj_read_begin)
  * and what the slot held noted.  Phase two decompresses, with the crew and
  * without the GIL when there are several.  A sector that does not
  * decompress ends the call there, and the Python path reads it and raises
@@ -1622,6 +1356,7 @@ slot_paths_read(SlotPaths *self, PyObject *args)
     DecompArgs dargs = {0};
     int hands = 0, n_dctx = 0, locked = -1, touched = 0;
     PyObject *batch_comp = NULL;       /* dargs.codec's compressor, held */
+    struct zs_pool *zs;
     /* A single sector (fio, swap-ins) needs no heap and no crew: read,
      * decompress and touch it in one go under its lock, as the Python
      * path does. */
@@ -1634,7 +1369,8 @@ slot_paths_read(SlotPaths *self, PyObject *args)
         return NULL;
     if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
         return NULL;
-    if (get_out_range(self, first, out.len, &count) < 0)
+    if (get_out_range(self, first, out.len, &count) < 0
+            || !(zs = paths_pool(self)))
         goto error;
     if (!(t0_o = PyObject_GetAttr(device, s_t0)))
         goto error;
@@ -1688,8 +1424,9 @@ slot_paths_read(SlotPaths *self, PyObject *args)
         } else {
             Codec *codec = NULL;
             PyObject *comp = NULL;
-            ObjPlace p;
-            int found, err;
+            const char *at;
+            size_t size;
+            int err;
             if (!(meta & ZRAM_HUGE)) {
                 /* The compressor is looked up for every sector, under its
                  * lock: the id alone does not do, as between two sectors
@@ -1712,47 +1449,49 @@ slot_paths_read(SlotPaths *self, PyObject *args)
             }
             if (!(meta & ZRAM_HUGE) && !codec) {
                 stop = 1;
-            } else if ((found = obj_place(self, handle, &p)) < 0) {
-                goto error;
-            } else if (!found || p.size != (meta & SIZE_MASK)
-                       || ((meta & ZRAM_HUGE) && p.size != PAGE_SIZE)) {
-                if (found && obj_unplace(&p) < 0)
-                    goto error;
+            } else if (!(at = zs_obj_read_begin(zs, handle,
+                                                meta & ZRAM_HUGE ? dst : obj,
+                                                &size))
+                       || size != (meta & SIZE_MASK)
+                       || ((meta & ZRAM_HUGE) && size != PAGE_SIZE)) {
+                if (at)
+                    zs_obj_read_end(zs, handle);
                 stop = 1;
-            } else {
-                char *to = meta & ZRAM_HUGE ? dst : obj;
-                memcpy(to, p.first, p.first_len);
-                if (p.second)
-                    memcpy(to + p.first_len, p.second, p.size - p.first_len);
-                if (count == 1 && !(meta & ZRAM_HUGE)) {
-                    ZSTD_DCtx *dctx = NULL;
-                    const char *why;
-                    if (codec->kind == KIND_ZSTD
-                            && !(dctx = codec_take_dctx(codec))) {
-                        obj_unplace(&p);
-                        goto error;
-                    }
-                    why = codec_decompress(codec, dctx, obj, p.size, dst);
-                    if (dctx)
-                        codec_give_dctx(codec, dctx);
-                    if (why)
-                        stop = 1;      /* the Python path raises it */
-                } else if (!(meta & ZRAM_HUGE)) {
-                    if (!dargs.codec) {
-                        /* Held until phase two is over: without the GIL a
-                         * retired dictionary's codec could go meanwhile.
-                         * Its compressor too: held, it is never another
-                         * at the same address. */
-                        Py_INCREF(codec);
-                        dargs.codec = codec;
-                        Py_INCREF(comp);
-                        batch_comp = comp;
-                    }
-                    item_sector[n_items] = i;
-                    item_size[n_items++] = p.size;
-                }
-                if (obj_unplace(&p) < 0)
+            } else if (meta & ZRAM_HUGE) {
+                if (at != dst)
+                    memcpy(dst, at, PAGE_SIZE);
+                zs_obj_read_end(zs, handle);
+            } else if (count == 1) {
+                /* straight from the frame (or the copy when it spans) */
+                ZSTD_DCtx *dctx = NULL;
+                const char *why;
+                if (codec->kind == KIND_ZSTD
+                        && !(dctx = codec_take_dctx(codec))) {
+                    zs_obj_read_end(zs, handle);
                     goto error;
+                }
+                why = codec_decompress(codec, dctx, at, size, dst);
+                zs_obj_read_end(zs, handle);
+                if (dctx)
+                    codec_give_dctx(codec, dctx);
+                if (why)
+                    stop = 1;      /* the Python path raises it */
+            } else {
+                if (at != obj)
+                    memcpy(obj, at, size);
+                zs_obj_read_end(zs, handle);
+                if (!dargs.codec) {
+                    /* Held until phase two is over: without the GIL a
+                     * retired dictionary's codec could go meanwhile.
+                     * Its compressor too: held, it is never another
+                     * at the same address. */
+                    Py_INCREF(codec);
+                    dargs.codec = codec;
+                    Py_INCREF(comp);
+                    batch_comp = comp;
+                }
+                item_sector[n_items] = i;
+                item_size[n_items++] = size;
             }
         }
         was_meta[i] = meta;
@@ -1948,13 +1687,15 @@ slot_paths_write(SlotPaths *self, PyObject *args)
     Batch batch = {0};
     PlanArgs pargs;
     int hands = 0, n_cctx = 0, k;
+    struct zs_pool *zs;
 
     if (!PyArg_ParseTuple(args, "OOnn", &device, &data_o, &first,
                           &huge_class_size))
         return NULL;
     if (PyObject_GetBuffer(data_o, &data, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (get_out_range(self, first, data.len, &count) < 0)
+    if (get_out_range(self, first, data.len, &count) < 0
+            || !(zs = paths_pool(self)))
         goto done;
     if (huge_class_size < 2 || huge_class_size > PAGE_SIZE) {
         PyErr_SetString(PyExc_ValueError, "huge_class_size out of range");
@@ -2031,18 +1772,16 @@ slot_paths_write(SlotPaths *self, PyObject *args)
             const char *src = size == PAGE_SIZE ? (const char *)data.buf
                 + (i << PAGE_SHIFT) : scratch + i * SCRATCH_STRIDE;
             long pages, max_used;
-            ObjPlace p;
-            int found;
             meta = size == PAGE_SIZE ? ZRAM_HUGE
                                      : (uint32_t)dict_id << DICT_SHIFT;
-            handle = pool_malloc(self->pool, self->class_for, self->views,
-                                 size);
-            if (!handle)
+            if (!(handle = zs_malloc(zs, size))) {
+                PyErr_NoMemory();
                 goto done;
+            }
             have_new = 1;
             /* update_used_max(), and the limit as zram_can_store_page() */
-            if (attr_long(self->arena, s_frames_in_use, &pages) < 0
-                    || attr_long(device, s_max_used_pages, &max_used) < 0)
+            pages = zs_get_total_pages(zs);
+            if (attr_long(device, s_max_used_pages, &max_used) < 0)
                 goto done_free_new;
             if (pages > max_used) {
                 PyObject *pages_o = PyLong_FromLong(pages), *r = NULL;
@@ -2056,13 +1795,11 @@ slot_paths_write(SlotPaths *self, PyObject *args)
             }
             if (limit_pages && pages > limit_pages)
                 goto undo;                 /* Python raises NoSpaceError */
-            if ((found = obj_place(self, handle, &p)) <= 0)
+            if (zs_obj_write(zs, handle, src, size) < 0) {
+                PyErr_SetString(PyExc_RuntimeError, "pool: a new object"
+                                " refused its bytes");
                 goto done_free_new;
-            memcpy(p.first, src, p.first_len);
-            if (p.second)
-                memcpy(p.second, src + p.first_len, size - p.first_len);
-            if (obj_unplace(&p) < 0)
-                goto done_free_new;
+            }
             meta |= size;
         }
 
@@ -2126,27 +1863,19 @@ slot_paths_write(SlotPaths *self, PyObject *args)
         }
         if (call_lock(self->lock_release[stripe]) < 0)
             goto done;
-        if (old && pool_free(self->pool, self->handle_class, self->views,
-                             self->arena, old) < 0)
+        if (old && pool_free_or_raise(zs, old) < 0)
             goto done;
         continue;
 
     undo:
         /* This sector goes to the Python path: give the object back. */
-        if (have_new && pool_free(self->pool, self->handle_class,
-                                  self->views, self->arena, handle) < 0)
+        if (have_new && pool_free_or_raise(zs, handle) < 0)
             goto done;
         break;
 
     done_free_new:
-        if (have_new) {
-            PyObject *exc, *val, *tb;
-            PyErr_Fetch(&exc, &val, &tb);
-            pool_free(self->pool, self->handle_class, self->views,
-                      self->arena, handle);
-            PyErr_Clear();
-            PyErr_Restore(exc, val, tb);
-        }
+        if (have_new)
+            zs_free(zs, handle);       /* ours: it cannot fail */
         goto done;
     }
 
@@ -2239,17 +1968,6 @@ static PyMethodDef module_methods[] = {
     {"crew_limit", fp_crew_limit, METH_VARARGS,
      "crew_limit([n]) -> the previous limit: how many helper threads one"
      " request may use (0: none, the calling thread does it all)."},
-    {"zs_malloc", fp_zs_malloc, METH_VARARGS,
-     "zs_malloc(pool, size) -> handle: Pool.malloc."},
-    {"zs_free", fp_zs_free, METH_VARARGS,
-     "zs_free(pool, handle): Pool.free."},
-    {"zs_obj", fp_zs_obj, METH_VARARGS,
-     "zs_obj(cls, views, op, z, arg): op 0 takes an object of zspage z for"
-     " handle arg and returns its index, op 1 puts object arg back (class"
-     " lock held; obj_used is the caller's)."},
-    {"zs_list", fp_zs_list, METH_VARARGS,
-     "zs_list(cls, op, z, g=0): fullness list op 0 link, 1 unlink, 2 move"
-     " (class lock held)."},
     {NULL}
 };
 
@@ -2299,46 +2017,17 @@ PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     PyObject *m;
-    INTERN(s_lock, "lock");
-    INTERN(s_loc, "loc");
-    INTERN(s_sizes, "sizes");
-    INTERN(s_frames, "frames");
-    INTERN(s_size, "size");
-    INTERN(s_header, "header");
-    INTERN(s_ppz, "pages_per_zspage");
     INTERN(s_acquire, "acquire");
     INTERN(s_release, "release");
-    INTERN(s_malloc, "malloc");
-    INTERN(s_free, "free");
     INTERN(s_native, "native");
-    INTERN(s_frames_in_use, "frames_in_use");
     INTERN(s_primary, "_primary");
     INTERN(s_dict_comps, "_dict_comps");
     INTERN(s_limit_pages, "_limit_pages");
     INTERN(s_max_used_pages, "_max_used_pages");
     INTERN(s_note_pages_used, "_note_pages_used");
     INTERN(s_t0, "_t0");
-    INTERN(s_nonempty, "nonempty");
-    INTERN(s_obj_used, "obj_used");
-    INTERN(s_fullness, "fullness");
-    INTERN(s_huge, "huge");
-    INTERN(s_index, "index");
-    INTERN(s_class_for, "_class_for");
-    INTERN(s_new_zspage, "_new_zspage");
-    INTERN(s_new_row, "_new_row");
-    INTERN(s_release_zspage, "_release_zspage");
-    INTERN(s_pop, "pop");
-    INTERN(s_append, "append");
-    INTERN(s_free_handles, "free_handles");
-    INTERN(s_arena_attr, "_arena");
-    INTERN(s_handle_class, "_handle_class");
-    INTERN(s_views, "_views");
-    {
-        int i;
-        for (i = 0; i < N_COLS; i++)
-            INTERN(col_attr[i], col_names[i]);
-    }
-    if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&SlotPathsType) < 0)
+    if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&SlotPathsType) < 0
+            || PyType_Ready(&ZsPoolType) < 0)
         return NULL;
     if ((size_t)LZ4_compressBound(PAGE_SIZE) > SCRATCH_STRIDE
             || ZSTD_compressBound(PAGE_SIZE) > SCRATCH_STRIDE) {
@@ -2349,8 +2038,10 @@ PyInit__fastpath(void)
         return NULL;
     Py_INCREF(&CodecType);
     Py_INCREF(&SlotPathsType);
+    Py_INCREF(&ZsPoolType);
     if (PyModule_AddObject(m, "Codec", (PyObject *)&CodecType) < 0
-            || PyModule_AddObject(m, "SlotPaths", (PyObject *)&SlotPathsType) < 0)
+            || PyModule_AddObject(m, "SlotPaths", (PyObject *)&SlotPathsType) < 0
+            || PyModule_AddObject(m, "ZsPool", (PyObject *)&ZsPoolType) < 0)
         return NULL;
     {
         const struct named_constant *k;

@@ -7,6 +7,7 @@ directory is per test ($ZRAMD_RUNTIME_DIR)."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -122,10 +123,15 @@ class Env:
         with open(os.path.join(self.root, "proc/meminfo"), "w") as f:
             f.write("MemTotal:        1048576 kB\n")      # ram = 1024 MiB
 
+    names = ()
+
     def cgroups(self):
+        """zramd's memory cgroups of the devices this test configured (not
+        those of another suite running at the same time)."""
         try:
             return {e for e in os.listdir(attach.CGROUP_V1_MEMORY)
-                    if e.startswith("zramd-")}
+                    if any(re.fullmatch("zramd-%s-[0-9]+" % re.escape(n), e)
+                           for n in self.names)}
         except FileNotFoundError:
             return set()
 
@@ -137,6 +143,10 @@ class Env:
     def configure(self, text):
         with open(os.path.join(self.root, "etc/zramd/zramd.conf"), "w") as f:
             f.write(text)
+        self.names = tuple(set(self.names)
+                           | set(re.findall(r"^\[([^]]+)\]", text, re.M)))
+        # Left by an earlier run, not by this test.
+        self.cgroups_before = self.cgroups_before | self.cgroups()
 
     def state(self, name):
         with open(os.path.join(self.run, name + ".state.json")) as f:
@@ -353,11 +363,7 @@ def test_uses_a_running_server_and_leaves_it(env):
     errors = [line for line in srv.log().splitlines()
               if "error" in line and "python[1]:" not in line]
     assert errors == []
-    os.unlink(os.path.join(env.run, "nbdkit.log"))
-    for leftover in ("zrun.nbd", "zrun.sock"):
-        p = os.path.join(env.run, leftover)
-        if os.path.exists(p):
-            os.unlink(p)
+    _remove_server_sockets(env, "zrun", "nbdkit.log")
     assert env.left() == []
 
 
@@ -522,8 +528,11 @@ def _serve_as_the_unit(env, name):
     return server
 
 
-def _remove_server_sockets(env, name):
-    for leftover in (name + ".nbd", name + ".sock"):
+def _remove_server_sockets(env, name, *more):
+    """Remove what a server zramd up did not start (or that died) leaves
+    in the runtime directory: its sockets, and the files named in
+    ``more``."""
+    for leftover in (name + ".nbd", name + ".sock") + more:
         p = os.path.join(env.run, leftover)
         if os.path.exists(p):
             os.unlink(p)

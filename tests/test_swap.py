@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from test_attach import (REPO, _missing, _serve_as_the_unit, env,  # noqa: F401
-                         status_of)
+from test_attach import (REPO, _missing, _remove_server_sockets,  # noqa: F401
+                         _serve_as_the_unit, env, status_of)
 from zramd import attach
 
 pytestmark = pytest.mark.skipif(_missing() is not None,
@@ -211,10 +211,7 @@ def test_restarted_server_never_serves_the_old_swap(env):
         if server is not None:
             server.terminate()
             server.wait(30)
-    for leftover in ("zre.nbd", "zre.sock", "zre.server.log"):
-        path = os.path.join(env.run, leftover)
-        if os.path.exists(path):
-            os.unlink(path)
+    _remove_server_sockets(env, "zre", "zre.server.log")
     assert env.left() == []
 
 
@@ -233,8 +230,4 @@ def test_up_after_the_server_died_starts_afresh_and_says_so(env):
     assert running(again["server_pid"], "nbdkit")
     r = zramd(env, "down", "zup")
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    for leftover in ("zup.server.log",):
-        path = os.path.join(env.run, leftover)
-        if os.path.exists(path):
-            os.unlink(path)
     assert env.left() == []

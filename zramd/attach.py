@@ -42,6 +42,7 @@ with the device name: ``zramd0: swapon: ...``.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -556,6 +557,22 @@ def nbd_uri(socket_path, export=None):
         urllib.parse.quote(socket_path, safe="/"))
 
 
+#: Held from choosing a free /dev/nbdN until nbd-client has connected it:
+#: two zramd up at once (the attach units start in parallel at boot) chose
+#: the same device, and the second nbd-client failed.  Machine-wide, as
+#: the devices are, whatever the runtime directory.
+NBD_LOCK = "/run/lock/zramd-nbd.lock"
+
+
+def _nbd_lock():
+    """An open file holding NBD_LOCK (flock, exclusive); close it to let go."""
+    lock_dir = os.path.dirname(NBD_LOCK)
+    path = NBD_LOCK if os.path.isdir(lock_dir) else "/run/zramd-nbd.lock"
+    f = open(path, "a")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 def _free_nbd():
     i = 0
     while os.path.exists("/dev/nbd%d" % i):
@@ -566,15 +583,16 @@ def _free_nbd():
 
 
 def _attach_nbd_client(dev, state):
-    device = _free_nbd()
-    argv = ["nbd-client", "-unix", paths.nbd_socket(dev.name), device,
-            "-block-size", "4096"]
-    if state.get("server_instance"):
-        argv += ["-N", state["server_instance"]]
-    if dev.is_swap:
-        argv.append("-swap")
-    state.update(attach="nbd-client")
-    _run(dev.name, argv)
+    with _nbd_lock():
+        device = _free_nbd()
+        argv = ["nbd-client", "-unix", paths.nbd_socket(dev.name), device,
+                "-block-size", "4096"]
+        if state.get("server_instance"):
+            argv += ["-N", state["server_instance"]]
+        if dev.is_swap:
+            argv.append("-swap")
+        state.update(attach="nbd-client")
+        _run(dev.name, argv)
     state.update(block_device=device)
     _write_state(state)
 

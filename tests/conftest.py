@@ -6,6 +6,7 @@ End-to-end test modules start one real nbdkit per module on a Unix socket
 missing skips and says which (``require``), never silently.
 """
 
+import fcntl
 import os
 import shutil
 import sys
@@ -107,6 +108,22 @@ def module_server(tmp_path_factory):
     yield server
     assert server.stop() == 0, server.log()
     assert "Traceback" not in server.log(), server.log()
+
+
+#: Shared by every suite on this kernel, the host's and a release root's
+#: (scripts/release-root binds /dev).
+SWAP_LOCK = "/dev/shm/zramd-swap-tests.lock"
+
+
+@pytest.fixture
+def swap_lock():
+    """Hold the machine-wide lock of the tests that put swap areas to use.
+    The kernel spreads swapped pages over the areas of equal priority, so
+    two suites at once would swap into each other's devices, and pages
+    would be lost when the other suite's device went."""
+    with open(SWAP_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 class NbdClient:

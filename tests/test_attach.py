@@ -32,8 +32,9 @@ def _missing():
     return missing
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None,
-                                reason=_missing() or "")
+pytestmark = [pytest.mark.skipif(_missing() is not None,
+                                 reason=_missing() or ""),
+              pytest.mark.usefixtures("swap_lock")]
 
 
 # ---------------------------------------------------------------------------

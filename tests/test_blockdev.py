@@ -292,7 +292,7 @@ def swap_server(tmp_path):
 
 @pytest.mark.skipif(_cgroup_missing() is not None,
                     reason=_cgroup_missing() or "")
-def test_swap_workload_in_memory_cgroup(swap_server, tmp_path):
+def test_swap_workload_in_memory_cgroup(swap_lock, swap_server, tmp_path):
     server = swap_server
     dev = LoopDevice(server, str(tmp_path))
     cgroup = os.path.join(CGROUP_MEMORY, "zramd-test-%d" % os.getpid())

@@ -1007,7 +1007,9 @@ def take_down(state):
         if state.get("fuse_log"):
             _unlink(state["fuse_log"])
     if state.get("memory_cgroup"):
-        _remove_cgroup(state["memory_cgroup"])
+        if not _remove_cgroup(state["memory_cgroup"]):
+            _say(name, "%s: still holds processes; left in place"
+                 % state["memory_cgroup"])
         state.pop("memory_cgroup")
     state.pop("block_device", None)
     state.update(fuse_pid=None)

@@ -767,3 +767,22 @@ def test_real_stop_with_silent_clients(tmp_path_factory):
     for s in silent:
         assert s.recv(10) == b""
         s.close()
+
+
+def test_status_prints_what_the_server_reports(runtime, capsys, monkeypatch):
+    from zramd import procctl
+    monkeypatch.setattr(procctl, "facts", {
+        "instance": "0123abcd", "memory_lock": "onfault", "io_flusher": True,
+        "parent_death_signal_cleared": "SIGTERM"})
+    runtime("zramd0")
+    rc, out, err = run(capsys, "status", "zramd0")
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines == sorted(lines)
+    for line in ("instance: 0123abcd", "memory_lock: onfault",
+                 "io_flusher: true", "parent_death_signal_cleared: SIGTERM",
+                 "name: zramd0", "algorithm: lz4"):
+        assert line in lines, out
+    assert not any(l.startswith(("ok:", "version:")) for l in lines)
+    assert run(capsys, "status", "nosuch") == (
+        1, "", "zramd: nosuch: no such device\n")

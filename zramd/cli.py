@@ -393,6 +393,30 @@ def cmd_attr(args):
     return 0
 
 
+def cmd_status(args):
+    """Everything the server reports of itself, one ``key: value`` a line
+    (sorted), with ``lost:`` first when its zramd up state says so."""
+    status = 0
+    for name in args.devices or list_devices():
+        reason = lost_reason(name)
+        if reason:
+            status = fail(name, "lost: %s" % reason)
+            continue
+        try:
+            reply = control.call(socket_path(name), "status")
+        except control.ControlError as err:
+            status = fail(name, err)
+            continue
+        for key in sorted(k for k in reply if k not in ("ok", "version")):
+            value = reply[key]
+            if isinstance(value, str):
+                value = value.rstrip("\n")     # a sysfs line's own newline
+            if not isinstance(value, str) or "\n" in value:
+                value = json.dumps(value)
+            sys.stdout.write("%s: %s\n" % (key, value))
+    return status
+
+
 def cmd_classes(args):
     try:
         reply = control.call(socket_path(args.name), "get classes")
@@ -590,6 +614,15 @@ def build_parser():
     p.add_argument("value", metavar="VALUE", nargs="?",
                    help="value to write (omit to read)")
     p.set_defaults(func=cmd_attr)
+
+    p = sub.add_parser("status", help="print what a server reports of "
+                       "itself", description="Print the status of each "
+                       "device NAME (default: all), a 'key: value' line "
+                       "each: the stats of the table, and the server's own "
+                       "instance id, memory_lock, io_flusher and "
+                       "parent_death_signal_cleared.")
+    p.add_argument("devices", nargs="*", metavar="NAME")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("classes", help="print the pool's per-class table",
                        description="Print the zsmalloc size-class table of "

@@ -163,11 +163,6 @@ def open(readonly):
     return _device
 
 
-def close(h):
-    # nbdkit has joined this connection's worker threads by now.
-    threadstate.reap()
-
-
 def get_size(h):
     return h.size
 

@@ -540,7 +540,7 @@ def device_status(device, name):
     out["num_reads"] = device.num_reads
     out["num_writes"] = device.num_writes
     out["pid"] = os.getpid()
-    out["thread_states"] = len(threadstate.pinned)
+    out["thread_states"] = threadstate.count()
     out.update(procctl.facts)
     return out
 

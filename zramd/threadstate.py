@@ -49,22 +49,6 @@ def count():
     return _threadstate.count()
 
 
-class _Pinned:
-    """``len(pinned)``: the same as ``count()``."""
-
-    def __len__(self):
-        return _threadstate.count()
-
-
-pinned = _Pinned()
-
-
-def reap():
-    """Nothing left to do: each exiting thread frees its own state.  Kept
-    for callers from before that; returns 0."""
-    return 0
-
-
 # Thread exit must not take the GIL once the interpreter finalises: from
 # here on the interpreter clears the states left.
 atexit.register(_threadstate.stop)

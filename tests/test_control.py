@@ -655,9 +655,15 @@ def test_too_many_connections(served, monkeypatch):
     device, server = served
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 2)
     held = [raw_connection(server) for _ in range(2)]
-    for s, reader in held:          # served, then idle: held[0] the longest
+    for s, reader in held:
+        # Served, then idle, one after the other: held[0] is idle the
+        # longest.  The server marks a connection idle just after its
+        # reply is sent (busy, None, from its first byte until then), so
+        # wait for that before the next.
         s.sendall(b"ping\n")
         assert read_reply(reader)["ok"]
+        wait_for(lambda: None not in list(server._conns.values()),
+                 "the connection to be idle again")
     newcomer, newcomer_reader = raw_connection(server)
     with newcomer:
         newcomer.sendall(b"ping\n")

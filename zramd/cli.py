@@ -346,6 +346,28 @@ def fail(name, reason):
     return 1
 
 
+def answers(names, fetch):
+    """``fetch(name)`` of each device of NAMES (default: every device in
+    the runtime directory) that answers, and the exit status: 1 when one
+    was lost (its zramd up state says so) or did not answer, each said on
+    stderr."""
+    try:
+        names = names or list_devices()
+    except OSError as err:
+        return [], fail(paths.runtime_dir(), err.strerror or err)
+    replies, status = [], 0
+    for name in names:
+        reason = lost_reason(name)
+        if reason:
+            status = fail(name, "lost: %s" % reason)
+            continue
+        try:
+            replies.append(fetch(name))
+        except control.ControlError as err:
+            status = fail(name, err)
+    return replies, status
+
+
 def cmd_list(args):
     try:
         columns = (list(COLUMNS) if args.output_all
@@ -354,20 +376,7 @@ def cmd_list(args):
     except ValueError as err:
         sys.stderr.write("%s: %s\n" % (PROG, err))
         return 1
-    try:
-        names = args.devices or list_devices()
-    except OSError as err:
-        return fail(paths.runtime_dir(), err.strerror or err)
-    rows, status = [], 0
-    for name in names:
-        reason = lost_reason(name)
-        if reason:
-            status = fail(name, "lost: %s" % reason)
-            continue
-        try:
-            rows.append(fetch_status(name))
-        except control.ControlError as err:
-            status = fail(name, err)
+    rows, status = answers(args.devices, fetch_status)
     if args.json:
         sys.stdout.write(render_json(columns, rows, args.bytes))
     else:
@@ -396,17 +405,9 @@ def cmd_attr(args):
 def cmd_status(args):
     """Everything the server reports of itself, one ``key: value`` a line
     (sorted), with ``lost:`` first when its zramd up state says so."""
-    status = 0
-    for name in args.devices or list_devices():
-        reason = lost_reason(name)
-        if reason:
-            status = fail(name, "lost: %s" % reason)
-            continue
-        try:
-            reply = control.call(socket_path(name), "status")
-        except control.ControlError as err:
-            status = fail(name, err)
-            continue
+    replies, status = answers(
+        args.devices, lambda name: control.call(socket_path(name), "status"))
+    for reply in replies:
         for key in sorted(k for k in reply if k not in ("ok", "version")):
             value = reply[key]
             if isinstance(value, str):

@@ -3,7 +3,7 @@ one device at a time, the same run for each swap device.
 
     /usr/bin/python3 bench/swap.py [--records N] [--memory-high SIZE]
         [--memory-max SIZE] [--size SIZE] [--systems NAME,...]
-        [--page-cluster N] [--json FILE]
+        [--page-cluster N] [--rounds N] [--json FILE]
 
 The program is tests/swap_workload.py (Python records built and hashed,
 then hashed twice more once the kernel has swapped most of them out), run
@@ -24,7 +24,7 @@ Systems, each brought up, used as the only swap area, then taken down
 
 Per system: wall time, the workload's CPU time and major faults, pages
 swapped out and in (/proc/vmstat), the block device's requests and their
-mean size (/sys/block/DEV/stat), the server's CPU time and peak memory
+mean size and time (/sys/block/DEV/stat), the server's CPU time and peak memory
 (VmHWM of nbdkit, plus nbdfuse's; the kernel's mem_used_max for zram).
 Wall-time ratios are against the first system that ran (zram-lz4 by
 default).  Run as root, on a machine with no other swap area active.
@@ -115,9 +115,11 @@ def proc_cpu_seconds(pid):
 
 
 def block_stat(device):
-    """(reads, sectors read, writes, sectors written) of /dev/DEVICE."""
+    """(reads, sectors read, ms reading, writes, sectors written, ms
+    writing, ms busy) of /dev/DEVICE (Documentation/block/stat.rst)."""
     f = read("/sys/block/%s/stat" % os.path.basename(device)).split()
-    return tuple(int(f[i]) for i in (0, 2, 4, 6)) if len(f) >= 7 else None
+    return tuple(int(f[i]) for i in (0, 2, 3, 4, 6, 7, 9)) \
+        if len(f) >= 10 else None
 
 
 def kernel_nbd():
@@ -159,8 +161,18 @@ class KernelZram:
         if sh(["modprobe", "zram"], check=False).returncode != 0 and \
                 not os.path.exists("/sys/class/zram-control"):
             raise Skip("no zram module")
-        self.device = sh(["zramctl", "--find", "--size", str(self.size),
-                          "--algorithm", self.algorithm]).stdout.strip()
+        # A device just made by modprobe is probed by udev (blkid holds it
+        # open), and zramctl's reset then fails with EBUSY: settle first.
+        for attempt in range(10):
+            sh(["udevadm", "settle"], check=False)
+            proc = sh(["zramctl", "--find", "--size", str(self.size),
+                       "--algorithm", self.algorithm], check=False)
+            if proc.returncode == 0 or "busy" not in proc.stderr:
+                break
+            time.sleep(1)
+        if proc.returncode != 0:
+            raise RuntimeError("zramctl --find: %s" % proc.stderr.strip())
+        self.device = proc.stdout.strip()
         if not self.device:
             raise Skip("zramctl --find found no free zram device")
         sh(["mkswap", self.device])
@@ -406,12 +418,15 @@ def measure(name, args):
         out["pswpout"] = vm1["pswpout"] - vm0["pswpout"]
         out["pswpin"] = vm1["pswpin"] - vm0["pswpin"]
         if bs0 and bs1:
-            reads, rsec, writes, wsec = (b - a for a, b in zip(bs0, bs1))
-            out["device"] = {"reads": reads, "writes": writes,
-                             "mean_read_kib": round(rsec / 2 / reads, 1)
-                             if reads else 0,
-                             "mean_write_kib": round(wsec / 2 / writes, 1)
-                             if writes else 0}
+            reads, rsec, rms, writes, wsec, wms, busy = (
+                b - a for a, b in zip(bs0, bs1))
+            out["device"] = {
+                "reads": reads, "writes": writes, "busy_ms": busy,
+                "mean_read_kib": round(rsec / 2 / reads, 1) if reads else 0,
+                "mean_write_kib": round(wsec / 2 / writes, 1)
+                if writes else 0,
+                "mean_read_ms": round(rms / reads, 2) if reads else 0,
+                "mean_write_ms": round(wms / writes, 2) if writes else 0}
         alive = [p for p in servers if os.path.exists("/proc/%d" % p)]
         out["server_alive"] = len(alive) == len(servers)
         if servers:
@@ -443,28 +458,47 @@ def measure(name, args):
     return out
 
 
+def median_run(runs):
+    """Of one system's runs, the one whose wall time is the median (all
+    its figures are of one real run), with every run's wall time added;
+    the first failure if one failed."""
+    failed = [r for r in runs if r["status"] != "pass"]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["wall_seconds"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["wall_all"] = [r["wall_seconds"] for r in runs]
+    return out
+
+
 def table(results):
     base = next((r for r in results if r["status"] == "pass"), None)
     lines = ["| system | wall s | vs %s | pswpout | pswpin | workload CPU s "
-             "| server CPU s | server peak MiB | mean I/O KiB (r/w) |"
-             % (base["system"] if base else "-"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| server CPU s | server peak MiB | mean I/O KiB (r/w) "
+             "| mean I/O ms (r/w) |" % (base["system"] if base else "-"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         if r["status"] != "pass":
-            lines.append("| %s | %s: %s | | | | | | | |"
+            lines.append("| %s | %s: %s | | | | | | | | |"
                          % (r["system"], r["status"], r.get("detail", "")))
             continue
         dev = r.get("device", {})
         peak = r.get("server_peak_kib")
-        lines.append("| %s | %.1f | %.2fx | %d | %d | %.1f | %s | %s | %s |" % (
-            r["system"], r["wall_seconds"],
+        spread = r.get("wall_all", [])
+        lines.append("| %s | %s | %.2fx | %d | %d | %.1f | %s | %s | %s "
+                     "| %s |" % (
+            r["system"], "%.1f" % r["wall_seconds"] + (
+                " (%.0f-%.0f)" % (min(spread), max(spread))
+                if len(spread) > 1 else ""),
             r["wall_seconds"] / base["wall_seconds"], r["pswpout"],
             r["pswpin"], r["cpu_seconds"],
             "%.1f" % r["server_cpu_seconds"] if "server_cpu_seconds" in r
             else "(kernel)",
             "%.1f" % (peak / 1024) if peak is not None else "-",
             "%s/%s" % (dev.get("mean_read_kib", "-"),
-                       dev.get("mean_write_kib", "-"))))
+                       dev.get("mean_write_kib", "-")),
+            "%s/%s" % (dev.get("mean_read_ms", "-"),
+                       dev.get("mean_write_ms", "-"))))
     return "\n".join(lines)
 
 
@@ -508,6 +542,9 @@ def main(argv=None):
                    help="vm.page-cluster for the run (restored after)")
     p.add_argument("--timeout", type=int, default=1800,
                    help="seconds each workload may run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of every system; the median run of each is "
+                        "reported, with the range of its wall times")
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
     args.size = parse_size(args.size)
@@ -534,16 +571,25 @@ def main(argv=None):
            "debian": read("/etc/debian_version").strip(),
            "cpus": os.cpu_count(), "results": []}
     try:
-        for name in names:
-            print("bench/swap: %s ..." % name, file=sys.stderr, flush=True)
-            r = measure(name, args)
-            run["results"].append(r)
-            print("bench/swap: %s %s %s" % (
-                name, r["status"], r.get("detail") or
-                "%.1f s" % r.get("wall_seconds", 0)), file=sys.stderr,
-                flush=True)
+        runs = {name: [] for name in names}
+        for turn in range(args.rounds):
+            # Each round starts one system later, so that a drift of the
+            # machine's speed over the run does not always favour the same.
+            shift = turn % len(names)
+            for name in names[shift:] + names[:shift]:
+                print("bench/swap: round %d: %s ..." % (turn + 1, name),
+                      file=sys.stderr, flush=True)
+                r = measure(name, args)
+                r["round"] = turn + 1
+                runs[name].append(r)
+                print("bench/swap: %s %s %s" % (
+                    name, r["status"], r.get("detail") or
+                    "%.1f s" % r.get("wall_seconds", 0)), file=sys.stderr,
+                    flush=True)
     finally:
         write(cluster_file, old_cluster)
+    run["results"] = [median_run(runs[name]) for name in names]
+    run["rounds"] = args.rounds
     run["targets"] = targets(run["results"])
     if args.json:
         with open(args.json, "w") as f:

@@ -596,14 +596,28 @@ class ControlServer:
                 raise ControlError(err.message) from None
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound and listening under a temporary name, then linked to the
+        # real one: a client that finds the path finds a listener (between
+        # bind and listen a connect is refused, as if the socket were
+        # stale), and link(), unlike rename(), never replaces a socket
+        # another server put there meanwhile.
+        staging = os.path.join(directory, ".zramd-control.%d.%d"
+                               % (os.getpid(), threading.get_ident() % 10**6))
         try:
             # Linux takes the mode of the socket file from the socket's
             # inode at bind time: set it first, so there is no window in
             # which another user could connect.
             os.fchmod(sock.fileno(), 0o600)
-            sock.bind(self.path)
-            os.chmod(self.path, 0o600)
-            sock.listen(16)
+            sock.bind(staging)
+            try:
+                os.chmod(staging, 0o600)
+                sock.listen(16)
+                os.link(staging, self.path)
+            except FileExistsError:
+                raise ControlError("%s: another server is listening"
+                                   % self.path) from None
+            finally:
+                os.unlink(staging)
         except BaseException:
             sock.close()
             raise

@@ -29,10 +29,11 @@ RUN_PAGES = 16          # pages per run of one kind
 
 
 def parse_size(text):
+    """Bytes of "512M", "1.5G", "64MiB" or "4096"."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
+    text = text.strip().upper().rstrip("B").rstrip("I")
     if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
+        return int(float(text[:-1]) * units[text[-1]])
     return int(text)
 
 

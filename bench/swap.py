@@ -42,6 +42,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from bench.corpus import parse_size  # noqa: E402
+
 WORKLOAD = os.path.join(REPO, "tests", "swap_workload.py")
 PYTHON = "/usr/bin/python3"
 SYSTEMS = ("zram-lz4", "zram-zstd", "zramd-nbd", "zramd-nbdfuse",
@@ -78,14 +82,6 @@ def read(path, default=""):
 def write(path, text):
     with open(path, "w") as f:
         f.write(text)
-
-
-def parse_size(text):
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 def vmstat():
@@ -227,7 +223,6 @@ class Zramd:
             unload_nbd()
             self.reload_nbd = True
         sh(["zramd", "up", "--root", self.root, NAME], timeout=120)
-        sys.path.insert(0, REPO)
         from zramd import attach
         self.state = attach.read_state(NAME) or {}
         if self.state.get("attach") != self.attach:

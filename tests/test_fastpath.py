@@ -1,5 +1,5 @@
-"""Tests for zramd._fastpath: the device's whole-sector loops in C, the
-pool's error paths (zramd/csrc/zsmalloc.c, through its Python type), and
+"""Tests for zramd._fastpath: the device's requests in C (csrc/zram.c,
+through ``Zram``), the pool's error paths (zramd/csrc/zsmalloc.c, through its Python type), and
 the native codecs.
 
 The reference for the C loops is the device itself: ``Device(...,
@@ -14,8 +14,10 @@ dictionary id) and the same mm_stat, io_stat and read/write counts, with
     hypothesis       equivalence state machine, lz4 / lz4hc / zstd
     hand-made        a sector the C loop must hand back in the middle of a
                      request: over mem_limit, recompressed with a
-                     secondary algorithm, a trained dictionary (and one
-                     retired meanwhile), a corrupt object, a written-back
+                     secondary algorithm, a trained dictionary (and a
+                     retirement, which waits for the request: a stripe
+                     lock held by the test stops it half-way), a corrupt
+                     object, a written-back
                      slot, a codec with no native form (deflate)
     threads          overlapping multi-sector I/O with compaction and the
                      deferred-free drain; every sector ends as one of the

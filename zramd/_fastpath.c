@@ -821,53 +821,42 @@ Zram_close(Zram *self, PyObject *unused)
     Py_END_ALLOW_THREADS \
     atomic_fetch_sub(&self->busy, 1);
 
-/* read(out, first) -> sectors read into out (whole sectors) from sector
- * first; stops at a sector the caller must do. */
+/* read(out, first) and write(data, first): whole sectors of the buffer
+ * from sector first; the sectors done, stopping at one the caller must
+ * do. */
 static PyObject *
-Zram_read(Zram *self, PyObject *args)
+zram_request(Zram *self, PyObject *args, int write)
 {
     struct zram *z = zram_of(self);
-    Py_buffer out;
+    Py_buffer buf;
     Py_ssize_t first;
     ssize_t r;
-    if (!z || !PyArg_ParseTuple(args, "w*n", &out, &first))
+    if (!z || !PyArg_ParseTuple(args, write ? "y*n" : "w*n", &buf, &first))
         return NULL;
-    if (out.len % PAGE_SIZE || range_arg(self, first, out.len / PAGE_SIZE)) {
+    if (buf.len % PAGE_SIZE || range_arg(self, first, buf.len / PAGE_SIZE)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "not whole sectors");
-        PyBuffer_Release(&out);
+        PyBuffer_Release(&buf);
         return NULL;
     }
     CORE_BEGIN
-    r = zram_read(z, out.buf, first, out.len / PAGE_SIZE);
+    r = write ? zram_write(z, buf.buf, first, buf.len / PAGE_SIZE)
+              : zram_read(z, buf.buf, first, buf.len / PAGE_SIZE);
     CORE_END
-    PyBuffer_Release(&out);
+    PyBuffer_Release(&buf);
     return r < 0 ? core_error(r) : PyLong_FromSsize_t(r);
 }
 
-/* write(data, first) -> sectors stored from data at sector first; stops
- * at a sector the caller must do. */
+static PyObject *
+Zram_read(Zram *self, PyObject *args)
+{
+    return zram_request(self, args, 0);
+}
+
 static PyObject *
 Zram_write(Zram *self, PyObject *args)
 {
-    struct zram *z = zram_of(self);
-    Py_buffer data;
-    Py_ssize_t first;
-    ssize_t r;
-    if (!z || !PyArg_ParseTuple(args, "y*n", &data, &first))
-        return NULL;
-    if (data.len % PAGE_SIZE
-            || range_arg(self, first, data.len / PAGE_SIZE)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "not whole sectors");
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    CORE_BEGIN
-    r = zram_write(z, data.buf, first, data.len / PAGE_SIZE);
-    CORE_END
-    PyBuffer_Release(&data);
-    return r < 0 ? core_error(r) : PyLong_FromSsize_t(r);
+    return zram_request(self, args, 1);
 }
 
 /* discard(first, count) -> (sectors freed, [pool handles to free]) */

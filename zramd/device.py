@@ -53,7 +53,7 @@ so no page goes to a backing device being replaced.
 import threading
 from collections import namedtuple
 
-from . import _fastpath, compress
+from . import _fastpath, compress, postprocess
 # Slot flags (zram_drv.h enum zram_pageflags, above the size bits), the
 # stripes and the counter columns: zramd/csrc/zram_defs.h, one definition
 # for C and Python.
@@ -74,11 +74,10 @@ from .zsmalloc import Pool
 # that the slot still holds what it read (zram.c's SAME_PAGE_FLAGS).
 SAME_PAGE_FLAGS = IDLE | PP_SLOT | INCOMPRESSIBLE
 
-# Post-processing selections, as zram's recompress and writeback "type=".
-PP_TYPES = {"idle": IDLE, "huge": HUGE, "huge_idle": HUGE | IDLE,
-            "incompressible": INCOMPRESSIBLE}
-# recompress takes these (an INCOMPRESSIBLE page is never recompressed).
-RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
+# Post-processing selections, as zram's recompress and writeback "type="
+# (zramd.policy takes them from here).
+PP_TYPES = postprocess.PP_TYPES
+RECOMPRESS_TYPES = postprocess.RECOMPRESS_TYPES
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -257,6 +256,18 @@ class Device:
         """The flag bits of slot ``index`` (see the module constants)."""
         return self._zram.get(index)[0] & ~SIZE_MASK
 
+    def slot_get(self, index):
+        """(slot word, handle) of slot ``index``: exact under its stripe
+        lock, else a snapshot (what a pass chooses candidates by)."""
+        return self._zram.get(index)
+
+    def slot_read(self, index):
+        """The page of slot ``index`` (bytes), not counted as an access;
+        the errors of a read."""
+        page = bytearray(PAGE_SIZE)
+        self._read_sector(index, 0, PAGE_SIZE, page, 0, touch=False)
+        return bytes(page)
+
     def slot_info(self, index):
         """SlotInfo(flags, size, priority, dict_id) of slot ``index``: what
         the stats are made of, for checks and tools."""
@@ -342,7 +353,7 @@ class Device:
             meta = dict_id << DICT_SHIFT
             if size >= self._huge_class_size:
                 data, size, meta = page, PAGE_SIZE, HUGE
-            handle = self._malloc_written(data)
+            handle = self.malloc_written(data)
             pages = self.pool.total_pages()
             self._note_pages_used(pages)
             limit = self._zram.limit_pages
@@ -380,7 +391,7 @@ class Device:
             self.pool.free(old)
         return True
 
-    def _malloc_written(self, data):
+    def malloc_written(self, data):
         """A new pool object holding ``data``; freed again if the write
         into it fails, so a failed store leaks nothing."""
         handle = self.pool.malloc(len(data))
@@ -599,20 +610,13 @@ class Device:
         cutoff = None if age_seconds is None else self._now() - age_seconds
         return self._zram.mark_idle(cutoff)
 
-    # ---- post-processing: recompression, writeback, dictionaries --------
+    # ---- post-processing: slot primitives and configuration ---------------
     #
-    # As zram's recompress and writeback: candidate slots are chosen by
-    # flags, marked PP_SLOT and copied out under the slot lock; the
-    # expensive part (compression, backing-device I/O) runs unlocked; the
-    # new contents replace the old only if the slot is still the pass's.
-    # A write, discard or free clears the whole meta word, PP_SLOT with
-    # it, and one pass runs at a time (``_pp_lock``), so a slot whose
-    # PP_SLOT is still set holds what the pass took; a read or mark_idle
-    # meanwhile changes only IDLE.  Whatever the outcome, the pass clears
-    # PP_SLOT of a slot it still owns, or the slot would never be
-    # post-processed again.
+    # The passes are zramd.postprocess, on these (read its docstring for
+    # the take / put protocol): slot_take, slot_put, slot_release under
+    # the slot's stripe lock; ``_pp_lock`` held for a whole pass.
 
-    def _pp_take(self, index, need, skip):
+    def slot_take(self, index, need, skip):
         """Under slot ``index``'s lock: if it holds a pool object, has every
         flag in ``need`` and none in ``skip``, mark it PP_SLOT and return
         (meta, handle, page bytes); else None."""
@@ -645,7 +649,7 @@ class Device:
         return bool(now & PP_SLOT and now_handle == handle
                     and (now | IDLE) == (meta | IDLE))
 
-    def _pp_put(self, index, taken, new_meta=None, new_handle=0, size=0,
+    def slot_put(self, index, taken, new_meta=None, new_handle=0, size=0,
                 comp=None):
         """Finish post-processing slot ``index`` taken as ``taken``: with
         no ``new_meta`` only drop PP_SLOT (the page stays as it was);
@@ -655,7 +659,7 @@ class Device:
         (else the slot is left as it was).  Returns True when the
         replacement happened."""
         if new_meta is None:
-            self._pp_flag(index, taken)
+            self.slot_release(index, taken)
             return False
         stripe = index & STRIPE_MASK
         prio = (new_meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
@@ -675,22 +679,6 @@ class Device:
             self.pool.free(old)
         return True
 
-    def _pp_candidates(self, pp_type, pages, accepted=tuple(PP_TYPES)):
-        """Slot indices for a post-processing pass: ``pages`` (an iterable
-        of indices) or the whole disk; ``pp_type`` must be one of
-        ``accepted`` or None (every slot)."""
-        if pp_type is not None and pp_type not in accepted:
-            raise InvalidRequestError("type: %r; accepted: %s" % (
-                pp_type, " ".join(accepted)))
-        if pages is None:
-            return range(self.nr_pages)
-        for index in pages:
-            if not 0 <= index < self.nr_pages:
-                raise InvalidRequestError(
-                    "page_index: %r; accepted: 0..%d" % (index,
-                                                         self.nr_pages - 1))
-        return pages
-
     def set_recomp_algorithm(self, algorithm, priority=1, level=None):
         """Set the secondary algorithm of ``priority`` (1..3), as writing
         ``algo=NAME priority=N`` to recomp_algorithm.  A slot records only
@@ -704,7 +692,7 @@ class Device:
         comp = compress.create(algorithm, level=level)
         # Every stripe lock held: no recompressed page is stored or freed
         # between the count and the swap, and a recompress that used the
-        # old compressor sees the swap when it stores (_pp_put).
+        # old compressor sees the swap when it stores (slot_put).
         self._zram.lock_all()
         try:
             old = self._compressors[priority]
@@ -731,99 +719,7 @@ class Device:
                        for prio, comp in enumerate(self._compressors)
                        if prio and comp is not None)
 
-    def recompress(self, pp_type=None, threshold=0, max_pages=0,
-                   algorithm=None, priority=None, pages=None):
-        """Re-compress stored pages with the secondary algorithms, as
-        zram's recompress: keep a result only if it lands in a smaller
-        pool size class (and under ``threshold`` when given), remember the
-        priority in the slot, flag INCOMPRESSIBLE when even the last
-        algorithm failed.  Returns the number of pages recompressed."""
-        active = [p for p in range(1, MAX_PRIORITIES)
-                  if self._compressors[p] is not None]
-        if not active:
-            raise InvalidRequestError("recompress: no recomp_algorithm set")
-        if algorithm is not None or priority is not None:
-            chosen = [p for p in active
-                      if (algorithm is None or self._compressors[p].name
-                          == algorithm)
-                      and (priority is None or p == priority)]
-            if not chosen:
-                raise InvalidRequestError(
-                    "recompress: algo=%s priority=%s; accepted: %s" % (
-                        algorithm, priority, " ".join(
-                            "algo=%s priority=%d"
-                            % (self._compressors[p].name, p) for p in active)))
-            prio_min, prio_max = chosen[0], chosen[0] + 1
-        else:
-            prio_min, prio_max = 1, active[-1] + 1
-        if not isinstance(threshold, int) or not 0 <= threshold <= PAGE_SIZE:
-            raise InvalidRequestError("threshold: %r; accepted: 0..%d"
-                                      % (threshold, PAGE_SIZE))
-        candidates = self._pp_candidates(pp_type, pages, RECOMPRESS_TYPES)
-        need = PP_TYPES[pp_type] if pp_type else 0
-        last = prio_max > active[-1]
-        done = 0
-        budget = max_pages
-        with self._pp_lock:
-            for index in candidates:
-                if max_pages and budget <= 0:
-                    break
-                meta = self._zram.get(index)[0]
-                prio = (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
-                if (prio + 1 >= prio_max or meta & need != need
-                        or meta & (SAME | WB | INCOMPRESSIBLE)):
-                    continue
-                taken = self._pp_take(index, need, INCOMPRESSIBLE)
-                if taken is None:
-                    continue
-                old_size = taken[0] & SIZE_MASK
-                if threshold and old_size < threshold:
-                    self._pp_put(index, taken)
-                    continue
-                budget -= 1
-                prio = (taken[0] & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
-                try:
-                    done += self._recompress_taken(
-                        index, taken, range(max(prio_min, prio + 1),
-                                            prio_max), threshold, last)
-                except BaseException:
-                    self._pp_flag(index, taken)
-                    raise
-        return done
-
-    def _recompress_taken(self, index, taken, priorities, threshold, last):
-        """Recompress the page of slot ``index``, taken as ``taken``, with
-        the first of ``priorities`` that shrinks it enough, and put the
-        result in the slot; ``last``: those include the last algorithm.
-        Returns 1 if the slot now holds a recompressed object, else 0."""
-        old_class = self.pool.lookup_class_index(taken[0] & SIZE_MASK)
-        result = None
-        for p in priorities:
-            comp = self._compressors[p]
-            if comp is None:
-                continue
-            data = comp.compress(taken[2])
-            n = len(data)
-            if (n >= self._huge_class_size
-                    or self.pool.lookup_class_index(n) >= old_class
-                    or (threshold and n >= threshold)):
-                continue
-            result = p, data
-            break
-        # As zram, a page looked at is no longer idle, whatever the
-        # outcome, so another pass does not pick it again.
-        if result is None:
-            self._pp_flag(index, taken, INCOMPRESSIBLE if last else 0, IDLE)
-            return 0
-        p, data = result
-        handle = self._malloc_written(data)
-        if self._pp_put(index, taken, p << COMP_PRIORITY_SHIFT, handle,
-                        len(data), comp):
-            return 1
-        self.pool.free(handle)
-        return 0
-
-    def _pp_flag(self, index, taken, set_flags=0, clear_flags=0):
+    def slot_release(self, index, taken, set_flags=0, clear_flags=0):
         """Leave the contents of a slot the pass still owns as they are:
         drop PP_SLOT and ``clear_flags``, set ``set_flags``.  (A slot
         rewritten or freed meanwhile has no PP_SLOT left to drop.)"""
@@ -831,6 +727,23 @@ class Device:
         with self._stripe_locks[stripe]:
             if self._pp_owned(index, taken):
                 self._zram.flags(index, set_flags, PP_SLOT | clear_flags)
+
+    def secondary(self, priority):
+        """The secondary compressor of ``priority`` (1..3), or None."""
+        return self._compressors[priority]
+
+    def recompress(self, pp_type=None, threshold=0, max_pages=0,
+                   algorithm=None, priority=None, pages=None):
+        """Re-compress stored pages with the secondary algorithms, as
+        zram's recompress (zramd.postprocess.recompress): keep a result
+        only if it lands in a smaller pool size class (and under
+        ``threshold`` when given), remember the priority in the slot, flag
+        INCOMPRESSIBLE when even the last algorithm failed.  Returns the
+        number of pages recompressed."""
+        with self._pp_lock:
+            return postprocess.recompress(self, pp_type, threshold,
+                                          max_pages, algorithm, priority,
+                                          pages)
 
     @property
     def backing_dev(self):
@@ -864,13 +777,13 @@ class Device:
         with self._wb_lock:
             self._writeback_limit = pages
 
-    def _writeback_budget_left(self):
+    def writeback_budget_left(self):
         """Whether writeback_limit lets the pass write another page."""
         with self._wb_lock:
             return not self.writeback_limit_enable \
                 or self._writeback_limit > 0
 
-    def _charge_writeback(self):
+    def charge_writeback(self):
         """Count a page written to the backing device against
         writeback_limit: as zram, only pages really written are charged
         (not those skipped or whose write failed)."""
@@ -886,56 +799,8 @@ class Device:
         fails stays in memory and the pass goes on to the others, then
         raises the last error; no free block on the device ends it."""
         with self._bd_lock, self._pp_lock:
-            return self._writeback(self._backing, pp_type, pages, max_pages)
-
-    def _writeback(self, backing, pp_type, pages, max_pages):
-        """writeback() to ``backing``, its locks held."""
-        if backing is None:
-            raise InvalidRequestError("writeback: no backing_dev set")
-        candidates = self._pp_candidates(pp_type, pages)
-        need = PP_TYPES[pp_type] if pp_type else 0
-        done = 0
-        failed = None           # the last write error: the pass goes on
-        for index in candidates:
-            if max_pages and done >= max_pages:
-                break
-            meta, handle = self._zram.get(index)
-            if not handle or meta & need != need \
-                    or meta & (SAME | WB):
-                continue
-            if not self._writeback_budget_left():
-                break
-            taken = self._pp_take(index, need, 0)
-            if taken is None:
-                continue
-            try:
-                blk = backing.alloc_block()     # none left: the pass ends
-            except BaseException:
-                self._pp_flag(index, taken)
-                raise
-            try:
-                backing.write_page(blk, taken[2])
-            except BaseException as err:
-                # As zram, a block whose write failed goes back, and the
-                # page stays in memory.  An I/O error is not fatal: the
-                # pass tries the other pages and reports the last error.
-                backing.free_block(blk)
-                self._pp_flag(index, taken)
-                if not isinstance(err, ZramdError):
-                    raise
-                failed = err
-                continue
-            if self._pp_put(index, taken, WB, blk):
-                # Charged only now, as zram does once it finds the slot
-                # still its own: a page rewritten meanwhile was not
-                # written back.
-                self._charge_writeback()
-                done += 1
-            else:
-                backing.free_block(blk)
-        if failed is not None:
-            raise failed
-        return done
+            return postprocess.writeback(self, self._backing, pp_type, pages,
+                                         max_pages)
 
     def bd_stat(self):
         """The kernel's bd_stat; zeroes without a backing device."""
@@ -946,40 +811,18 @@ class Device:
     def train_dictionary(self, dict_size=16384, max_samples=4096):
         """Train a zstd dictionary on up to ``max_samples`` stored pages and
         make it the primary compressor's from now on, without stopping
-        I/O.  Stored pages keep the dictionary they were compressed with;
-        dictionaries no page uses any more are retired.  Returns the new
+        I/O (zramd.postprocess.train_dictionary).  Returns the new
         dictionary's id."""
-        if self.algorithm != "zstd":
-            raise InvalidRequestError("train_dictionary: algorithm %s;"
-                                      " accepted: zstd" % self.algorithm)
-        import random
-        import zstandard
-        # Samples spread over the whole disk, not its first pages: what
-        # the dictionary learns should be what the device holds.
-        get = self._zram.get
-        stored = [i for i, (meta, handle) in enumerate(
-                      map(get, range(self.nr_pages)))
-                  if handle and not meta & (SAME | WB | HUGE)]
-        if len(stored) > max_samples:
-            stored = sorted(random.Random(len(stored)).sample(stored,
-                                                              max_samples))
-        samples = []
-        for index in stored:
-            page = bytearray(PAGE_SIZE)
-            try:
-                self._read_sector(index, 0, PAGE_SIZE, page, 0, touch=False)
-            except ZramdError:
-                continue
-            samples.append(bytes(page))
-        if len(samples) < 16:
-            raise InvalidRequestError("train_dictionary: %d stored pages;"
-                                      " accepted: at least 16" % len(samples))
-        try:
-            trained = zstandard.train_dictionary(dict_size, samples)
-        except zstandard.ZstdError as e:
-            raise InvalidRequestError("train_dictionary: %s" % e) from None
+        return postprocess.train_dictionary(self, dict_size, max_samples)
+
+    def add_dictionary(self, dictionary):
+        """Make a zstd compressor with ``dictionary`` (bytes) the primary's
+        from now on, after retiring dictionaries no page uses any more.
+        Stored pages keep the dictionary they were compressed with.
+        Returns the new dictionary's id; InvalidRequestError when all
+        MAX_DICTS - 1 ids are in use."""
         comp = compress.create("zstd", level=self._level,
-                               dictionary=trained.as_bytes())
+                               dictionary=dictionary)
         with self._dict_lock:
             self._retire_dictionaries()
             free_ids = [i for i in range(1, MAX_DICTS)

@@ -916,6 +916,36 @@ def test_zram_argument_checks():
         zram.write(bytes(PAGE), 0)
 
 
+def test_extents_and_discard_past_one_batch():
+    """Zram.extents scans EXTENT_BATCH (1024) runs at a time and a discard
+    hands the slot table DISCARD_BATCH (1024) sectors at a time: runs and
+    counts must not depend on where a batch ends."""
+    n = 3000
+    kinds = ("hole", "zero", "data")            # sector i: kinds[i % 3]
+    dev = Device(n * PAGE)
+    try:
+        for i in range(n):
+            if i % 3:
+                dev.write(i * PAGE, text_page(i) if i % 3 == 2
+                          else bytes(PAGE))
+        expected = [(i * PAGE, PAGE, kinds[i % 3]) for i in range(n)]
+        assert dev.extents(0, n * PAGE) == expected
+        for k in (1023, 1024, 1025, 2049):
+            assert dev.extents(0, n * PAGE, k) == expected[:k]
+        assert dev.extents(100, n * PAGE - 200)[0] == (100, PAGE - 100,
+                                                       "hole")
+        assert dev.mm_stat().orig_data_size == 2000 * PAGE
+        dev.discard(PAGE, (n - 2) * PAGE)
+        assert dev.io_stat().notify_free == n - 2
+        assert dev.mm_stat().orig_data_size == PAGE
+        assert dev.extents(0, n * PAGE) == [
+            (0, (n - 1) * PAGE, "hole"), ((n - 1) * PAGE, PAGE, "data")]
+        dev.pool.free_deferred_flush()
+        check_identities(dev)
+    finally:
+        dev.close()
+
+
 def test_zram_refuses_to_close_during_a_request():
     """A read waiting for a stripe lock runs without the GIL: closing its
     Zram then (the device's close) must refuse, not unmap the table under

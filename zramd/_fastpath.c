@@ -689,7 +689,8 @@ typedef struct {
     PyObject *codecs[MAX_DICTS];     /* the Codecs of the codec table */
     int all_held;                    /* lock_all() held (by Python) */
     pthread_t all_owner;             /* ... by this thread */
-    atomic_int busy;                 /* requests in progress */
+    atomic_int busy;                 /* calls without the GIL in progress */
+    atomic_int held;                 /* stripes taken by lock() */
 } Zram;
 
 static PyTypeObject ZramType;
@@ -802,8 +803,8 @@ Zram_close(Zram *self, PyObject *unused)
                      " progress", atomic_load(&self->busy));
         return NULL;
     }
-    if (self->all_held) {
-        PyErr_SetString(PyExc_BufferError, "Zram.close: lock_all() held");
+    if (self->all_held || atomic_load(&self->held)) {
+        PyErr_SetString(PyExc_BufferError, "Zram.close: a lock is held");
         return NULL;
     }
     Zram_release(self);
@@ -891,38 +892,68 @@ Zram_discard(Zram *self, PyObject *args)
 }
 
 /* extents(first, count, max_runs) -> [(sectors, kind)], kind 0 hole,
- * 1 zero, 2 data */
+ * 1 zero, 2 data; at most max_runs runs (negative: no bound).  The scan
+ * goes EXTENT_BATCH runs at a time, so a whole large disk needs no buffer
+ * of its size. */
+#define EXTENT_BATCH 1024
+
+static int
+append_run(PyObject *list, size_t sectors, int kind)
+{
+    PyObject *t = Py_BuildValue("ni", (Py_ssize_t)sectors, kind);
+    int r = t ? PyList_Append(list, t) : -1;
+    Py_XDECREF(t);
+    return r;
+}
+
 static PyObject *
 Zram_extents(Zram *self, PyObject *args)
 {
     struct zram *z = zram_of(self);
-    Py_ssize_t first, count, max_runs;
-    struct zram_run *runs;
-    size_t n, k;
+    Py_ssize_t first, count, max_runs, pos = 0;
+    struct zram_run runs[EXTENT_BATCH];
+    size_t cur = 0;                  /* sectors of the run being merged */
+    int cur_kind = -1, done = 0;
     PyObject *list;
     if (!z || !PyArg_ParseTuple(args, "nnn", &first, &count, &max_runs)
             || range_arg(self, first, count) < 0)
         return NULL;
     if (max_runs < 0 || max_runs > count)
         max_runs = count;
-    if (!(runs = PyMem_Malloc((max_runs ? max_runs : 1) * sizeof(*runs))))
-        return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    n = zram_extents(z, first, count, runs, max_runs);
-    Py_END_ALLOW_THREADS
-    if ((list = PyList_New(n))) {
+    if (!(list = PyList_New(0)))
+        return NULL;
+    while (pos < count && !done) {
+        /* one more than is left: the first may merge with cur */
+        Py_ssize_t left = max_runs - PyList_GET_SIZE(list)
+                          - (cur_kind >= 0), want = left + 1;
+        size_t n, k;
+        if (want > EXTENT_BATCH)
+            want = EXTENT_BATCH;
+        CORE_BEGIN
+        n = zram_extents(z, first + pos, count - pos, runs, want);
+        CORE_END
         for (k = 0; k < n; k++) {
-            PyObject *t = Py_BuildValue("ni", (Py_ssize_t)runs[k].sectors,
-                                        (int)runs[k].kind);
-            if (!t) {
-                Py_CLEAR(list);
-                break;
+            if ((int)runs[k].kind != cur_kind) {
+                if (cur_kind >= 0 && append_run(list, cur, cur_kind) < 0)
+                    goto fail;
+                if (PyList_GET_SIZE(list) == max_runs) {
+                    cur_kind = -1;
+                    done = 1;
+                    break;
+                }
+                cur_kind = runs[k].kind;
+                cur = 0;
             }
-            PyList_SET_ITEM(list, k, t);
+            cur += runs[k].sectors;
+            pos += runs[k].sectors;
         }
     }
-    PyMem_Free(runs);
+    if (cur_kind >= 0 && append_run(list, cur, cur_kind) < 0)
+        goto fail;
     return list;
+fail:
+    Py_DECREF(list);
+    return NULL;
 }
 
 /* mark_idle(cutoff) -> newly marked; cutoff None: all */
@@ -970,10 +1001,11 @@ Zram_lock(Zram *self, PyObject *arg)
     if (!z || stripe_arg(arg, &stripe) < 0)
         return NULL;
     if (zram_slot_trylock(z, stripe) != 0) {
-        Py_BEGIN_ALLOW_THREADS
+        CORE_BEGIN
         zram_slot_lock(z, stripe);
-        Py_END_ALLOW_THREADS
+        CORE_END
     }
+    atomic_fetch_add(&self->held, 1);
     Py_RETURN_NONE;
 }
 
@@ -984,7 +1016,10 @@ Zram_trylock(Zram *self, PyObject *arg)
     size_t stripe;
     if (!z || stripe_arg(arg, &stripe) < 0)
         return NULL;
-    return PyBool_FromLong(zram_slot_trylock(z, stripe) == 0);
+    if (zram_slot_trylock(z, stripe) != 0)
+        Py_RETURN_FALSE;
+    atomic_fetch_add(&self->held, 1);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *
@@ -994,6 +1029,11 @@ Zram_unlock(Zram *self, PyObject *arg)
     size_t stripe;
     if (!z || stripe_arg(arg, &stripe) < 0)
         return NULL;
+    if (atomic_load(&self->held) <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "unlock: no stripe held");
+        return NULL;
+    }
+    atomic_fetch_sub(&self->held, 1);
     zram_slot_unlock(z, stripe);
     Py_RETURN_NONE;
 }
@@ -1005,9 +1045,9 @@ Zram_lock_all(Zram *self, PyObject *unused)
     if (!z)
         return NULL;
     if (zram_trylock_all(z) != 0) {
-        Py_BEGIN_ALLOW_THREADS
+        CORE_BEGIN
         zram_lock_all(z);
-        Py_END_ALLOW_THREADS
+        CORE_END
     }
     self->all_held = 1;
     self->all_owner = pthread_self();
@@ -1209,10 +1249,11 @@ Zram_counters(Zram *self, PyObject *unused)
         return NULL;
     if (self->all_held && pthread_equal(self->all_owner, pthread_self())) {
         zram_counters_locked(z, sums);      /* ours already */
-    } else {
-        Py_BEGIN_ALLOW_THREADS
+    } else if (zram_counters_try(z, sums) != 0) {
+        /* a stripe is busy: wait for it without the GIL */
+        CORE_BEGIN
         zram_counters(z, sums);
-        Py_END_ALLOW_THREADS
+        CORE_END
     }
     if (!(t = PyTuple_New(N_COUNTERS)))
         return NULL;

@@ -81,6 +81,10 @@ RECOMPRESS_TYPES = postprocess.RECOMPRESS_TYPES
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
+# Sectors a discard hands the slot table at a time: its list of handles
+# to free is built for them (a whole 1 TiB disk at once would be 2 GiB).
+DISCARD_BATCH = 1024
+
 # Zram.extents' kinds, by number.
 EXTENT_KINDS = ("hole", "zero", "data")
 
@@ -526,14 +530,15 @@ class Device:
                                 PAGE_SIZE - (offset & PAGE_MASK))
             i = first
             while i < last:
-                # The slot table unlinks and counts them; it stops at a
-                # written-back slot, whose block is freed here, and goes
-                # on from that slot, empty now.
-                done, handles = self._zram.discard(i, last - i)
+                # The slot table unlinks and counts them, DISCARD_BATCH at
+                # a time; it stops at a written-back slot, whose block is
+                # freed here, and goes on from that slot, empty now.
+                n = min(last - i, DISCARD_BATCH)
+                done, handles = self._zram.discard(i, n)
                 for handle in handles:
                     self.pool.free_deferred(handle)
                 i += done
-                if i < last:
+                if done < n:
                     self.slot_free_extract(i)
             if end & PAGE_MASK:
                 self._zero_part(last, 0, end & PAGE_MASK)
@@ -884,10 +889,10 @@ class Device:
         return compress.available(self.algorithm)
 
     def mm_stat(self):
-        pages = self.pool.total_pages()
         zram = self._zram
-        zram.note_used(pages)
         counters = zram.counters()
+        pages = self.pool.total_pages()
+        zram.note_used(pages)
         return MmStat(
             orig_data_size=counters[C_PAGES_STORED] << PAGE_SHIFT,
             compr_data_size=counters[C_COMPR_SIZE],

@@ -413,6 +413,21 @@ zram_counters(struct zram *z, int64_t out[N_COUNTERS])
     }
 }
 
+int
+zram_counters_try(struct zram *z, int64_t out[N_COUNTERS])
+{
+    int s, c;
+    memset(out, 0, N_COUNTERS * sizeof(*out));
+    for (s = 0; s < N_STRIPES; s++) {
+        if (pthread_mutex_trylock(&z->stripe[s].lock) != 0)
+            return -1;
+        for (c = 0; c < N_COUNTERS; c++)
+            out[c] += z->stripe[s].counters[c];
+        pthread_mutex_unlock(&z->stripe[s].lock);
+    }
+    return 0;
+}
+
 void
 zram_counters_locked(struct zram *z, int64_t out[N_COUNTERS])
 {

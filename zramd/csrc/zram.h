@@ -132,6 +132,9 @@ void zram_slot_set(struct zram *z, size_t index, uint32_t meta,
 
 /* The counters summed over the stripes (each row under its lock). */
 void zram_counters(struct zram *z, int64_t out[N_COUNTERS]);
+/* The same without waiting: 0, or -1 (nothing summed) when a stripe is
+ * held elsewhere. */
+int zram_counters_try(struct zram *z, int64_t out[N_COUNTERS]);
 /* The same, every stripe held by the caller (zram_lock_all). */
 void zram_counters_locked(struct zram *z, int64_t out[N_COUNTERS]);
 /* update_used_max(): keep the peak of pool pages. */

@@ -1081,20 +1081,33 @@ need_all(Zram *self, const char *op)
 
 /* ---- codec table (lock_all held) ---------------------------------------- */
 
+/* A dictionary id argument: 0, or -1 with an error (ValueError when out
+ * of 0..MAX_DICTS - 1). */
+static int
+dict_id_arg(PyObject *arg, unsigned *id)
+{
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v >= MAX_DICTS) {
+        PyErr_Format(PyExc_ValueError, "dictionary id %ld; accepted: 0..%d",
+                     v, MAX_DICTS - 1);
+        return -1;
+    }
+    *id = (unsigned)v;
+    return 0;
+}
+
 static PyObject *
 Zram_set_dict_codec(Zram *self, PyObject *args)
 {
     struct zram *z = zram_of(self);
     unsigned id;
-    PyObject *codec, *old;
-    if (!z || !PyArg_ParseTuple(args, "IO", &id, &codec)
-            || need_all(self, "set_dict_codec") < 0)
+    PyObject *id_o, *codec, *old;
+    if (!z || !PyArg_ParseTuple(args, "OO", &id_o, &codec)
+            || need_all(self, "set_dict_codec") < 0
+            || dict_id_arg(id_o, &id) < 0)
         return NULL;
-    if (id >= MAX_DICTS) {
-        PyErr_Format(PyExc_ValueError, "dictionary id %u; accepted: 0..%d",
-                     id, MAX_DICTS - 1);
-        return NULL;
-    }
     if (codec != Py_None && (!PyObject_TypeCheck(codec, &CodecType)
                              || !((Codec *)codec)->c)) {
         PyErr_SetString(PyExc_TypeError, "codec: a Codec or None");
@@ -1116,18 +1129,10 @@ static PyObject *
 Zram_set_primary(Zram *self, PyObject *arg)
 {
     struct zram *z = zram_of(self);
-    long id;
-    if (!z || need_all(self, "set_primary") < 0)
+    unsigned id;
+    if (!z || need_all(self, "set_primary") < 0 || dict_id_arg(arg, &id) < 0)
         return NULL;
-    id = PyLong_AsLong(arg);
-    if (id == -1 && PyErr_Occurred())
-        return NULL;
-    if (id < 0 || id >= MAX_DICTS) {
-        PyErr_Format(PyExc_ValueError, "dictionary id %ld; accepted: 0..%d",
-                     id, MAX_DICTS - 1);
-        return NULL;
-    }
-    zram_set_primary(z, (unsigned)id);
+    zram_set_primary(z, id);
     Py_RETURN_NONE;
 }
 
@@ -1135,15 +1140,10 @@ static PyObject *
 Zram_dict_refs(Zram *self, PyObject *arg)
 {
     struct zram *z = zram_of(self);
-    long id;
-    if (!z || need_all(self, "dict_refs") < 0)
+    unsigned id;
+    if (!z || need_all(self, "dict_refs") < 0 || dict_id_arg(arg, &id) < 0)
         return NULL;
-    id = PyLong_AsLong(arg);
-    if (id == -1 && PyErr_Occurred())
-        return NULL;
-    if (id < 0 || id >= MAX_DICTS)
-        return PyLong_FromLong(0);
-    return PyLong_FromLongLong(zram_dict_refs(z, (unsigned)id));
+    return PyLong_FromLongLong(zram_dict_refs(z, id));
 }
 
 /* ---- slot primitives -------------------------------------------------------- */

@@ -400,42 +400,46 @@ zram_slot_set(struct zram *z, size_t index, uint32_t meta, uint64_t handle,
 
 /* ---- stats and limits ------------------------------------------------------ */
 
-void
-zram_counters(struct zram *z, int64_t out[N_COUNTERS])
-{
-    int s, c;
-    memset(out, 0, N_COUNTERS * sizeof(*out));
-    for (s = 0; s < N_STRIPES; s++) {
-        pthread_mutex_lock(&z->stripe[s].lock);
-        for (c = 0; c < N_COUNTERS; c++)
-            out[c] += z->stripe[s].counters[c];
-        pthread_mutex_unlock(&z->stripe[s].lock);
-    }
-}
+/* Sum the stripes' counters: taking each stripe's lock (LOCK_WAIT),
+ * trying it (LOCK_TRY: -1 at the first busy one), or with every stripe
+ * already held by the caller (LOCK_HELD). */
+enum lock_mode { LOCK_WAIT, LOCK_TRY, LOCK_HELD };
 
-int
-zram_counters_try(struct zram *z, int64_t out[N_COUNTERS])
+static int
+sum_counters(struct zram *z, int64_t out[N_COUNTERS], enum lock_mode mode)
 {
     int s, c;
     memset(out, 0, N_COUNTERS * sizeof(*out));
     for (s = 0; s < N_STRIPES; s++) {
-        if (pthread_mutex_trylock(&z->stripe[s].lock) != 0)
+        pthread_mutex_t *lock = &z->stripe[s].lock;
+        if (mode == LOCK_WAIT)
+            pthread_mutex_lock(lock);
+        else if (mode == LOCK_TRY && pthread_mutex_trylock(lock) != 0)
             return -1;
         for (c = 0; c < N_COUNTERS; c++)
             out[c] += z->stripe[s].counters[c];
-        pthread_mutex_unlock(&z->stripe[s].lock);
+        if (mode != LOCK_HELD)
+            pthread_mutex_unlock(lock);
     }
     return 0;
 }
 
 void
+zram_counters(struct zram *z, int64_t out[N_COUNTERS])
+{
+    sum_counters(z, out, LOCK_WAIT);
+}
+
+int
+zram_counters_try(struct zram *z, int64_t out[N_COUNTERS])
+{
+    return sum_counters(z, out, LOCK_TRY);
+}
+
+void
 zram_counters_locked(struct zram *z, int64_t out[N_COUNTERS])
 {
-    int s, c;
-    memset(out, 0, N_COUNTERS * sizeof(*out));
-    for (s = 0; s < N_STRIPES; s++)
-        for (c = 0; c < N_COUNTERS; c++)
-            out[c] += z->stripe[s].counters[c];
+    sum_counters(z, out, LOCK_HELD);
 }
 
 void

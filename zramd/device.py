@@ -30,9 +30,11 @@ what there is to raise):
   it and stores it only if the slot still holds what it read
   (``_slot_version``), else reads it again: what another request did to
   the sector meanwhile stays;
-- post-processing (recompress, writeback, dictionaries), below;
-- every sector of a ``native=False`` device (the reference the C paths
-  are tested against).
+- post-processing (recompress, writeback, dictionaries:
+  zramd.postprocess, on the primitives below);
+- every sector read or written on a ``native=False`` device (the
+  reference the C read and write are tested against; its discards,
+  extents and mark_idle are C's like any device's).
 
 Discard and write-zeroes of whole sectors unlink the slots in C and hand
 the handles to the pool's deferred free, the swap-release path the
@@ -163,8 +165,8 @@ class Device:
             raise ConfigError(str(err)) from None
         self._huge_class_size = self.pool.huge_class_size
         self._zram = _fastpath.Zram(self.nr_pages, self.pool)
-        # native=False sends every sector through the Python paths, the
-        # reference the C ones are tested against.
+        # native=False sends every sector read or written through the
+        # Python paths, the reference the C ones are tested against.
         self._native = bool(native)
         self._set_codec(0, self._compressor)
         self._stripe_locks = [_StripeLock(self._zram, s)

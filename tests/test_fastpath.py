@@ -1,5 +1,5 @@
-"""Tests for zramd._fastpath: the device's whole-sector loops in C, the
-pool's error paths (zramd/csrc/zsmalloc.c, through its Python type), and
+"""Tests for zramd._fastpath: the device's requests in C (csrc/zram.c,
+through ``Zram``), the pool's error paths (zramd/csrc/zsmalloc.c, through its Python type), and
 the native codecs.
 
 The reference for the C loops is the device itself: ``Device(...,
@@ -14,8 +14,10 @@ dictionary id) and the same mm_stat, io_stat and read/write counts, with
     hypothesis       equivalence state machine, lz4 / lz4hc / zstd
     hand-made        a sector the C loop must hand back in the middle of a
                      request: over mem_limit, recompressed with a
-                     secondary algorithm, a trained dictionary (and one
-                     retired meanwhile), a corrupt object, a written-back
+                     secondary algorithm, a trained dictionary (and a
+                     retirement, which waits for the request: a stripe
+                     lock held by the test stops it half-way), a corrupt
+                     object, a written-back
                      slot, a codec with no native form (deflate)
     threads          overlapping multi-sector I/O with compaction and the
                      deferred-free drain; every sector ends as one of the
@@ -54,9 +56,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import HookedLock, race
+from conftest import race
 from zramd import _fastpath
-from zramd.device import HUGE, IDLE, SAME, WB, Device
+from zramd.device import HUGE, IDLE, N_STRIPES, SAME, WB, Device
 from zramd.errors import CorruptDataError, NoSpaceError
 from zramd._fastpath import HANDLE_CLASS_BITS
 from zramd.zsmalloc import Pool
@@ -573,9 +575,10 @@ def test_trained_dictionary_pages_mixed_in_one_request():
 
 
 def hook_between_compress_and_store(dev, action):
-    """Run ``action`` once, inside the write path after the page was
-    compressed and allocated and before its slot lock is taken: both paths
-    report the pool's size through _note_pages_used there."""
+    """Run ``action`` once, inside the Python write path after the page
+    was compressed and allocated and before its slot lock is taken: it
+    reports the pool's size through _note_pages_used there.  (The C path
+    calls nothing of Python's: see block_inside_c_request.)"""
     fired = []
     note = dev._note_pages_used
 
@@ -585,37 +588,77 @@ def hook_between_compress_and_store(dev, action):
             action()
         note(pages)
 
-    dev._max_used_pages = 0              # so the first sector reports
     dev._note_pages_used = hooked
     return fired
 
 
+def block_inside_c_request(dev, sector, request):
+    """Run ``request`` (a call of dev) in a thread whose C request stops
+    at ``sector``: the test holds that sector's stripe lock until the
+    returned ``go()``; the request then holds the slot table's codec lock
+    (read) and waits.  Returns (go, thread); go() joins it."""
+    lock = dev._stripe_locks[sector % N_STRIPES]
+    lock.acquire()
+    worker = threading.Thread(target=request)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not dev._zram.busy:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    time.sleep(0.05)                    # into the codec lock, at the stripe
+
+    def go():
+        lock.release()
+        worker.join(10)
+        assert not worker.is_alive()
+    return go, worker
+
+
 def test_dictionary_retired_meanwhile_goes_to_python():
-    """The write compressed with dictionary 1; before it stores, another
-    dictionary becomes current and 1 is retired: the C loop hands the
-    sector back and the Python path compresses it again with 2."""
-    c, py = pair(64 * PAGE, algorithm="zstd")
+    """Python path: the write compressed with dictionary 1; before it
+    stores, another dictionary becomes current and 1 is retired: the
+    sector is compressed again with 2.  C path: a retirement waits for a
+    write in progress (the codec lock), so the write's pages keep 1,
+    which is then not retired; both read back."""
+    new = [text_page(700 + i) for i in range(6)]
+    py = Device(64 * PAGE, algorithm="zstd", native=False)
+    c = Device(64 * PAGE, algorithm="zstd")
     try:
-        new = [text_page(700 + i) for i in range(6)]
+        stored_text(py, 0, 32, 0)
+        assert py.train_dictionary(dict_size=2048) == 1
+
+        def retire():
+            assert py.train_dictionary(dict_size=4096) == 2
+            py._retire_dictionaries()
+            assert py.dictionary_ids() == [0, 2]
+
+        fired = hook_between_compress_and_store(py, retire)
+        py.write(40 * PAGE, b"".join(new))
+        assert fired
+        assert [py.slot_info(40 + i).dict_id for i in range(6)] == [2] * 6
+        assert py.read(40 * PAGE, 6 * PAGE) == b"".join(new)
+        assert py.dictionary_ids() == [0, 2]
+
+        stored_text(c, 0, 32, 0)
+        assert c.train_dictionary(dict_size=2048) == 1
         calls = python_path_calls(c)
-        for dev in (c, py):
-            stored_text(dev, 0, 32, 0)
-            assert dev.train_dictionary(dict_size=2048) == 1
-
-            def retire(dev=dev):
-                assert dev.train_dictionary(dict_size=4096) == 2
-                dev._retire_dictionaries()
-                assert dev.dictionary_ids() == [0, 2]
-
-            fired = hook_between_compress_and_store(dev, retire)
-            dev.write(40 * PAGE, b"".join(new))
-            assert fired
-            assert [dev.slot_info(40 + i).dict_id for i in range(6)] == \
-                [2] * 6
-            assert dev.read(40 * PAGE, 6 * PAGE) == b"".join(new)
-            assert dev.dictionary_ids() == [0, 2]
-        assert calls["write"] == [40]
-        assert_equivalent(c, py)
+        go, _ = block_inside_c_request(
+            c, 40, lambda: c.write(40 * PAGE, b"".join(new)))
+        trainer = threading.Thread(
+            target=lambda: c.train_dictionary(dict_size=4096))
+        trainer.start()
+        time.sleep(0.05)
+        assert trainer.is_alive()       # waits for the write
+        go()
+        trainer.join(10)
+        assert not trainer.is_alive()
+        assert [c.slot_info(40 + i).dict_id for i in range(6)] == [1] * 6
+        assert c.dictionary_id() == 2
+        c._retire_dictionaries()
+        assert c.dictionary_ids() == [0, 1, 2]
+        assert c.read(40 * PAGE, 6 * PAGE) == b"".join(new)
+        assert calls["write"] == []
+        check_identities(c)
     finally:
         close_all(c, py)
 
@@ -625,7 +668,8 @@ def test_dictionary_id_reused_meanwhile(native):
     """As above, but a second training retires 1 and hands its id to a
     new dictionary before the write stores: the page must not be stored
     under an id that now names another dictionary (a store that checked
-    only that the id is still known made every such page unreadable)."""
+    only that the id is still known made every such page unreadable).
+    In C the trainings wait for the write instead."""
     dev = Device(64 * PAGE, algorithm="zstd", native=native)
     try:
         stored_text(dev, 0, 32, 0)
@@ -633,36 +677,45 @@ def test_dictionary_id_reused_meanwhile(native):
 
         def retrain():
             assert dev.train_dictionary(dict_size=4096) == 2
-            assert dev.train_dictionary(dict_size=3000) == 1
+            assert dev.train_dictionary(dict_size=3000) == (
+                1 if not native else 3)
 
         new = [text_page(700 + i) for i in range(4)]
-        fired = hook_between_compress_and_store(dev, retrain)
-        dev.write(40 * PAGE, b"".join(new))
-        assert fired and dev.dictionary_ids() == [0, 1, 2]
+        if native:
+            go, _ = block_inside_c_request(
+                dev, 40, lambda: dev.write(40 * PAGE, b"".join(new)))
+            errors = []
+
+            def trainer_run():
+                try:
+                    retrain()
+                except BaseException as e:      # noqa: B902
+                    errors.append(e)
+
+            trainer = threading.Thread(target=trainer_run)
+            trainer.start()
+            go()
+            trainer.join(10)
+            assert not trainer.is_alive() and not errors, errors
+            assert dev.dictionary_ids() == [0, 1, 2, 3]
+        else:
+            fired = hook_between_compress_and_store(dev, retrain)
+            dev.write(40 * PAGE, b"".join(new))
+            assert fired and dev.dictionary_ids() == [0, 1, 2]
         assert dev.read(40 * PAGE, 4 * PAGE) == b"".join(new)
     finally:
         dev.close()
 
 
-def hook_stripe_lock(dev, stripe):
-    """Put a HookedLock in place of ``dev``'s lock of ``stripe``, for the
-    Python paths and the C loops alike: the C read loop takes a sector's
-    stripe lock (holding no other) between sectors, so the hook's action
-    runs in the middle of a request."""
-    hook = HookedLock(dev._stripe_locks[stripe])
-    dev._stripe_locks[stripe] = hook
-    dev._paths.__init__(dev._meta, dev._handle, dev._atime, dev._counters,
-                        dev._dict_refs, dev._stripe_locks, dev.pool)
-    return hook
-
-
 def test_dictionary_id_reused_between_two_sectors_of_a_read(monkeypatch):
     """A multi-sector read decompresses with one codec, found for the
-    first sector's dictionary id.  If that id is retired and handed to a
-    new dictionary between two sectors of the read, a later sector with
-    the same id is of the new dictionary: reusing the batch's codec for it
-    (on the id alone) returned the wrong bytes, with no error (raw-content
-    dictionaries of one size decode each other's frames)."""
+    first sector's dictionary id.  If that id were retired and handed to
+    a new dictionary between two sectors of the read, a later sector with
+    the same id would be of the new dictionary: reusing the batch's codec
+    for it (on the id alone) returned the wrong bytes, with no error
+    (raw-content dictionaries of one size decode each other's frames).
+    The codec lock makes the retirement wait for the read: it returns
+    what the slots held when it began."""
     import zstandard
     rng = random.Random(8)
     raw = [rng.randbytes(8192) for _ in range(3)]   # trainings 1, 2, 3
@@ -695,16 +748,15 @@ def test_dictionary_id_reused_between_two_sectors_of_a_read(monkeypatch):
             assert dev.train_dictionary() == 1
             dev.write(PAGE, new)
             assert dev.slot_info(1).dict_id == 1
-            calls["read"].clear()           # the trainings' samples
 
-        hook = hook_stripe_lock(dev, 1)
-        hook.action = retire_and_reuse
-        calls = python_path_calls(dev)
-        assert dev.read(0, 2 * PAGE) == old[0] + new
-        assert hook.action is None
-        # Sector 1, of another compressor than the batch's, went to the
-        # Python path.
-        assert calls["read"] == [1]
+        out = bytearray(2 * PAGE)
+        go, _ = block_inside_c_request(dev, 1, lambda: dev.read_into(0, out))
+        trainer = threading.Thread(target=retire_and_reuse)
+        trainer.start()
+        go()
+        trainer.join(10)
+        assert not trainer.is_alive()
+        assert out == old[0] + old[1]
         assert dev.read(0, 2 * PAGE) == text_page(100) + new
     finally:
         dev.close()
@@ -721,7 +773,7 @@ def test_corrupt_object_inside_a_read(algorithm):
             dev.write(0, b"".join(data))
             info = dev.slot_info(3)
             assert not info.flags & (HUGE | SAME)
-            dev.pool.obj_write(dev._handle[3], b"\xff" * info.size)
+            dev.pool.obj_write(dev._zram.get(3)[1], b"\xff" * info.size)
             assert dev.mark_idle() == 6
             buf = bytearray(6 * PAGE)
             with pytest.raises(CorruptDataError) as e:
@@ -767,7 +819,7 @@ def test_two_corrupt_objects_in_a_request_the_crew_decompresses():
             for i in (10, 17):
                 info = dev.slot_info(i)
                 assert not info.flags & (HUGE | SAME)
-                dev.pool.obj_write(dev._handle[i], b"\xff" * info.size)
+                dev.pool.obj_write(dev._zram.get(i)[1], b"\xff" * info.size)
         # Sectors holding an object (mark_idle leaves holes and
         # same-filled sectors alone).
         held = [i for i in range(n)
@@ -830,61 +882,84 @@ def test_written_back_slots_inside_one_read_and_write(tmp_path):
         close_all(*devs)
 
 
-def test_slotpaths_argument_checks():
+def test_zram_argument_checks():
     dev = Device(8 * PAGE, native=True)
-    paths = dev._paths
-    hcs = dev.pool.huge_class_size
+    zram = dev._zram
     try:
         # (sys.maxsize, PAGE): first + count must not wrap round.
         for first, n in ((0, 4095), (-1, PAGE), (8, PAGE), (5, 4 * PAGE),
                          (sys.maxsize, PAGE), (sys.maxsize - 1, 2 * PAGE)):
             with pytest.raises(ValueError, match="not whole sectors"):
-                paths.read(dev, bytearray(n), first)
+                zram.read(bytearray(n), first)
             with pytest.raises(ValueError, match="not whole sectors"):
-                paths.write(dev, bytes(n), first, hcs)
-        for bad in (0, 1, PAGE + 1):
-            with pytest.raises(ValueError, match="huge_class_size"):
-                paths.write(dev, bytes(PAGE), 0, bad)
-        with pytest.raises(BufferError):
-            paths.read(dev, bytes(PAGE), 0)     # not writable
-        assert paths.write(dev, text_page(1), 7, hcs) == 1
+                zram.write(bytes(n), first)
+        with pytest.raises(TypeError):
+            zram.read(bytes(PAGE), 0)           # not writable
+        for bad in (-1, 8, sys.maxsize):
+            with pytest.raises(IndexError):
+                zram.get(bad)
+        for bad in (-1, N_STRIPES):
+            with pytest.raises(IndexError):
+                zram.lock(bad)
+        with pytest.raises(RuntimeError, match="needs lock_all"):
+            zram.set_dict_codec(1, None)
+        assert zram.write(text_page(1), 7) == 1
         out = bytearray(PAGE)
-        assert paths.read(dev, out, 7) == 1 and out == text_page(1)
+        assert zram.read(out, 7) == 1 and out == text_page(1)
         assert (dev.num_reads, dev.num_writes) == (1, 1)
     finally:
         dev.close()
     # Closed with the device: the slot table's maps are gone.
     with pytest.raises(ValueError, match="closed"):
-        paths.read(dev, bytearray(PAGE), 0)
+        zram.read(bytearray(PAGE), 0)
     with pytest.raises(ValueError, match="closed"):
-        paths.write(dev, bytes(PAGE), 0, hcs)
+        zram.write(bytes(PAGE), 0)
 
 
-def test_slotpaths_refuse_to_close_during_a_call():
-    """A read waiting for a stripe lock has let other threads run: closing
-    its SlotPaths then (the device's close) must refuse, not unmap the
-    table under it."""
+def test_extents_and_discard_past_one_batch():
+    """Zram.extents scans EXTENT_BATCH (1024) runs at a time and a discard
+    hands the slot table DISCARD_BATCH (1024) sectors at a time: runs and
+    counts must not depend on where a batch ends."""
+    n = 3000
+    kinds = ("hole", "zero", "data")            # sector i: kinds[i % 3]
+    dev = Device(n * PAGE)
+    try:
+        for i in range(n):
+            if i % 3:
+                dev.write(i * PAGE, text_page(i) if i % 3 == 2
+                          else bytes(PAGE))
+        expected = [(i * PAGE, PAGE, kinds[i % 3]) for i in range(n)]
+        assert dev.extents(0, n * PAGE) == expected
+        for k in (1023, 1024, 1025, 2049):
+            assert dev.extents(0, n * PAGE, k) == expected[:k]
+        assert dev.extents(100, n * PAGE - 200)[0] == (100, PAGE - 100,
+                                                       "hole")
+        assert dev.mm_stat().orig_data_size == 2000 * PAGE
+        dev.discard(PAGE, (n - 2) * PAGE)
+        assert dev.io_stat().notify_free == n - 2
+        assert dev.mm_stat().orig_data_size == PAGE
+        assert dev.extents(0, n * PAGE) == [
+            (0, (n - 1) * PAGE, "hole"), ((n - 1) * PAGE, PAGE, "data")]
+        dev.pool.free_deferred_flush()
+        check_identities(dev)
+    finally:
+        dev.close()
+
+
+def test_zram_refuses_to_close_during_a_request():
+    """A read waiting for a stripe lock runs without the GIL: closing its
+    Zram then (the device's close) must refuse, not unmap the table under
+    it."""
     dev = Device(8 * PAGE, native=True)
     try:
         dev.write(0, text_page(1) + text_page(2))
         out = bytearray(2 * PAGE)
-        lock = dev._stripe_locks[1]
-        lock.acquire()
-        reader = threading.Thread(target=dev.read_into, args=(0, out))
-        reader.start()
+        go, _ = block_inside_c_request(dev, 1, lambda: dev.read_into(0, out))
         try:
-            deadline = time.monotonic() + 10
-            while not dev._paths.busy:           # blocked on sector 1
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
-            time.sleep(0.05)
-            with pytest.raises(BufferError, match="1 read/write calls in"
-                               " progress"):
-                dev._paths.close()
+            with pytest.raises(BufferError, match="1 requests in progress"):
+                dev._zram.close()
         finally:
-            lock.release()
-        reader.join(10)
-        assert not reader.is_alive()
+            go()
         assert out == text_page(1) + text_page(2)
     finally:
         dev.close()

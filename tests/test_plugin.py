@@ -365,7 +365,7 @@ def test_corrupt_data_reaches_the_client_as_eio(tmp_path, monkeypatch):
         def write(self, offset, data):
             _write(self, offset, data)
             if offset == 0:
-                handle = self._handle[0]
+                handle = self.slot_get(0)[1]
                 self.pool.obj_write(handle,
                                     b"\\xff" * self.pool.obj_size(handle))
 

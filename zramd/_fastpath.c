@@ -1,52 +1,24 @@
 /*
- * zramd._fastpath: the device's whole-sector read and write loops, the
- * pool (csrc/zsmalloc.c) as a Python type, and the lz4, lz4hc and zstd
- * codecs, in C.
+ * zramd._fastpath: the module glue, the only C file that touches the
+ * CPython API.  It exports:
  *
- * Why C: a 4 KiB sector cost the Python paths in device.py about 30,000
- * instructions to read and 65,000 to write besides the compressor itself
- * (callgrind, docs/benchmarks.md), and all of it under the GIL; the client
- * sends 64 sectors per 256 KiB request.  Here a request is one call.
+ *   Codec    a C codec (csrc/zcomp.c: lz4, lz4hc, zstd) as a Python type,
+ *            which the compress backends with a C form set as ``native``;
+ *   ZsPool   the pool (csrc/zsmalloc.c), which zramd.zsmalloc.Pool
+ *            subclasses;
+ *   Zram     a device's slot table and I/O paths (csrc/zram.c), which
+ *            zramd.device.Device drives;
+ *   the constants of csrc/zram_defs.h by name, and crew_limit().
  *
- * What it works on: the slot table (the device's three mmap arrays and
- * its counter rows) and the stripe locks stay the Python objects
- * device.py documents; this module reads and writes them in place through
- * the buffer protocol and takes the same threading.Lock objects.  The
- * pool is C with its own memory and mutexes: ZsPool owns a struct zs_pool
- * and the loops call its API (zs_malloc, zs_obj_write, zs_obj_read_begin
- * and _end, zs_free, zs_get_total_pages) and see no size class or frame
- * of their own.  The Python paths
- * remain the reference for everything the loops decline:
- * a sector that is written back, recompressed with a secondary algorithm,
- * compressed with a codec that has no native form, corrupt, or over the
- * memory limit makes the loop stop and return how many sectors it did;
- * device.py does that one sector itself (raising the right error if there
- * is one) and calls again for the rest.
- *
- *     write(request)                       read(request)
- *     1 crew, no GIL: same-filled?         1 GIL, per sector under its
- *       compress every page to scratch       stripe lock: fill SAME/holes,
- *     2 GIL, per sector: zs_malloc,          copy HUGE out, copy objects
- *       zs_obj_write, swap the slot          to scratch (obj_read_begin)
- *       slot (stripe lock), zs_free old    2 crew, no GIL: decompress
- *                                          3 GIL: count and touch the
- *                                            sectors read (stripe lock)
- *
- * The GIL: every step that touches a Python object runs holding it; the
- * crew's steps touch only the caller's buffers and private scratch areas,
- * so compression on one nbdkit thread overlaps Python work on another.
- * The pool never needs the GIL; a thread that must wait for one of its
- * mutexes lets the GIL go meanwhile (pool_lock_wait).  A SlotPaths
- * refuses to close while a call is in progress.
- *
- * Codec is one configured compressor: lz4 (LZ4_compress_fast, the kernel's
- * call, acceleration 1) or zstd at a level, with an optional dictionary,
- * writing magicless frames with no content size, checksum or dictionary id
- * (see compress/backend_zstd.py).  zstd contexts come from a free list on
- * the codec, taken and given back under the GIL.
- *
- * The layouts (slot word, counters, pool handles, frames) are those of
- * csrc/zram_defs.h, which the module exports to Python by name.
+ * The GIL: a request (Zram.read, .write, .discard, .mark_idle) runs
+ * without it from start to end; the C core never needs it and never
+ * calls back.  A thread holding the GIL that must wait for a mutex of the
+ * core (a stripe lock taken for the Python paths, a pool class lock) lets
+ * the GIL go meanwhile (pool_lock_wait, zram_lock_gil), so whoever holds
+ * that mutex can always finish.  Objects the core uses without the GIL
+ * (the pool, the codecs in the device's codec table, the caller's
+ * buffers) are kept alive by references this module holds; a Zram
+ * refuses to close while a request is in progress.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -54,234 +26,51 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <unistd.h>
 #include <lz4.h>
-#include <lz4hc.h>
-#define ZSTD_STATIC_LINKING_ONLY
 #include <zstd.h>
 
 #include "csrc/zram_defs.h"
+#include "csrc/crew.h"
+#include "csrc/zcomp.h"
+#include "csrc/zram.h"
 #include "csrc/zsmalloc.h"
 
-/* Names of the Python objects' attributes and methods this module uses
- * (interned at import). */
-static PyObject *s_acquire, *s_release, *s_native, *s_primary,
-    *s_dict_comps, *s_limit_pages, *s_max_used_pages, *s_note_pages_used,
-    *s_t0;
-
-/* ---- codecs ------------------------------------------------------------ */
-
-enum { KIND_LZ4 = 0, KIND_ZSTD = 1, KIND_LZ4HC = 2 };
-
-/* A growable stack of pointers (a free list). */
-typedef struct {
-    void **items;
-    Py_ssize_t n, cap;
-} PtrStack;
-
-/* Push; 0, or -1 when it cannot grow (the caller frees the item). */
-static int
-ptr_push(PtrStack *st, void *item)
-{
-    if (st->n == st->cap) {
-        Py_ssize_t cap = st->cap ? 2 * st->cap : 4;
-        void **grown = PyMem_Realloc(st->items, cap * sizeof(*grown));
-        if (!grown)
-            return -1;
-        st->items = grown;
-        st->cap = cap;
-    }
-    st->items[st->n++] = item;
-    return 0;
-}
+/* ---- Codec: a C codec (csrc/zcomp.c) as a Python type --------------------- */
 
 typedef struct {
     PyObject_HEAD
-    int kind;
-    int level;
-    unsigned window_log;           /* zstd: what the decoder accepts */
-    ZSTD_CDict *cdict;
-    ZSTD_DDict *ddict;
-    PtrStack cctx, dctx;           /* free contexts, guarded by the GIL */
+    struct zcomp *c;               /* NULL until initialised */
 } Codec;
 
 static PyTypeObject CodecType;
 
 static int
-set_zstd_error(const char *what, size_t code)
-{
-    PyErr_Format(PyExc_ValueError, "zstd %s: %s", what,
-                 ZSTD_getErrorName(code));
-    return -1;
-}
-
-static ZSTD_CCtx *
-codec_take_cctx(Codec *c)
-{
-    ZSTD_CCtx *cctx;
-    size_t r;
-    if (c->cctx.n)
-        return c->cctx.items[--c->cctx.n];
-    cctx = ZSTD_createCCtx();
-    if (!cctx) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    if (c->cdict)
-        r = ZSTD_CCtx_refCDict(cctx, c->cdict);
-    else
-        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, c->level);
-    if (!ZSTD_isError(r))
-        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_format, ZSTD_f_zstd1_magicless);
-    if (!ZSTD_isError(r))
-        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 0);
-    if (!ZSTD_isError(r))
-        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_checksumFlag, 0);
-    if (!ZSTD_isError(r))
-        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_dictIDFlag, 0);
-    if (ZSTD_isError(r)) {
-        ZSTD_freeCCtx(cctx);
-        set_zstd_error("compressor", r);
-        return NULL;
-    }
-    return cctx;
-}
-
-static void
-codec_give_cctx(Codec *c, ZSTD_CCtx *cctx)
-{
-    if (ptr_push(&c->cctx, cctx) < 0)
-        ZSTD_freeCCtx(cctx);
-}
-
-static ZSTD_DCtx *
-codec_take_dctx(Codec *c)
-{
-    ZSTD_DCtx *dctx;
-    size_t r;
-    if (c->dctx.n)
-        return c->dctx.items[--c->dctx.n];
-    dctx = ZSTD_createDCtx();
-    if (!dctx) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    r = ZSTD_DCtx_setParameter(dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless);
-    if (!ZSTD_isError(r))
-        r = ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, c->window_log);
-    if (!ZSTD_isError(r) && c->ddict)
-        r = ZSTD_DCtx_refDDict(dctx, c->ddict);
-    if (ZSTD_isError(r)) {
-        ZSTD_freeDCtx(dctx);
-        set_zstd_error("decompressor", r);
-        return NULL;
-    }
-    return dctx;
-}
-
-static void
-codec_give_dctx(Codec *c, ZSTD_DCtx *dctx)
-{
-    if (ptr_push(&c->dctx, dctx) < 0)
-        ZSTD_freeDCtx(dctx);
-}
-
-/* Compress one page into dst (capacity cap); the size, or 0 when it does
- * not fit (or failed).  Needs no GIL: cctx is the caller's. */
-static size_t
-codec_compress(Codec *c, ZSTD_CCtx *cctx, const char *src, size_t len,
-               char *dst, size_t cap)
-{
-    if (c->kind == KIND_LZ4) {
-        int n = LZ4_compress_fast(src, dst, (int)len, (int)cap, 1);
-        return n > 0 ? (size_t)n : 0;
-    } else if (c->kind == KIND_LZ4HC) {
-        int n = LZ4_compress_HC(src, dst, (int)len, (int)cap, c->level);
-        return n > 0 ? (size_t)n : 0;
-    } else {
-        size_t n = ZSTD_compress2(cctx, dst, cap, src, len);
-        return ZSTD_isError(n) ? 0 : n;
-    }
-}
-
-/* Decompress an object into a 4096-byte page; NULL on success, else why
- * not.  Needs no GIL: dctx is the caller's. */
-static const char *
-codec_decompress(Codec *c, ZSTD_DCtx *dctx, const char *src, size_t n,
-                 char *page)
-{
-    if (c->kind != KIND_ZSTD) {
-        int got;
-        if (n == 0 || n > INT_MAX)
-            return "empty or oversized block";
-        got = LZ4_decompress_safe(src, page, (int)n, PAGE_SIZE);
-        if (got < 0)
-            return "malformed lz4 block";
-        if (got != PAGE_SIZE)
-            return "short block";
-        return NULL;
-    } else {
-        size_t got = ZSTD_decompressDCtx(dctx, page, PAGE_SIZE, src, n);
-        if (ZSTD_isError(got))
-            return ZSTD_getErrorName(got);
-        if (got != PAGE_SIZE)
-            return "short frame";
-        return NULL;
-    }
-}
-
-static int
 Codec_init(Codec *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"algorithm", "level", "dictionary", NULL};
-    const char *algorithm;
+    const char *algorithm, *why = NULL;
     int level = 0;
     Py_buffer dict = {NULL};
-    if (self->cdict || self->cctx.n || self->dctx.n || self->window_log) {
+    if (self->c) {
         PyErr_SetString(PyExc_TypeError, "Codec: already initialised");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|iz*", kwlist,
                                      &algorithm, &level, &dict))
         return -1;
-    self->level = level;
-    if (strcmp(algorithm, "lz4") == 0 || strcmp(algorithm, "lz4hc") == 0) {
-        /* lz4hc writes the same block format; only compression differs */
-        self->kind = algorithm[3] ? KIND_LZ4HC : KIND_LZ4;
-        if (dict.buf) {
-            PyBuffer_Release(&dict);
-            PyErr_SetString(PyExc_ValueError, "lz4 takes no dictionary");
-            return -1;
-        }
-        return 0;
-    }
-    if (strcmp(algorithm, "zstd") != 0) {
+    self->c = zcomp_create(algorithm, level, dict.buf,
+                           dict.buf ? (size_t)dict.len : 0, &why);
+    if (dict.buf)
         PyBuffer_Release(&dict);
-        PyErr_Format(PyExc_ValueError, "no native codec for %s", algorithm);
+    if (!self->c) {
+        if (strcmp(why, "no native codec") == 0)
+            PyErr_Format(PyExc_ValueError, "no native codec for %s",
+                         algorithm);
+        else
+            PyErr_SetString(PyExc_ValueError, why);
         return -1;
-    }
-    self->kind = KIND_ZSTD;
-    {
-        /* The parameters zstd picks for a page and this dictionary, as
-         * the kernel's zstd_get_params(level, PAGE_SIZE) does. */
-        ZSTD_compressionParameters cp = ZSTD_getCParams(
-            level, PAGE_SIZE, dict.buf ? (size_t)dict.len : 0);
-        self->window_log = cp.windowLog < 12 ? 12 : cp.windowLog;
-        if (dict.buf) {
-            ZSTD_customMem mem = {NULL, NULL, NULL};
-            self->cdict = ZSTD_createCDict_advanced(
-                dict.buf, dict.len, ZSTD_dlm_byCopy, ZSTD_dct_auto, cp, mem);
-            self->ddict = ZSTD_createDDict(dict.buf, dict.len);
-            PyBuffer_Release(&dict);
-            if (!self->cdict || !self->ddict) {
-                PyErr_SetString(PyExc_ValueError,
-                                "not a usable zstd dictionary");
-                return -1;
-            }
-        }
     }
     return 0;
 }
@@ -289,27 +78,29 @@ Codec_init(Codec *self, PyObject *args, PyObject *kwds)
 static void
 Codec_dealloc(Codec *self)
 {
-    Py_ssize_t i;
-    for (i = 0; i < self->cctx.n; i++)
-        ZSTD_freeCCtx(self->cctx.items[i]);
-    for (i = 0; i < self->dctx.n; i++)
-        ZSTD_freeDCtx(self->dctx.items[i]);
-    PyMem_Free(self->cctx.items);
-    PyMem_Free(self->dctx.items);
-    ZSTD_freeCDict(self->cdict);
-    ZSTD_freeDDict(self->ddict);
+    zcomp_destroy(self->c);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static struct zcomp *
+codec_of(Codec *self)
+{
+    if (!self->c)
+        PyErr_SetString(PyExc_ValueError, "Codec: not initialised");
+    return self->c;
 }
 
 /* compress(page) -> bytes: the whole output, however long. */
 static PyObject *
 Codec_compress(Codec *self, PyObject *arg)
 {
+    struct zcomp *c = codec_of(self);
     Py_buffer page;
     PyObject *out;
     size_t cap, n;
-    ZSTD_CCtx *cctx = NULL;
-    if (PyObject_GetBuffer(arg, &page, PyBUF_SIMPLE) < 0)
+    void *cctx;
+    const char *why;
+    if (!c || PyObject_GetBuffer(arg, &page, PyBUF_SIMPLE) < 0)
         return NULL;
     /* Pages are PAGE_SIZE; other lengths are allowed so that tests can
      * make valid streams of the wrong length. */
@@ -319,16 +110,16 @@ Codec_compress(Codec *self, PyObject *arg)
                      " to %d", page.len, 16 * PAGE_SIZE);
         return NULL;
     }
-    cap = self->kind != KIND_ZSTD ? (size_t)LZ4_compressBound(page.len)
-                                  : ZSTD_compressBound(page.len);
+    cap = zcomp_bound(c, page.len);
     out = PyBytes_FromStringAndSize(NULL, cap);
-    if (out && self->kind == KIND_ZSTD && !(cctx = codec_take_cctx(self)))
+    if (out && zcomp_ctx_take(c, ZCOMP_COMPRESS, &cctx, &why) < 0) {
+        PyErr_Format(PyExc_ValueError, "zstd compressor: %s", why);
         Py_CLEAR(out);
+    }
     if (out) {
-        n = codec_compress(self, cctx, page.buf, page.len,
+        n = zcomp_compress(c, cctx, page.buf, page.len,
                            PyBytes_AS_STRING(out), cap);
-        if (cctx)
-            codec_give_cctx(self, cctx);
+        zcomp_ctx_give(c, ZCOMP_COMPRESS, cctx);
         if (n == 0 && page.len) {
             PyErr_SetString(PyExc_ValueError, "compress failed");
             Py_CLEAR(out);
@@ -344,20 +135,22 @@ Codec_compress(Codec *self, PyObject *arg)
 static PyObject *
 Codec_decompress(Codec *self, PyObject *arg)
 {
+    struct zcomp *c = codec_of(self);
     Py_buffer data;
     PyObject *out;
     const char *why = NULL;
-    ZSTD_DCtx *dctx = NULL;
-    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+    void *dctx;
+    if (!c || PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
         return NULL;
     out = PyBytes_FromStringAndSize(NULL, PAGE_SIZE);
-    if (out && self->kind == KIND_ZSTD && !(dctx = codec_take_dctx(self)))
+    if (out && zcomp_ctx_take(c, ZCOMP_DECOMPRESS, &dctx, &why) < 0) {
+        PyErr_Format(PyExc_ValueError, "zstd decompressor: %s", why);
         Py_CLEAR(out);
+    }
     if (out) {
-        why = codec_decompress(self, dctx, data.buf, data.len,
+        why = zcomp_decompress(c, dctx, data.buf, data.len,
                                PyBytes_AS_STRING(out));
-        if (dctx)
-            codec_give_dctx(self, dctx);
+        zcomp_ctx_give(c, ZCOMP_DECOMPRESS, dctx);
         if (why) {
             PyErr_SetString(PyExc_ValueError, why);
             Py_CLEAR(out);
@@ -378,7 +171,10 @@ static PyMethodDef Codec_methods[] = {
 static PyObject *
 Codec_free_contexts(Codec *self, void *closure)
 {
-    return Py_BuildValue("nn", self->cctx.n, self->dctx.n);
+    size_t cctx = 0, dctx = 0;
+    if (self->c)
+        zcomp_free_contexts(self->c, &cctx, &dctx);
+    return Py_BuildValue("nn", (Py_ssize_t)cctx, (Py_ssize_t)dctx);
 }
 
 static PyGetSetDef Codec_getset[] = {
@@ -402,20 +198,6 @@ static PyTypeObject CodecType = {
     .tp_getset = Codec_getset,
 };
 
-/* ---- Python helpers ------------------------------------------------------ */
-
-/* An int attribute into *out: 0, or -1 with an error set. */
-static int
-attr_long(PyObject *obj, PyObject *name, long *out)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (!v)
-        return -1;
-    *out = PyLong_AsLong(v);
-    Py_DECREF(v);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
-}
-
 /* ---- ZsPool: the pool (csrc/zsmalloc.c) as a Python type ------------------
  *
  * zramd.zsmalloc.Pool subclasses it and adds the deferred-free queue and
@@ -423,7 +205,7 @@ attr_long(PyObject *obj, PyObject *name, long *out)
  * thread that must wait for one lets the GIL go meanwhile (pool_lock_wait),
  * so a compaction holding a class lock for a while stalls no other Python
  * thread.  Calls that may hold locks for long (compact, audit) run without
- * the GIL.  SlotPaths uses the same struct zs_pool directly.
+ * the GIL.  Zram uses the same struct zs_pool directly, without the GIL.
  */
 
 /* Set while this thread runs pool code with the GIL let go. */
@@ -489,24 +271,6 @@ not_allocated(const char *op, PyObject *handle)
     PyErr_Format(PyExc_ValueError, "%s: handle %R is not allocated", op,
                  handle);
     return -1;
-}
-
-/* zs_free's failures as Python errors: 0, or -1 with one set. */
-static int
-pool_free_or_raise(struct zs_pool *zs, unsigned long handle)
-{
-    int r = zs_free(zs, handle);
-    if (r == -EINVAL) {
-        PyErr_Format(PyExc_ValueError, "free: handle %lu is not allocated",
-                     handle);
-        return -1;
-    }
-    if (r < 0) {
-        errno = -r;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return 0;
 }
 
 static int
@@ -905,1045 +669,780 @@ static PyTypeObject ZsPoolType = {
     .tp_getset = ZsPool_getset,
 };
 
-/* ---- the crew: helper threads for one request's pages ---------------------
+/* ---- Zram: a device's slot table and I/O paths (csrc/zram.c) --------------
  *
- * nbdkit serves each connection's requests one at a time (zramd runs it
- * with --threads 1, see docs/operations.md), so a 256 KiB write would
- * compress its 64 pages on one core while the other waits.  A request's
- * compression (or decompression) is a Batch of chunks; the calling thread
- * posts it, works on it itself, and helper threads that are idle join in,
- * each taking the next chunk until none is left.  No Python object is
- * touched: the caller has released the GIL and holds every buffer.  The
- * helpers are started on first use in the process that uses them (a
- * device made before nbdkit forks gets them in the child).
+ * Device (zramd/device.py) drives it: whole-sector requests in C, and the
+ * slot primitives its own paths use for the sectors C hands back, for
+ * partial sectors and for post-processing (see zram.h for what each
+ * needs held).  Indices are checked here; the core trusts them.
  */
 
-#define CREW_MAX 8
-#define CHUNK_PAGES 4
-
-typedef struct Batch {
-    void (*work)(struct Batch *, int who, Py_ssize_t start, Py_ssize_t n);
-    void *args;
-    void *ctx[CREW_MAX + 1];         /* one per participant: zstd contexts */
-    Py_ssize_t count;                /* items */
-    atomic_long next;                /* next chunk's first item */
-    int want;                        /* helpers still welcome (crew lock) */
-    int active;                      /* helpers working on it (crew lock) */
-    int joined;                      /* helpers that ever joined (crew lock) */
-    struct Batch *qnext;
-} Batch;
-
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t work;             /* a batch was posted */
-    pthread_cond_t done;             /* a helper left a batch */
-    Batch *queue;
-    int size;
-    pid_t pid;                       /* the process the helpers run in */
-} crew = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_COND_INITIALIZER, NULL, 0, 0};
-
-static void
-batch_run(Batch *b, int who)
-{
-    for (;;) {
-        Py_ssize_t start = atomic_fetch_add(&b->next, CHUNK_PAGES);
-        if (start >= b->count)
-            return;
-        b->work(b, who, start, b->count - start < CHUNK_PAGES
-                               ? b->count - start : CHUNK_PAGES);
-    }
-}
-
-static void *
-crew_main(void *unused)
-{
-    pthread_mutex_lock(&crew.lock);
-    for (;;) {
-        Batch *b;
-        int who;
-        while (!crew.queue)
-            pthread_cond_wait(&crew.work, &crew.lock);
-        b = crew.queue;
-        who = ++b->joined;
-        if (--b->want == 0)
-            crew.queue = b->qnext;     /* enough hands: off the queue */
-        b->active++;
-        pthread_mutex_unlock(&crew.lock);
-        batch_run(b, who);
-        pthread_mutex_lock(&crew.lock);
-        if (--b->active == 0)
-            pthread_cond_broadcast(&crew.done);
-    }
-    return NULL;
-}
-
-/* Helpers available in this process (started on first call). */
-static int
-crew_ready(void)
-{
-    pid_t pid = getpid();
-    if (crew.pid != pid) {
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        int i, want = ncpu < 1 ? 1 : ncpu > CREW_MAX ? CREW_MAX : (int)ncpu;
-        pthread_attr_t attr;
-        /* After fork the parent's helpers are gone and its lock state is
-         * meaningless: start afresh. */
-        pthread_mutex_init(&crew.lock, NULL);
-        pthread_cond_init(&crew.work, NULL);
-        pthread_cond_init(&crew.done, NULL);
-        crew.queue = NULL;
-        crew.size = 0;
-        crew.pid = pid;
-        pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, 256 * 1024);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        for (i = 0; i < want; i++) {
-            pthread_t t;
-            if (pthread_create(&t, &attr, crew_main, NULL) != 0)
-                break;
-            crew.size++;
-        }
-        pthread_attr_destroy(&attr);
-    }
-    return crew.size;
-}
-
-/* How many helpers a batch of ``count`` items can use (call with the GIL
- * held: it may start them). */
-static int crew_limit = CREW_MAX;   /* helpers a batch may use */
-
-static int
-crew_hands(Py_ssize_t count)
-{
-    Py_ssize_t chunks = (count + CHUNK_PAGES - 1) / CHUNK_PAGES;
-    int size;
-    if (chunks < 2 || crew_limit == 0)
-        return 0;
-    size = crew_ready();
-    if (size > crew_limit)
-        size = crew_limit;
-    return chunks - 1 < size ? (int)(chunks - 1) : size;
-}
-
-/* Run a batch with up to ``hands`` helpers (no GIL needed). */
-static void
-batch_go(Batch *b, int hands)
-{
-    atomic_store(&b->next, 0);
-    b->want = hands;
-    b->active = 0;
-    b->joined = 0;
-    b->qnext = NULL;
-    if (hands) {
-        Batch **tail;
-        pthread_mutex_lock(&crew.lock);
-        for (tail = &crew.queue; *tail; tail = &(*tail)->qnext)
-            ;
-        *tail = b;
-        if (hands > 1)
-            pthread_cond_broadcast(&crew.work);
-        else
-            pthread_cond_signal(&crew.work);
-        pthread_mutex_unlock(&crew.lock);
-    }
-    batch_run(b, 0);
-    if (hands) {
-        pthread_mutex_lock(&crew.lock);
-        if (b->want > 0) {             /* still queued: withdraw it */
-            Batch **p;
-            for (p = &crew.queue; *p; p = &(*p)->qnext)
-                if (*p == b) {
-                    *p = b->qnext;
-                    break;
-                }
-            b->want = 0;
-        }
-        while (b->active)
-            pthread_cond_wait(&crew.done, &crew.lock);
-        pthread_mutex_unlock(&crew.lock);
-    }
-}
-
-/* ---- slot paths ---------------------------------------------------------- */
+/* Flags that change while the page stays the same (an access, the
+ * bookkeeping of post-processing): ignored when a read-modify-write checks
+ * that the slot still holds what it read. */
+#define SAME_PAGE_FLAGS (ZRAM_IDLE | ZRAM_PP_SLOT | ZRAM_INCOMPRESSIBLE)
 
 typedef struct {
     PyObject_HEAD
-    Py_buffer meta_buf, handle_buf, atime_buf, counters_buf, refs_buf;
-    uint32_t *meta;
-    uint64_t *handle;
-    uint32_t *atime;
-    int64_t *counters;
-    int64_t *dict_refs;
+    struct zram *z;                  /* NULL once closed */
+    ZsPool *pool;
+    PyObject *codecs[MAX_DICTS];     /* the Codecs of the codec table */
+    int all_held;                    /* lock_all() held (by Python) */
+    pthread_t all_owner;             /* ... by this thread */
+    atomic_int busy;                 /* calls without the GIL in progress */
+    atomic_int held;                 /* stripes taken by lock() */
+} Zram;
+
+static PyTypeObject ZramType;
+
+static struct zram *
+zram_of(Zram *self)
+{
+    if (!self->z)
+        PyErr_SetString(PyExc_ValueError, "Zram: closed");
+    else if (!self->pool->zs) {
+        PyErr_SetString(PyExc_ValueError, "Zram: its pool is closed");
+        return NULL;
+    }
+    return self->z;
+}
+
+/* A slot index argument: 0, or -1 with IndexError. */
+static int
+index_arg(Zram *self, PyObject *arg, size_t *index)
+{
+    Py_ssize_t i = PyNumber_AsSsize_t(arg, PyExc_IndexError);
+    if (i == -1 && PyErr_Occurred())
+        return -1;
+    if (i < 0 || (size_t)i >= zram_nr_pages(self->z)) {
+        PyErr_Format(PyExc_IndexError, "slot %zd: outside 0..%zu", i,
+                     zram_nr_pages(self->z) - 1);
+        return -1;
+    }
+    *index = i;
+    return 0;
+}
+
+/* Whole sectors first..first+count-1 inside the disk: 0, or -1. */
+static int
+range_arg(Zram *self, Py_ssize_t first, Py_ssize_t count)
+{
+    size_t n = zram_nr_pages(self->z);
+    if (first < 0 || count < 0 || (size_t)first > n
+            || (size_t)count > n - first) {
+        PyErr_SetString(PyExc_ValueError, "not whole sectors inside the disk");
+        return -1;
+    }
+    return 0;
+}
+
+/* A negative errno from the core as a Python error. */
+static PyObject *
+core_error(ssize_t r)
+{
+    if (r == -ENOMEM)
+        return PyErr_NoMemory();
+    errno = (int)-r;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+static int
+Zram_init(Zram *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"nr_pages", "pool", NULL};
     Py_ssize_t nr_pages;
-    PyObject *lock_acquire[N_STRIPES];   /* bound methods of stripe locks */
-    PyObject *lock_release[N_STRIPES];
-    PyObject *pool;                      /* a ZsPool: its zs is used */
-    int open;
-    int busy;                            /* read/write calls in progress */
-} SlotPaths;
-
-static PyTypeObject SlotPathsType;
-
-static int
-call_lock(PyObject *bound)
-{
-    PyObject *r = PyObject_CallNoArgs(bound);
-    if (!r)
+    PyObject *pool;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nO!", kwlist, &nr_pages,
+                                     &ZsPoolType, &pool))
         return -1;
-    Py_DECREF(r);
-    return 0;
-}
-
-static int
-take_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize,
-            const char *what)
-{
-    if (PyObject_GetBuffer(obj, view, PyBUF_CONTIG | PyBUF_FORMAT) < 0)
-        return -1;
-    if (view->itemsize != itemsize) {
-        PyErr_Format(PyExc_TypeError, "%s: items of %zd bytes, expected %zd",
-                     what, view->itemsize, itemsize);
-        PyBuffer_Release(view);
+    if (self->z || self->pool) {
+        PyErr_SetString(PyExc_TypeError, "Zram: already initialised");
         return -1;
     }
-    return 0;
-}
-
-static double
-now_monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);   /* Python's time.monotonic() */
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void
-SlotPaths_release(SlotPaths *self)
-{
-    int i;
-    if (self->open) {
-        PyBuffer_Release(&self->meta_buf);
-        PyBuffer_Release(&self->handle_buf);
-        PyBuffer_Release(&self->atime_buf);
-        PyBuffer_Release(&self->counters_buf);
-        PyBuffer_Release(&self->refs_buf);
-        self->open = 0;
-    }
-    for (i = 0; i < N_STRIPES; i++) {
-        Py_CLEAR(self->lock_acquire[i]);
-        Py_CLEAR(self->lock_release[i]);
-    }
-    Py_CLEAR(self->pool);
-}
-
-/* A read or write may let other threads run (waiting for a lock, or
- * while the crew works): those must not close or rebuild what it uses. */
-static int
-refuse_if_busy(SlotPaths *self, const char *op)
-{
-    if (self->busy) {
-        PyErr_Format(PyExc_BufferError, "SlotPaths.%s: %d read/write calls"
-                     " in progress", op, self->busy);
+    if (nr_pages <= 0) {
+        PyErr_Format(PyExc_ValueError, "nr_pages: %zd; accepted: > 0",
+                     nr_pages);
         return -1;
     }
-    return 0;
-}
-
-static int
-SlotPaths_init(SlotPaths *self, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"meta", "handle", "atime", "counters",
-                             "dict_refs", "stripe_locks", "pool", NULL};
-    PyObject *meta, *handle, *atime, *counters, *refs, *locks, *pool;
-    int i;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO", kwlist,
-                                     &meta, &handle, &atime, &counters, &refs,
-                                     &locks, &pool))
+    if (!zs_of((ZsPool *)pool))
         return -1;
-    if (refuse_if_busy(self, "__init__") < 0)
+    if (!(self->z = zram_create(nr_pages, ((ZsPool *)pool)->zs))) {
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
-    SlotPaths_release(self);
-    if (!PySequence_Check(locks) || PySequence_Size(locks) != N_STRIPES) {
-        PyErr_Format(PyExc_ValueError, "stripe_locks: %d locks expected",
-                     N_STRIPES);
-        return -1;
-    }
-    if (take_buffer(meta, &self->meta_buf, 4, "meta") < 0)
-        return -1;
-    if (take_buffer(handle, &self->handle_buf, 8, "handle") < 0)
-        goto fail_meta;
-    if (take_buffer(atime, &self->atime_buf, 4, "atime") < 0)
-        goto fail_handle;
-    if (take_buffer(counters, &self->counters_buf, 8, "counters") < 0)
-        goto fail_atime;
-    if (take_buffer(refs, &self->refs_buf, 8, "dict_refs") < 0)
-        goto fail_counters;
-    self->open = 1;
-    self->meta = self->meta_buf.buf;
-    self->handle = self->handle_buf.buf;
-    self->atime = self->atime_buf.buf;
-    self->counters = self->counters_buf.buf;
-    self->dict_refs = self->refs_buf.buf;
-    self->nr_pages = self->meta_buf.len / 4;
-    if (self->handle_buf.len / 8 != self->nr_pages
-            || self->atime_buf.len / 4 != self->nr_pages
-            || self->counters_buf.len / 8 != N_STRIPES * N_COUNTERS
-            || self->refs_buf.len / 8 != N_STRIPES * MAX_DICTS) {
-        PyErr_SetString(PyExc_ValueError, "slot table arrays disagree");
-        SlotPaths_release(self);
-        return -1;
-    }
-    for (i = 0; i < N_STRIPES; i++) {
-        PyObject *lock = PySequence_GetItem(locks, i);
-        if (!lock)
-            goto fail_all;
-        self->lock_acquire[i] = PyObject_GetAttr(lock, s_acquire);
-        self->lock_release[i] = PyObject_GetAttr(lock, s_release);
-        Py_DECREF(lock);
-        if (!self->lock_acquire[i] || !self->lock_release[i])
-            goto fail_all;
-    }
-    if (!PyObject_TypeCheck(pool, &ZsPoolType)) {
-        PyErr_SetString(PyExc_TypeError, "pool: not a zramd._fastpath.ZsPool");
-        goto fail_all;
     }
     Py_INCREF(pool);
-    self->pool = pool;
+    self->pool = (ZsPool *)pool;
     return 0;
-
-fail_counters:
-    PyBuffer_Release(&self->counters_buf);
-fail_atime:
-    PyBuffer_Release(&self->atime_buf);
-fail_handle:
-    PyBuffer_Release(&self->handle_buf);
-fail_meta:
-    PyBuffer_Release(&self->meta_buf);
-    return -1;
-fail_all:
-    SlotPaths_release(self);
-    return -1;
 }
 
 static void
-SlotPaths_dealloc(SlotPaths *self)
+Zram_release(Zram *self)
 {
-    SlotPaths_release(self);
+    int i;
+    zram_destroy(self->z);
+    self->z = NULL;
+    for (i = 0; i < MAX_DICTS; i++)
+        Py_CLEAR(self->codecs[i]);
+}
+
+static void
+Zram_dealloc(Zram *self)
+{
+    if (self->all_held && self->z)
+        zram_unlock_all(self->z);
+    Zram_release(self);
+    Py_CLEAR(self->pool);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *
-SlotPaths_close(SlotPaths *self, PyObject *unused)
+Zram_close(Zram *self, PyObject *unused)
 {
-    if (refuse_if_busy(self, "close") < 0)
+    if (atomic_load(&self->busy)) {
+        PyErr_Format(PyExc_BufferError, "Zram.close: %d requests in"
+                     " progress", atomic_load(&self->busy));
         return NULL;
-    SlotPaths_release(self);
+    }
+    if (self->all_held || atomic_load(&self->held)) {
+        PyErr_SetString(PyExc_BufferError, "Zram.close: a lock is held");
+        return NULL;
+    }
+    Zram_release(self);
     Py_RETURN_NONE;
 }
 
-/* The pool of a SlotPaths, or NULL with an error set (closed). */
-static struct zs_pool *
-paths_pool(SlotPaths *self)
-{
-    return zs_of((ZsPool *)self->pool);
-}
+/* ---- requests: the GIL let go for all of each -------------------------- */
 
-/* The native codec of a compressor object, or NULL (no error set). */
-static Codec *
-native_of(PyObject *comp)
+#define CORE_BEGIN \
+    atomic_fetch_add(&self->busy, 1); \
+    Py_BEGIN_ALLOW_THREADS \
+    pool_gil_released = 1;
+#define CORE_END \
+    pool_gil_released = 0; \
+    Py_END_ALLOW_THREADS \
+    atomic_fetch_sub(&self->busy, 1);
+
+/* read(out, first) and write(data, first): whole sectors of the buffer
+ * from sector first; the sectors done, stopping at one the caller must
+ * do. */
+static PyObject *
+zram_request(Zram *self, PyObject *args, int write)
 {
-    PyObject *native = PyObject_GetAttr(comp, s_native);
-    if (!native) {
-        PyErr_Clear();
+    struct zram *z = zram_of(self);
+    Py_buffer buf;
+    Py_ssize_t first;
+    ssize_t r;
+    if (!z || !PyArg_ParseTuple(args, write ? "y*n" : "w*n", &buf, &first))
+        return NULL;
+    if (buf.len % PAGE_SIZE || range_arg(self, first, buf.len / PAGE_SIZE)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "not whole sectors");
+        PyBuffer_Release(&buf);
         return NULL;
     }
-    Py_DECREF(native);         /* comp keeps it alive */
-    return PyObject_TypeCheck(native, &CodecType) ? (Codec *)native : NULL;
+    CORE_BEGIN
+    r = write ? zram_write(z, buf.buf, first, buf.len / PAGE_SIZE)
+              : zram_read(z, buf.buf, first, buf.len / PAGE_SIZE);
+    CORE_END
+    PyBuffer_Release(&buf);
+    return r < 0 ? core_error(r) : PyLong_FromSsize_t(r);
 }
+
+static PyObject *
+Zram_read(Zram *self, PyObject *args)
+{
+    return zram_request(self, args, 0);
+}
+
+static PyObject *
+Zram_write(Zram *self, PyObject *args)
+{
+    return zram_request(self, args, 1);
+}
+
+/* discard(first, count) -> (sectors freed, [pool handles to free]) */
+static PyObject *
+Zram_discard(Zram *self, PyObject *args)
+{
+    struct zram *z = zram_of(self);
+    Py_ssize_t first, count;
+    uint64_t *handles;
+    size_t done, n = 0, k;
+    PyObject *list;
+    if (!z || !PyArg_ParseTuple(args, "nn", &first, &count)
+            || range_arg(self, first, count) < 0)
+        return NULL;
+    if (!(handles = PyMem_Malloc((count ? count : 1) * sizeof(*handles))))
+        return PyErr_NoMemory();
+    CORE_BEGIN
+    done = zram_discard(z, first, count, handles, &n);
+    CORE_END
+    if ((list = PyList_New(n))) {
+        for (k = 0; k < n; k++) {
+            PyObject *h = PyLong_FromUnsignedLongLong(handles[k]);
+            if (!h) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, k, h);
+        }
+    }
+    PyMem_Free(handles);
+    return list ? Py_BuildValue("nN", (Py_ssize_t)done, list) : NULL;
+}
+
+/* extents(first, count, max_runs) -> [(sectors, kind)], kind 0 hole,
+ * 1 zero, 2 data; at most max_runs runs (negative: no bound).  The scan
+ * goes EXTENT_BATCH runs at a time, so a whole large disk needs no buffer
+ * of its size. */
+#define EXTENT_BATCH 1024
 
 static int
-get_out_range(SlotPaths *self, Py_ssize_t first, Py_ssize_t len,
-              Py_ssize_t *count)
+append_run(PyObject *list, size_t sectors, int kind)
 {
-    if (!self->open) {
-        PyErr_SetString(PyExc_ValueError, "closed");
-        return -1;
-    }
-    if (len % PAGE_SIZE || first < 0 || first > self->nr_pages
-            || len / PAGE_SIZE > self->nr_pages - first) {
-        PyErr_SetString(PyExc_ValueError, "not whole sectors inside the disk");
-        return -1;
-    }
-    *count = len / PAGE_SIZE;
-    return 0;
+    PyObject *t = Py_BuildValue("ni", (Py_ssize_t)sectors, kind);
+    int r = t ? PyList_Append(list, t) : -1;
+    Py_XDECREF(t);
+    return r;
 }
 
-typedef struct {
-    Codec *codec;
-    const char *scratch;     /* sector k's object at k << PAGE_SHIFT */
-    char *out;
-    Py_ssize_t *sector;      /* item -> sector position in the request */
-    uint32_t *size;          /* item -> object size */
-    atomic_long failed;      /* lowest sector that did not decompress */
-} DecompArgs;
-
-static void
-decomp_chunk(Batch *b, int who, Py_ssize_t start, Py_ssize_t n)
-{
-    DecompArgs *a = b->args;
-    Py_ssize_t k;
-    for (k = start; k < start + n; k++) {
-        Py_ssize_t pos = a->sector[k];
-        if (codec_decompress(a->codec, b->ctx[who],
-                             a->scratch + (pos << PAGE_SHIFT), a->size[k],
-                             a->out + (pos << PAGE_SHIFT))) {
-            long seen = atomic_load(&a->failed);
-            while (pos < seen
-                   && !atomic_compare_exchange_weak(&a->failed, &seen, pos))
-                ;
-        }
-    }
-}
-
-/* The compressor (a borrowed reference, kept alive by the device's
- * _dict_comps while the slot's stripe lock is held) that made a compressed
- * slot's object, found by its dictionary id, or NULL (no error set unless
- * -1 is stored in *err).  Cheap: the id is a cached small int. */
 static PyObject *
-comp_for_meta(PyObject *dict_comps, uint32_t meta, int *err)
+Zram_extents(Zram *self, PyObject *args)
 {
-    unsigned dict_id = (meta & DICT_MASK) >> DICT_SHIFT;
-    PyObject *key = PyLong_FromUnsignedLong(dict_id), *comp;
-    *err = 0;
-    if (!key) {
-        *err = -1;
+    struct zram *z = zram_of(self);
+    Py_ssize_t first, count, max_runs, pos = 0;
+    struct zram_run runs[EXTENT_BATCH];
+    size_t cur = 0;                  /* sectors of the run being merged */
+    int cur_kind = -1, done = 0;
+    PyObject *list;
+    if (!z || !PyArg_ParseTuple(args, "nnn", &first, &count, &max_runs)
+            || range_arg(self, first, count) < 0)
         return NULL;
-    }
-    comp = PyDict_GetItemWithError(dict_comps, key);
-    Py_DECREF(key);
-    if (!comp && PyErr_Occurred())
-        *err = -1;
-    return comp;
-}
-
-/*
- * read(device, out, first) -> sectors done
- *
- * Fills ``out`` (whole sectors) from sector ``first`` on, as
- * Device._read_sector does with touch=True, until a sector needs the
- * Python path.  Phase one, holding the GIL, takes each slot under its
- * stripe lock: same-filled pages and holes are filled in, huge ones copied
- * out, compressed objects copied to a scratch area (obj_read_begin)
- * and what the slot held noted.  Phase two decompresses, with the crew and
- * without the GIL when there are several.  A sector that does not
- * decompress ends the call there, and the Python path reads it and raises
- * the error.  Phase three counts and touches the sectors read.
- */
-static PyObject *
-slot_paths_read(SlotPaths *self, PyObject *args)
-{
-    PyObject *device, *out_o, *dict_comps = NULL, *t0_o;
-    Py_ssize_t first, count, i = 0, n_items = 0, done, k;
-    Py_buffer out;
-    double t0;
-    char *scratch = NULL;
-    Py_ssize_t *item_sector = NULL;
-    uint32_t *item_size = NULL;
-    uint32_t *was_meta = NULL;         /* what phase one saw, to touch */
-    uint64_t *was_handle = NULL;
-    Batch batch = {0};
-    DecompArgs dargs = {0};
-    int hands = 0, n_dctx = 0, locked = -1, touched = 0;
-    PyObject *batch_comp = NULL;       /* dargs.codec's compressor, held */
-    struct zs_pool *zs;
-    /* A single sector (fio, swap-ins) needs no heap and no crew: read,
-     * decompress and touch it in one go under its lock, as the Python
-     * path does. */
-    char one_scratch[PAGE_SIZE];
-    Py_ssize_t one_sector;
-    uint32_t one_size, one_meta;
-    uint64_t one_handle;
-
-    if (!PyArg_ParseTuple(args, "OOn", &device, &out_o, &first))
+    if (max_runs < 0 || max_runs > count)
+        max_runs = count;
+    if (!(list = PyList_New(0)))
         return NULL;
-    if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
-        return NULL;
-    if (get_out_range(self, first, out.len, &count) < 0
-            || !(zs = paths_pool(self)))
-        goto error;
-    if (!(t0_o = PyObject_GetAttr(device, s_t0)))
-        goto error;
-    t0 = PyFloat_AsDouble(t0_o);
-    Py_DECREF(t0_o);
-    if (t0 == -1.0 && PyErr_Occurred())
-        goto error;
-    if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
-        goto error;
-    if (count == 1) {
-        scratch = one_scratch;
-        item_sector = &one_sector;
-        item_size = &one_size;
-        was_meta = &one_meta;
-        was_handle = &one_handle;
-    } else {
-        scratch = PyMem_Malloc(count << PAGE_SHIFT);
-        item_sector = PyMem_Malloc(count * sizeof(*item_sector));
-        item_size = PyMem_Malloc(count * sizeof(*item_size));
-        was_meta = PyMem_Malloc(count * sizeof(*was_meta));
-        was_handle = PyMem_Malloc(count * sizeof(*was_handle));
-        if (!scratch || !item_sector || !item_size || !was_meta
-                || !was_handle) {
-            PyErr_NoMemory();
-            goto error;
-        }
-    }
-
-    for (i = 0; i < count; i++) {
-        Py_ssize_t index = first + i;
-        unsigned stripe = index & STRIPE_MASK;
-        char *dst = (char *)out.buf + (i << PAGE_SHIFT);
-        char *obj = scratch + (i << PAGE_SHIFT);
-        uint32_t meta;
-        uint64_t handle;
-        int stop = 0;
-
-        if (call_lock(self->lock_acquire[stripe]) < 0)
-            goto error;
-        locked = stripe;
-        meta = self->meta[index];
-        handle = self->handle[index];
-        if (meta & ZRAM_SAME) {
-            int w;
-            for (w = 0; w < PAGE_SIZE; w += 8)
-                memcpy(dst + w, &handle, 8);
-        } else if (!handle) {
-            memset(dst, 0, PAGE_SIZE);
-        } else if (meta & (ZRAM_WB | COMP_PRIORITY_MASK)) {
-            stop = 1;
-        } else {
-            Codec *codec = NULL;
-            PyObject *comp = NULL;
-            const char *at;
-            size_t size;
-            int err;
-            if (!(meta & ZRAM_HUGE)) {
-                /* The compressor is looked up for every sector, under its
-                 * lock: the id alone does not do, as between two sectors
-                 * (a contended lock lets other threads run) the id may
-                 * be retired and handed to a new dictionary. */
-                comp = comp_for_meta(dict_comps, meta, &err);
-                if (err)
-                    goto error;
-                if (comp && comp == batch_comp) {
-                    codec = dargs.codec;   /* held: no attribute lookup */
-                } else if (comp) {
-                    codec = native_of(comp);
-                    /* One codec per batch; a page of another dictionary
-                     * (rare: just after training) goes to the Python
-                     * path.  (A page that does not decompress with the
-                     * batch's codec goes there too.) */
-                    if (codec && dargs.codec && codec != dargs.codec)
-                        codec = NULL;
+    while (pos < count && !done) {
+        /* one more than is left: the first may merge with cur */
+        Py_ssize_t left = max_runs - PyList_GET_SIZE(list)
+                          - (cur_kind >= 0), want = left + 1;
+        size_t n, k;
+        if (want > EXTENT_BATCH)
+            want = EXTENT_BATCH;
+        CORE_BEGIN
+        n = zram_extents(z, first + pos, count - pos, runs, want);
+        CORE_END
+        for (k = 0; k < n; k++) {
+            if ((int)runs[k].kind != cur_kind) {
+                if (cur_kind >= 0 && append_run(list, cur, cur_kind) < 0)
+                    goto fail;
+                if (PyList_GET_SIZE(list) == max_runs) {
+                    cur_kind = -1;
+                    done = 1;
+                    break;
                 }
+                cur_kind = runs[k].kind;
+                cur = 0;
             }
-            if (!(meta & ZRAM_HUGE) && !codec) {
-                stop = 1;
-            } else if (!(at = zs_obj_read_begin(zs, handle,
-                                                meta & ZRAM_HUGE ? dst : obj,
-                                                &size))
-                       || size != (meta & SIZE_MASK)
-                       || ((meta & ZRAM_HUGE) && size != PAGE_SIZE)) {
-                if (at)
-                    zs_obj_read_end(zs, handle);
-                stop = 1;
-            } else if (meta & ZRAM_HUGE) {
-                if (at != dst)
-                    memcpy(dst, at, PAGE_SIZE);
-                zs_obj_read_end(zs, handle);
-            } else if (count == 1) {
-                /* straight from the frame (or the copy when it spans) */
-                ZSTD_DCtx *dctx = NULL;
-                const char *why;
-                if (codec->kind == KIND_ZSTD
-                        && !(dctx = codec_take_dctx(codec))) {
-                    zs_obj_read_end(zs, handle);
-                    goto error;
-                }
-                why = codec_decompress(codec, dctx, at, size, dst);
-                zs_obj_read_end(zs, handle);
-                if (dctx)
-                    codec_give_dctx(codec, dctx);
-                if (why)
-                    stop = 1;      /* the Python path raises it */
-            } else {
-                if (at != obj)
-                    memcpy(obj, at, size);
-                zs_obj_read_end(zs, handle);
-                if (!dargs.codec) {
-                    /* Held until phase two is over: without the GIL a
-                     * retired dictionary's codec could go meanwhile.
-                     * Its compressor too: held, it is never another
-                     * at the same address. */
-                    Py_INCREF(codec);
-                    dargs.codec = codec;
-                    Py_INCREF(comp);
-                    batch_comp = comp;
-                }
-                item_sector[n_items] = i;
-                item_size[n_items++] = size;
-            }
+            cur += runs[k].sectors;
+            pos += runs[k].sectors;
         }
-        was_meta[i] = meta;
-        was_handle[i] = handle;
-        if (count == 1 && !stop) {
-            /* touch now: as Device._read_sector(touch=True) */
-            if (meta & ZRAM_IDLE)
-                self->meta[index] = meta & ~ZRAM_IDLE;
-            self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
-            self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
-            touched = 1;
-        }
-        locked = -1;
-        if (call_lock(self->lock_release[stripe]) < 0)
-            goto error;
-        if (stop)
-            break;
     }
-    done = i;
-
-    if (n_items) {
-        hands = n_items > 1 ? crew_hands(n_items) : 0;
-        if (dargs.codec->kind == KIND_ZSTD) {
-            for (n_dctx = 0; n_dctx <= hands; n_dctx++)
-                if (!(batch.ctx[n_dctx] = codec_take_dctx(dargs.codec)))
-                    goto error;
-        }
-        dargs.scratch = scratch;
-        dargs.out = out.buf;
-        dargs.sector = item_sector;
-        dargs.size = item_size;
-        atomic_store(&dargs.failed, LONG_MAX);
-        batch.work = decomp_chunk;
-        batch.args = &dargs;
-        batch.count = n_items;
-        if (n_items > 1) {
-            Py_BEGIN_ALLOW_THREADS
-            batch_go(&batch, hands);
-            Py_END_ALLOW_THREADS
-        } else {
-            batch_go(&batch, 0);
-        }
-        if (atomic_load(&dargs.failed) < done)
-            done = atomic_load(&dargs.failed);
-    }
-
-    /* Phase three: the sectors read are counted and touched (atime, IDLE
-     * cleared) as Device._read_sector(touch=True) does; not those from a
-     * sector that failed on, which the Python path reads and fails.  A
-     * slot rewritten or marked idle since phase one was not what this
-     * read saw, and keeps what its writer or mark_idle made it. */
-    for (k = touched ? done : 0; k < done; k++) {
-        Py_ssize_t index = first + k;
-        unsigned stripe = index & STRIPE_MASK;
-        if (call_lock(self->lock_acquire[stripe]) < 0)
-            goto error;
-        self->counters[stripe * N_COUNTERS + C_NUM_READS] += 1;
-        if (self->meta[index] == was_meta[k]
-                && self->handle[index] == was_handle[k]) {
-            if (was_meta[k] & ZRAM_IDLE)
-                self->meta[index] = was_meta[k] & ~ZRAM_IDLE;
-            self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
-        }
-        if (call_lock(self->lock_release[stripe]) < 0)
-            goto error;
-    }
-    for (k = 0; k < n_dctx; k++)
-        codec_give_dctx(dargs.codec, batch.ctx[k]);
-    Py_XDECREF(dargs.codec);
-    Py_XDECREF(batch_comp);
-    if (scratch != one_scratch) {
-        PyMem_Free(scratch);
-        PyMem_Free(item_sector);
-        PyMem_Free(item_size);
-        PyMem_Free(was_meta);
-        PyMem_Free(was_handle);
-    }
-    Py_DECREF(dict_comps);
-    PyBuffer_Release(&out);
-    return PyLong_FromSsize_t(done);
-
-error:
-    if (locked >= 0) {
-        PyObject *exc, *val, *tb;
-        PyErr_Fetch(&exc, &val, &tb);
-        call_lock(self->lock_release[locked]);
-        PyErr_Restore(exc, val, tb);
-    }
-    for (k = 0; k < n_dctx; k++)
-        codec_give_dctx(dargs.codec, batch.ctx[k]);
-    Py_XDECREF(dargs.codec);
-    Py_XDECREF(batch_comp);
-    if (scratch != one_scratch) {
-        PyMem_Free(scratch);
-        PyMem_Free(item_sector);
-        PyMem_Free(item_size);
-        PyMem_Free(was_meta);
-        PyMem_Free(was_handle);
-    }
-    Py_XDECREF(dict_comps);
-    PyBuffer_Release(&out);
+    if (cur_kind >= 0 && append_run(list, cur, cur_kind) < 0)
+        goto fail;
+    return list;
+fail:
+    Py_DECREF(list);
     return NULL;
 }
 
-/* What phase one of a write found for a sector. */
-typedef struct {
-    uint32_t size;          /* compressed size; 0: SAME; PAGE_SIZE: HUGE */
-    uint64_t fill;          /* SAME: the repeated 8-byte value */
-} SectorPlan;
+/* mark_idle(cutoff) -> newly marked; cutoff None: all */
+static PyObject *
+Zram_mark_idle(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    long cutoff = 0;
+    int all = arg == Py_None;
+    size_t n;
+    if (!z)
+        return NULL;
+    if (!all && (cutoff = PyLong_AsLong(arg)) == -1 && PyErr_Occurred())
+        return NULL;
+    CORE_BEGIN
+    n = zram_mark_idle(z, all, cutoff);
+    CORE_END
+    return PyLong_FromSize_t(n);
+}
 
-/* The fill value is the page's first 8 bytes as a little-endian integer
- * (device.py's int.from_bytes(head, "little")): this machine's order. */
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the slot table's fill values are little-endian"
-#endif
+/* ---- locks ---------------------------------------------------------------- */
+
+/* A stripe number argument: 0, or -1 with IndexError. */
+static int
+stripe_arg(PyObject *arg, size_t *stripe)
+{
+    long s = PyLong_AsLong(arg);
+    if (s == -1 && PyErr_Occurred())
+        return -1;
+    if (s < 0 || s >= N_STRIPES) {
+        PyErr_Format(PyExc_IndexError, "stripe %ld: outside 0..%d", s,
+                     N_STRIPES - 1);
+        return -1;
+    }
+    *stripe = s;
+    return 0;
+}
+
+/* Take a stripe from Python: try, else wait with the GIL let go. */
+static PyObject *
+Zram_lock(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    size_t stripe;
+    if (!z || stripe_arg(arg, &stripe) < 0)
+        return NULL;
+    if (zram_slot_trylock(z, stripe) != 0) {
+        CORE_BEGIN
+        zram_slot_lock(z, stripe);
+        CORE_END
+    }
+    atomic_fetch_add(&self->held, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Zram_trylock(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    size_t stripe;
+    if (!z || stripe_arg(arg, &stripe) < 0)
+        return NULL;
+    if (zram_slot_trylock(z, stripe) != 0)
+        Py_RETURN_FALSE;
+    atomic_fetch_add(&self->held, 1);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Zram_unlock(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    size_t stripe;
+    if (!z || stripe_arg(arg, &stripe) < 0)
+        return NULL;
+    if (atomic_load(&self->held) <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "unlock: no stripe held");
+        return NULL;
+    }
+    atomic_fetch_sub(&self->held, 1);
+    zram_slot_unlock(z, stripe);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Zram_lock_all(Zram *self, PyObject *unused)
+{
+    struct zram *z = zram_of(self);
+    if (!z)
+        return NULL;
+    if (zram_trylock_all(z) != 0) {
+        CORE_BEGIN
+        zram_lock_all(z);
+        CORE_END
+    }
+    self->all_held = 1;
+    self->all_owner = pthread_self();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Zram_unlock_all(Zram *self, PyObject *unused)
+{
+    struct zram *z = zram_of(self);
+    if (!z)
+        return NULL;
+    if (!self->all_held) {
+        PyErr_SetString(PyExc_RuntimeError, "unlock_all: not held");
+        return NULL;
+    }
+    self->all_held = 0;
+    zram_unlock_all(z);
+    Py_RETURN_NONE;
+}
 
 static int
-same_filled(const char *page, uint64_t *fill)
+need_all(Zram *self, const char *op)
 {
-    uint64_t v, w;
-    int i;
-    memcpy(&v, page, 8);               /* the buffer need not be aligned */
-    for (i = 8; i < PAGE_SIZE; i += 8) {
-        memcpy(&w, page + i, 8);
-        if (w != v)
-            return 0;
+    if (!self->all_held || !pthread_equal(self->all_owner, pthread_self())) {
+        PyErr_Format(PyExc_RuntimeError, "%s: needs lock_all()", op);
+        return -1;
     }
-    *fill = v;
-    return 1;
+    return 0;
 }
 
-/* Room for one page's compressed form, however long: the larger of
- * LZ4_COMPRESSBOUND(4096) (4128) and ZSTD_COMPRESSBOUND(4096) (4174). */
-#define SCRATCH_STRIDE (PAGE_SIZE + 128)
+/* ---- codec table (lock_all held) ---------------------------------------- */
 
-typedef struct {
-    Codec *codec;
-    const char *data;
-    char *scratch;
-    size_t huge_class_size;
-    SectorPlan *plan;
-} PlanArgs;
-
-/* Phase one, no Python objects touched: classify and compress pages
- * start..start+n-1. */
-static void
-plan_chunk(Batch *b, int who, Py_ssize_t start, Py_ssize_t n)
+/* A dictionary id argument: 0, or -1 with an error (ValueError when out
+ * of 0..MAX_DICTS - 1). */
+static int
+dict_id_arg(PyObject *arg, unsigned *id)
 {
-    PlanArgs *a = b->args;
-    Codec *codec = a->codec;
-    ZSTD_CCtx *cctx = b->ctx[who];
-    SectorPlan *plan = a->plan;
-    char *scratch = a->scratch;
-    size_t huge_class_size = a->huge_class_size;
-    Py_ssize_t i;
-    for (i = start; i < start + n; i++) {
-        const char *page = a->data + (i << PAGE_SHIFT);
-        if (same_filled(page, &plan[i].fill)) {
-            plan[i].size = 0;
-            continue;
-        }
-        /* The whole output, then the kernel's test: a page whose
-         * compressed form reaches huge_class_size is stored raw.  (A
-         * capacity of huge_class_size - 1 would not do: lz4 and zstd
-         * give up a few bytes before the end of a limited buffer.) */
-        plan[i].size = codec_compress(codec, cctx, page, PAGE_SIZE,
-                                      scratch + i * SCRATCH_STRIDE,
-                                      SCRATCH_STRIDE);
-        if (plan[i].size == 0 || plan[i].size >= huge_class_size)
-            plan[i].size = PAGE_SIZE;
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v >= MAX_DICTS) {
+        PyErr_Format(PyExc_ValueError, "dictionary id %ld; accepted: 0..%d",
+                     v, MAX_DICTS - 1);
+        return -1;
     }
+    *id = (unsigned)v;
+    return 0;
 }
 
-/*
- * write(device, data, first, huge_class_size) -> sectors done
- *
- * Stores whole sectors from ``data`` as Device._try_write_sector does,
- * until a sector needs the Python path.
- */
 static PyObject *
-slot_paths_write(SlotPaths *self, PyObject *args)
+Zram_set_dict_codec(Zram *self, PyObject *args)
 {
-    PyObject *device, *data_o, *primary = NULL, *dict_comps = NULL,
-        *comp, *id_o, *t0_o;
-    Py_ssize_t first, count, i = 0, huge_class_size;
-    long limit_pages;
-    Py_buffer data;
-    double t0;
-    Codec *codec = NULL;
-    unsigned dict_id;
-    char *scratch = NULL;
-    SectorPlan *plan = NULL;
-    Batch batch = {0};
-    PlanArgs pargs;
-    int hands = 0, n_cctx = 0, k;
-    struct zs_pool *zs;
-
-    if (!PyArg_ParseTuple(args, "OOnn", &device, &data_o, &first,
-                          &huge_class_size))
+    struct zram *z = zram_of(self);
+    unsigned id;
+    PyObject *id_o, *codec, *old;
+    if (!z || !PyArg_ParseTuple(args, "OO", &id_o, &codec)
+            || need_all(self, "set_dict_codec") < 0
+            || dict_id_arg(id_o, &id) < 0)
         return NULL;
-    if (PyObject_GetBuffer(data_o, &data, PyBUF_SIMPLE) < 0)
+    if (codec != Py_None && (!PyObject_TypeCheck(codec, &CodecType)
+                             || !((Codec *)codec)->c)) {
+        PyErr_SetString(PyExc_TypeError, "codec: a Codec or None");
         return NULL;
-    if (get_out_range(self, first, data.len, &count) < 0
-            || !(zs = paths_pool(self)))
-        goto done;
-    if (huge_class_size < 2 || huge_class_size > PAGE_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "huge_class_size out of range");
-        goto done;
     }
-    if (!(primary = PyObject_GetAttr(device, s_primary)))
-        goto done;
-    if (!PyTuple_Check(primary) || PyTuple_GET_SIZE(primary) != 2) {
-        PyErr_SetString(PyExc_TypeError, "_primary: (id, compressor)");
-        goto done;
-    }
-    id_o = PyTuple_GET_ITEM(primary, 0);
-    comp = PyTuple_GET_ITEM(primary, 1);
-    dict_id = PyLong_AsUnsignedLong(id_o);
-    if (PyErr_Occurred())
-        goto done;
-    if (!(codec = native_of(comp)) || dict_id >= MAX_DICTS)
-        goto done;                      /* 0 done: all of it in Python */
-    Py_INCREF(codec);                   /* used without the GIL */
-    if (attr_long(device, s_limit_pages, &limit_pages) < 0)
-        goto done;
-    if (!(t0_o = PyObject_GetAttr(device, s_t0)))
-        goto done;
-    t0 = PyFloat_AsDouble(t0_o);
-    Py_DECREF(t0_o);
-    if (t0 == -1.0 && PyErr_Occurred())
-        goto done;
-    if (!(dict_comps = PyObject_GetAttr(device, s_dict_comps)))
-        goto done;
-    hands = count > 1 ? crew_hands(count) : 0;
-    if (codec->kind == KIND_ZSTD) {
-        for (n_cctx = 0; n_cctx <= hands; n_cctx++)
-            if (!(batch.ctx[n_cctx] = codec_take_cctx(codec)))
-                goto done;
-    }
-    scratch = PyMem_Malloc(count * SCRATCH_STRIDE);
-    plan = PyMem_Malloc(count * sizeof(*plan));
-    if (!scratch || !plan) {
-        PyErr_NoMemory();
-        goto done;
-    }
-
-    /* Phase one: classify and compress, several pages at a time with the
-     * crew.  One page compresses in less time than a GIL hand-off takes,
-     * so a single sector keeps the GIL. */
-    pargs.codec = codec;
-    pargs.data = data.buf;
-    pargs.scratch = scratch;
-    pargs.huge_class_size = huge_class_size;
-    pargs.plan = plan;
-    batch.work = plan_chunk;
-    batch.args = &pargs;
-    batch.count = count;
-    if (count > 1) {
-        Py_BEGIN_ALLOW_THREADS
-        batch_go(&batch, hands);
-        Py_END_ALLOW_THREADS
+    zram_set_dict_codec(z, id, codec == Py_None ? NULL : ((Codec *)codec)->c);
+    old = self->codecs[id];
+    if (codec == Py_None) {
+        self->codecs[id] = NULL;
     } else {
-        batch_go(&batch, 0);
+        Py_INCREF(codec);
+        self->codecs[id] = codec;
     }
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
 
-    /* Phase two: the pool and the slots, holding the GIL. */
-    for (i = 0; i < count; i++) {
-        Py_ssize_t index = first + i;
-        unsigned stripe = index & STRIPE_MASK;
-        uint32_t size = plan[i].size, meta, old_meta;
-        uint64_t handle = 0, old;
-        int64_t *row = self->counters + stripe * N_COUNTERS;
-        int have_new = 0;          /* handle is ours to free on failure */
-
-        if (size == 0) {
-            meta = ZRAM_SAME;
-        } else {
-            const char *src = size == PAGE_SIZE ? (const char *)data.buf
-                + (i << PAGE_SHIFT) : scratch + i * SCRATCH_STRIDE;
-            long pages, max_used;
-            meta = size == PAGE_SIZE ? ZRAM_HUGE
-                                     : (uint32_t)dict_id << DICT_SHIFT;
-            if (!(handle = zs_malloc(zs, size))) {
-                PyErr_NoMemory();
-                goto done;
-            }
-            have_new = 1;
-            /* update_used_max(), and the limit as zram_can_store_page() */
-            pages = zs_get_total_pages(zs);
-            if (attr_long(device, s_max_used_pages, &max_used) < 0)
-                goto done_free_new;
-            if (pages > max_used) {
-                PyObject *pages_o = PyLong_FromLong(pages), *r = NULL;
-                if (pages_o)
-                    r = PyObject_CallMethodOneArg(device, s_note_pages_used,
-                                                  pages_o);
-                Py_XDECREF(pages_o);
-                if (!r)
-                    goto done_free_new;
-                Py_DECREF(r);
-            }
-            if (limit_pages && pages > limit_pages)
-                goto undo;                 /* Python raises NoSpaceError */
-            if (zs_obj_write(zs, handle, src, size) < 0) {
-                PyErr_SetString(PyExc_RuntimeError, "pool: a new object"
-                                " refused its bytes");
-                goto done_free_new;
-            }
-            meta |= size;
-        }
-
-        if (call_lock(self->lock_acquire[stripe]) < 0)
-            goto done_free_new;
-        old_meta = self->meta[index];
-        old = self->handle[index];
-        if (old_meta & ZRAM_WB) {
-            if (call_lock(self->lock_release[stripe]) < 0)
-                goto done_free_new;
-            goto undo;                     /* the backing device's job */
-        }
-        if (meta & DICT_MASK) {
-            /* The id must still name the dictionary we compressed with:
-             * retired meanwhile, it may name a newer one. */
-            PyObject *key = PyLong_FromUnsignedLong(dict_id), *now = NULL;
-            int known = -1;
-            if (key) {
-                now = PyDict_GetItemWithError(dict_comps, key);
-                known = now == comp ? 1 : PyErr_Occurred() ? -1 : 0;
-            }
-            Py_XDECREF(key);
-            if (known <= 0) {
-                /* The Python path compresses it again. */
-                if (call_lock(self->lock_release[stripe]) < 0 || known < 0)
-                    goto done_free_new;
-                goto undo;
-            }
-            self->dict_refs[stripe * MAX_DICTS + dict_id] += 1;
-        }
-        /* _slot_clear_locked(), WB excepted (above) */
-        if (old_meta & ZRAM_SAME) {
-            row[C_SAME_PAGES] -= 1;
-            row[C_PAGES_STORED] -= 1;
-            old = 0;
-        } else if (old) {
-            if (old_meta & DICT_MASK)
-                self->dict_refs[stripe * MAX_DICTS
-                                + ((old_meta & DICT_MASK) >> DICT_SHIFT)] -= 1;
-            if (old_meta & ZRAM_HUGE)
-                row[C_HUGE_PAGES] -= 1;
-            if (old_meta & COMP_PRIORITY_MASK)
-                row[C_PRIO_PAGES - 1 + ((old_meta & COMP_PRIORITY_MASK)
-                                        >> COMP_PRIORITY_SHIFT)] -= 1;
-            row[C_COMPR_SIZE] -= old_meta & SIZE_MASK;
-            row[C_PAGES_STORED] -= 1;
-        }
-        self->meta[index] = meta;
-        self->handle[index] = handle ? handle : plan[i].fill;
-        self->atime[index] = (uint32_t)(int64_t)(now_monotonic() - t0);
-        row[C_PAGES_STORED] += 1;
-        row[C_NUM_WRITES] += 1;
-        if (meta & ZRAM_SAME) {
-            row[C_SAME_PAGES] += 1;
-        } else {
-            row[C_COMPR_SIZE] += size;
-            if (meta & ZRAM_HUGE) {
-                row[C_HUGE_PAGES] += 1;
-                row[C_HUGE_SINCE] += 1;
-            }
-        }
-        if (call_lock(self->lock_release[stripe]) < 0)
-            goto done;
-        if (old && pool_free_or_raise(zs, old) < 0)
-            goto done;
-        continue;
-
-    undo:
-        /* This sector goes to the Python path: give the object back. */
-        if (have_new && pool_free_or_raise(zs, handle) < 0)
-            goto done;
-        break;
-
-    done_free_new:
-        if (have_new)
-            zs_free(zs, handle);       /* ours: it cannot fail */
-        goto done;
-    }
-
-done:
-    for (k = 0; k < n_cctx; k++)
-        codec_give_cctx(codec, batch.ctx[k]);
-    Py_XDECREF(codec);
-    PyMem_Free(scratch);
-    PyMem_Free(plan);
-    Py_XDECREF(primary);
-    Py_XDECREF(dict_comps);
-    PyBuffer_Release(&data);
-    if (PyErr_Occurred())
+static PyObject *
+Zram_set_primary(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    unsigned id;
+    if (!z || need_all(self, "set_primary") < 0 || dict_id_arg(arg, &id) < 0)
         return NULL;
-    return PyLong_FromSsize_t(i);
+    zram_set_primary(z, id);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
-SlotPaths_read(SlotPaths *self, PyObject *args)
+Zram_dict_refs(Zram *self, PyObject *arg)
 {
-    PyObject *r;
-    self->busy++;
-    r = slot_paths_read(self, args);
-    self->busy--;
-    return r;
+    struct zram *z = zram_of(self);
+    unsigned id;
+    if (!z || need_all(self, "dict_refs") < 0 || dict_id_arg(arg, &id) < 0)
+        return NULL;
+    return PyLong_FromLongLong(zram_dict_refs(z, id));
+}
+
+/* ---- slot primitives -------------------------------------------------------- */
+
+/* get(index) -> (meta, handle): a snapshot, or exact under the lock. */
+static PyObject *
+Zram_get(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    size_t index;
+    if (!z || index_arg(self, arg, &index) < 0)
+        return NULL;
+    return Py_BuildValue("kK", (unsigned long)zram_slot_meta(z, index),
+                         (unsigned long long)zram_slot_handle(z, index));
+}
+
+/* version(index) -> what a read-modify-write checks before it stores: the
+ * word but for SAME_PAGE_FLAGS, the handle, and the stripe's count of
+ * writes, which tells a handle freed and handed out again (to this slot,
+ * by two writes) from the one read.  The lock held. */
+static PyObject *
+Zram_version(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    size_t index;
+    if (!z || index_arg(self, arg, &index) < 0)
+        return NULL;
+    return Py_BuildValue(
+        "kKL", (unsigned long)(zram_slot_meta(z, index) & ~SAME_PAGE_FLAGS),
+        (unsigned long long)zram_slot_handle(z, index),
+        (long long)zram_slot_writes(z, index));
 }
 
 static PyObject *
-SlotPaths_write(SlotPaths *self, PyObject *args)
+Zram_touch(Zram *self, PyObject *arg)
 {
-    PyObject *r;
-    self->busy++;
-    r = slot_paths_write(self, args);
-    self->busy--;
-    return r;
+    struct zram *z = zram_of(self);
+    size_t index;
+    if (!z || index_arg(self, arg, &index) < 0)
+        return NULL;
+    zram_slot_touch(z, index);
+    Py_RETURN_NONE;
 }
 
-static PyMethodDef SlotPaths_methods[] = {
-    {"read", (PyCFunction)SlotPaths_read, METH_VARARGS,
-     "read(device, out, first) -> sectors read into out from sector first;"
-     " stops at a sector the Python path must do."},
-    {"write", (PyCFunction)SlotPaths_write, METH_VARARGS,
-     "write(device, data, first, huge_class_size) -> sectors stored from"
-     " data at sector first; stops at a sector the Python path must do."},
-    {"close", (PyCFunction)SlotPaths_close, METH_NOARGS,
-     "Release the slot table's buffers (before its mmaps close)."},
+static PyObject *
+Zram_flags(Zram *self, PyObject *args)
+{
+    struct zram *z = zram_of(self);
+    PyObject *i;
+    unsigned set, clear;
+    size_t index;
+    if (!z || !PyArg_ParseTuple(args, "OII", &i, &set, &clear)
+            || index_arg(self, i, &index) < 0)
+        return NULL;
+    zram_slot_flags(z, index, set, clear);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Zram_clear(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    size_t index;
+    uint64_t handle;
+    uint32_t meta;
+    if (!z || index_arg(self, arg, &index) < 0)
+        return NULL;
+    meta = zram_slot_clear(z, index, &handle);
+    return Py_BuildValue("kK", (unsigned long)meta,
+                         (unsigned long long)handle);
+}
+
+static PyObject *
+Zram_set(Zram *self, PyObject *args)
+{
+    struct zram *z = zram_of(self);
+    PyObject *i;
+    unsigned meta;
+    unsigned long long handle;
+    int write;
+    size_t index;
+    if (!z || !PyArg_ParseTuple(args, "OIKp", &i, &meta, &handle, &write)
+            || index_arg(self, i, &index) < 0)
+        return NULL;
+    if (zram_slot_meta(z, index) || zram_slot_handle(z, index)) {
+        PyErr_Format(PyExc_ValueError, "set: slot %zu is not empty", index);
+        return NULL;
+    }
+    zram_slot_set(z, index, meta, handle, write);
+    Py_RETURN_NONE;
+}
+
+/* ---- stats, limits, clock ------------------------------------------------- */
+
+static PyObject *
+Zram_counters(Zram *self, PyObject *unused)
+{
+    struct zram *z = zram_of(self);
+    int64_t sums[N_COUNTERS];
+    PyObject *t;
+    int c;
+    if (!z)
+        return NULL;
+    if (self->all_held && pthread_equal(self->all_owner, pthread_self())) {
+        zram_counters_locked(z, sums);      /* ours already */
+    } else if (zram_counters_try(z, sums) != 0) {
+        /* a stripe is busy: wait for it without the GIL */
+        CORE_BEGIN
+        zram_counters(z, sums);
+        CORE_END
+    }
+    if (!(t = PyTuple_New(N_COUNTERS)))
+        return NULL;
+    for (c = 0; c < N_COUNTERS; c++) {
+        PyObject *v = PyLong_FromLongLong(sums[c]);
+        if (!v) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, c, v);
+    }
+    return t;
+}
+
+static PyObject *
+Zram_note_used(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    unsigned long pages;
+    if (!z)
+        return NULL;
+    pages = PyLong_AsUnsignedLong(arg);
+    if (pages == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    zram_note_used(z, pages);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Zram_now(Zram *self, PyObject *unused)
+{
+    struct zram *z = zram_of(self);
+    return z ? PyLong_FromUnsignedLong(zram_now(z)) : NULL;
+}
+
+static PyObject *
+Zram_get_pages(Zram *self, void *which)
+{
+    struct zram *z = zram_of(self);
+    if (!z)
+        return NULL;
+    return PyLong_FromUnsignedLong(which ? zram_limit(z) : zram_max_used(z));
+}
+
+static int
+Zram_set_pages(Zram *self, PyObject *v, void *which)
+{
+    struct zram *z = zram_of(self);
+    unsigned long pages;
+    if (!z)
+        return -1;
+    if (!v) {
+        PyErr_SetString(PyExc_TypeError, "cannot delete");
+        return -1;
+    }
+    pages = PyLong_AsUnsignedLong(v);
+    if (pages == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (which)
+        zram_set_limit(z, pages);
+    else
+        zram_set_max_used(z, pages);
+    return 0;
+}
+
+static PyObject *
+Zram_get_t0(Zram *self, void *closure)
+{
+    struct zram *z = zram_of(self);
+    return z ? PyFloat_FromDouble(zram_t0(z) * 1e-9) : NULL;
+}
+
+static int
+Zram_set_t0(Zram *self, PyObject *v, void *closure)
+{
+    struct zram *z = zram_of(self);
+    double t0;
+    if (!z)
+        return -1;
+    if (!v) {
+        PyErr_SetString(PyExc_TypeError, "cannot delete");
+        return -1;
+    }
+    t0 = PyFloat_AsDouble(v);
+    if (t0 == -1.0 && PyErr_Occurred())
+        return -1;
+    zram_set_t0(z, (int64_t)(t0 * 1e9));
+    return 0;
+}
+
+static PyObject *
+Zram_get_busy(Zram *self, void *closure)
+{
+    return PyLong_FromLong(atomic_load(&self->busy));
+}
+
+static PyObject *
+Zram_get_closed(Zram *self, void *closure)
+{
+    return PyBool_FromLong(!self->z);
+}
+
+static PyMethodDef Zram_methods[] = {
+    {"read", (PyCFunction)Zram_read, METH_VARARGS,
+     "read(out, first) -> sectors read into out (whole sectors) from"
+     " sector first; stops at a sector the caller must do."},
+    {"write", (PyCFunction)Zram_write, METH_VARARGS,
+     "write(data, first) -> sectors stored from data (whole sectors) at"
+     " sector first; stops at a sector the caller must do."},
+    {"discard", (PyCFunction)Zram_discard, METH_VARARGS,
+     "discard(first, count) -> (sectors freed, [pool handles to free]);"
+     " stops at a written-back slot."},
+    {"extents", (PyCFunction)Zram_extents, METH_VARARGS,
+     "extents(first, count, max_runs) -> [(sectors, kind)], kind 0 hole,"
+     " 1 zero, 2 data; at most max_runs runs (negative: no bound)."},
+    {"mark_idle", (PyCFunction)Zram_mark_idle, METH_O,
+     "mark_idle(cutoff) -> newly marked: IDLE on slots holding a pool"
+     " object last accessed at or before cutoff (None: all), cleared on"
+     " those accessed since."},
+    {"lock", (PyCFunction)Zram_lock, METH_O,
+     "lock(stripe): take the lock of stripe (slot index % N_STRIPES)."},
+    {"trylock", (PyCFunction)Zram_trylock, METH_O,
+     "trylock(stripe) -> whether it took the stripe's lock."},
+    {"unlock", (PyCFunction)Zram_unlock, METH_O,
+     "unlock(stripe): let the stripe's lock go."},
+    {"lock_all", (PyCFunction)Zram_lock_all, METH_NOARGS,
+     "lock_all(): the codec table's lock, then every stripe's."},
+    {"unlock_all", (PyCFunction)Zram_unlock_all, METH_NOARGS,
+     "unlock_all(): undo lock_all()."},
+    {"set_dict_codec", (PyCFunction)Zram_set_dict_codec, METH_VARARGS,
+     "set_dict_codec(id, codec): the Codec of pages of dictionary id, or"
+     " None (they are the caller's); lock_all() held."},
+    {"set_primary", (PyCFunction)Zram_set_primary, METH_O,
+     "set_primary(id): new pages use dictionary id; lock_all() held."},
+    {"dict_refs", (PyCFunction)Zram_dict_refs, METH_O,
+     "dict_refs(id) -> stored pages of dictionary id; lock_all() held."},
+    {"get", (PyCFunction)Zram_get, METH_O,
+     "get(index) -> (meta, handle): exact under the slot's lock, else a"
+     " snapshot."},
+    {"version", (PyCFunction)Zram_version, METH_O,
+     "version(index) -> (meta but IDLE/PP_SLOT/INCOMPRESSIBLE, handle,"
+     " stripe writes); the lock held."},
+    {"touch", (PyCFunction)Zram_touch, METH_O,
+     "touch(index): count a read (IDLE cleared, atime, num_reads); the"
+     " lock held."},
+    {"flags", (PyCFunction)Zram_flags, METH_VARARGS,
+     "flags(index, set, clear): meta = meta & ~clear | set; the lock held."},
+    {"clear", (PyCFunction)Zram_clear, METH_O,
+     "clear(index) -> (old meta, old handle): unlink the slot, counters"
+     " updated; what to free is the caller's; the lock held."},
+    {"set", (PyCFunction)Zram_set, METH_VARARGS,
+     "set(index, meta, handle, write): link new contents into the empty"
+     " slot, counted (write: also num_writes, atime, huge_pages_since);"
+     " the lock held."},
+    {"counters", (PyCFunction)Zram_counters, METH_NOARGS,
+     "counters() -> the per-stripe counters summed, by column."},
+    {"note_used", (PyCFunction)Zram_note_used, METH_O,
+     "note_used(pages): keep the peak of pool pages (update_used_max)."},
+    {"now", (PyCFunction)Zram_now, METH_NOARGS,
+     "now() -> seconds of the device's clock."},
+    {"close", (PyCFunction)Zram_close, METH_NOARGS,
+     "close(): unmap the table; BufferError while a request runs."},
     {NULL}
 };
 
-static PyMemberDef SlotPaths_members[] = {
-    {"busy", T_INT, offsetof(SlotPaths, busy), READONLY,
-     "read/write calls in progress"},
+static PyGetSetDef Zram_getset[] = {
+    {"max_used_pages", (getter)Zram_get_pages, (setter)Zram_set_pages,
+     "the peak of pool pages (mem_used_max)", NULL},
+    {"limit_pages", (getter)Zram_get_pages, (setter)Zram_set_pages,
+     "mem_limit in pages (0: none)", (void *)1},
+    {"t0", (getter)Zram_get_t0, (setter)Zram_set_t0,
+     "the device clock's zero, in time.monotonic() seconds", NULL},
+    {"busy", (getter)Zram_get_busy, NULL, "requests in progress", NULL},
+    {"closed", (getter)Zram_get_closed, NULL, "close() was called", NULL},
     {NULL}
 };
 
-static PyTypeObject SlotPathsType = {
+static PyTypeObject ZramType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "zramd._fastpath.SlotPaths",
-    .tp_basicsize = sizeof(SlotPaths),
+    .tp_name = "zramd._fastpath.Zram",
+    .tp_basicsize = sizeof(Zram),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "SlotPaths(meta, handle, atime, counters, dict_refs, "
-              "stripe_locks, pool): a device's whole-sector read and write "
-              "loops.",
+    .tp_doc = "Zram(nr_pages, pool): a device's slot table and I/O paths "
+              "(csrc/zram.c).",
     .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)SlotPaths_init,
-    .tp_dealloc = (destructor)SlotPaths_dealloc,
-    .tp_methods = SlotPaths_methods,
-    .tp_members = SlotPaths_members,
+    .tp_init = (initproc)Zram_init,
+    .tp_dealloc = (destructor)Zram_dealloc,
+    .tp_methods = Zram_methods,
+    .tp_getset = Zram_getset,
 };
 
 /* ---- module ----------------------------------------------------------- */
@@ -1951,7 +1450,7 @@ static PyTypeObject SlotPathsType = {
 static PyObject *
 fp_crew_limit(PyObject *module, PyObject *args)
 {
-    int limit = INT_MIN, old = crew_limit;
+    int limit = INT_MIN;
     if (!PyArg_ParseTuple(args, "|i", &limit))
         return NULL;
     if (limit != INT_MIN && (limit < 0 || limit > CREW_MAX)) {
@@ -1959,9 +1458,7 @@ fp_crew_limit(PyObject *module, PyObject *args)
                      limit, CREW_MAX);
         return NULL;
     }
-    if (limit != INT_MIN)
-        crew_limit = limit;
-    return PyLong_FromLong(old);
+    return PyLong_FromLong(crew_set_limit(limit == INT_MIN ? -1 : limit));
 }
 
 static PyMethodDef module_methods[] = {
@@ -1973,8 +1470,9 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT, "zramd._fastpath",
-    "The device's whole-sector loops, the pool's malloc and free, and the"
-    " lz4/zstd codecs in C.", -1, module_methods,
+    "zramd's C core: the device's slot table and I/O paths (Zram), the"
+    " pool (ZsPool) and the lz4/lz4hc/zstd codecs (Codec).", -1,
+    module_methods,
 };
 
 /* Every constant of csrc/zram_defs.h, by the name Python knows it by:
@@ -2010,37 +1508,26 @@ static const struct named_constant constants[] = {
 };
 #undef K
 
-#define INTERN(var, text) \
-    if (!(var = PyUnicode_InternFromString(text))) return NULL
-
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     PyObject *m;
-    INTERN(s_acquire, "acquire");
-    INTERN(s_release, "release");
-    INTERN(s_native, "native");
-    INTERN(s_primary, "_primary");
-    INTERN(s_dict_comps, "_dict_comps");
-    INTERN(s_limit_pages, "_limit_pages");
-    INTERN(s_max_used_pages, "_max_used_pages");
-    INTERN(s_note_pages_used, "_note_pages_used");
-    INTERN(s_t0, "_t0");
-    if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&SlotPathsType) < 0
+    if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&ZramType) < 0
             || PyType_Ready(&ZsPoolType) < 0)
         return NULL;
-    if ((size_t)LZ4_compressBound(PAGE_SIZE) > SCRATCH_STRIDE
-            || ZSTD_compressBound(PAGE_SIZE) > SCRATCH_STRIDE) {
-        PyErr_SetString(PyExc_ImportError, "SCRATCH_STRIDE is too small");
+    if ((size_t)LZ4_compressBound(PAGE_SIZE) > PAGE_SIZE + 128
+            || ZSTD_compressBound(PAGE_SIZE) > PAGE_SIZE + 128) {
+        PyErr_SetString(PyExc_ImportError, "zram.c's SCRATCH_STRIDE is too"
+                        " small");
         return NULL;
     }
     if (!(m = PyModule_Create(&fastpath_module)))
         return NULL;
     Py_INCREF(&CodecType);
-    Py_INCREF(&SlotPathsType);
+    Py_INCREF(&ZramType);
     Py_INCREF(&ZsPoolType);
     if (PyModule_AddObject(m, "Codec", (PyObject *)&CodecType) < 0
-            || PyModule_AddObject(m, "SlotPaths", (PyObject *)&SlotPathsType) < 0
+            || PyModule_AddObject(m, "Zram", (PyObject *)&ZramType) < 0
             || PyModule_AddObject(m, "ZsPool", (PyObject *)&ZsPoolType) < 0)
         return NULL;
     {

@@ -1,70 +1,70 @@
 """The device: zram's slot table and I/O paths over the pool.
 
 This follows drivers/block/zram/zram_drv.c.  The disk is an array of 4 KiB
-sectors ("slots").  Each slot is 16 bytes spread over three flat arrays,
-each an anonymous private mmap so that an untouched device costs only
-address space (the OS commits a page of the table when a slot in it is
-first written)::
-
-    _handle[i]  u64  pool handle, or the 8-byte fill value of a SAME slot
-    _meta[i]    u32  bits 0..12: object size in bytes (0..4096)
-                     bits 13..20: flags (SAME, WB, PP_SLOT, HUGE, IDLE,
-                     INCOMPRESSIBLE, two compression-priority bits)
-                     bits 21..28: id of the trained zstd dictionary
-                     the page was compressed with (0: none)
-    _atime[i]   u32  last access, seconds since the device was created
+sectors ("slots").  The slot table itself is C (zramd/csrc/zram.c, read
+its opening comment): 16 bytes a slot in flat arrays it maps and owns
+(handle, the slot word of zram_defs.h, atime), the stripe locks as C
+mutexes, the per-stripe counters, the primary codec by dictionary id,
+and the whole-sector read and write paths, discard, extents and
+mark_idle, each a request run without the GIL.  ``_fastpath.Zram`` is
+its Python face; this module never sees the arrays, only slot
+primitives (``get``, ``version``, ``touch``, ``flags``, ``clear``,
+``set`` under the slot's stripe lock).
 
 A slot is *allocated* when it has a handle or the SAME flag; otherwise it
 reads as zeroes (a hole).  A WB slot's handle is its block number on the
-backing device (zramd.writeback).  SAME slots cost no pool memory; HUGE slots hold
-the raw page (4096 bytes) because it did not compress below the pool's
-huge_class_size.
+backing device (zramd.writeback).  SAME slots cost no pool memory; HUGE
+slots hold the raw page (4096 bytes) because it did not compress below
+the pool's huge_class_size.
 
-Write path (zram_write_page): same-filled check, then compression and
-pool allocation outside any lock; under the slot lock only the old contents
-are unlinked and the new linked in; the old object is freed afterwards.
-A write of part of a sector reads the sector, patches it and stores it
-only if the slot still holds what it read (``_slot_version``), else reads
-it again: what another request did to the sector meanwhile stays.
-Discard and write-zeroes of whole sectors unlink the slot with
-``slot_free_extract`` and hand the handle to the pool's deferred free, the
-swap-release path the deferred queue exists for.
+What stays Python, on the slot primitives (the C request returns how
+many sectors it did and the sector it stopped at is done here, raising
+what there is to raise):
 
-Whole sectors, what block devices and nbdcopy send, go through C
-(zramd/_fastpath.c, ``SlotPaths``): the same steps on these same arrays,
-locks and counters, a request per call, compression and decompression
-shared by a crew of helper threads without the GIL.  A sector the C loop
-does not handle (written back, recompressed by a secondary algorithm, a
-codec with no C form, corrupt, over mem_limit) it hands back, and the
-Python methods below do it and raise what there is to raise.
+- a sector written back (its page is read from the backing device), one
+  recompressed by a secondary algorithm, one of a codec with no C form
+  (deflate, lzo), one that does not decompress (the error names it), a
+  write over mem_limit (after the deferred frees are flushed) or over a
+  written-back slot;
+- partial sectors: a write of part of a sector reads the sector, patches
+  it and stores it only if the slot still holds what it read
+  (``_slot_version``), else reads it again: what another request did to
+  the sector meanwhile stays;
+- post-processing (recompress, writeback, dictionaries:
+  zramd.postprocess, on the primitives below);
+- every sector read or written on a ``native=False`` device (the
+  reference the C read and write are tested against; its discards,
+  extents and mark_idle are C's like any device's).
 
-Locking (order: ``_bd_lock``, ``_pp_lock``, slot stripe lock, then the
-pool's class locks): ``_stripe_locks[i % N_STRIPES]`` guards slot ``i``,
-that stripe's row of counters and its 4 KiB ``_stripe_copies`` buffer
-(where the pool copies an object that spans two frames while the slot is
-read).  Stats sum the rows; no lock is shared by all writers.
-``_pp_lock`` is held for a whole recompress or writeback pass, so one pass
-runs at a time; ``_bd_lock`` for a whole writeback pass and across
-set_backing_dev's check and swap, so no page goes to a backing device
-being replaced.
+Discard and write-zeroes of whole sectors unlink the slots in C and hand
+the handles to the pool's deferred free, the swap-release path the
+deferred queue exists for.
+
+Locking (order: ``_bd_lock``, ``_pp_lock``, the slot table's codec lock,
+a slot stripe lock, then the pool's class locks): ``_stripe_locks[i %
+N_STRIPES]`` (the C mutex of the stripe, as a lock object) guards slot
+``i`` and its 4 KiB ``_stripe_copies`` buffer (where the pool copies an
+object that spans two frames while the slot is read); a thread waiting
+for it lets the GIL go.  ``_zram.lock_all()`` takes the codec lock and
+every stripe, to change the codecs.  ``_pp_lock`` is held for a whole
+recompress or writeback pass, so one pass runs at a time; ``_bd_lock``
+for a whole writeback pass and across set_backing_dev's check and swap,
+so no page goes to a backing device being replaced.
 """
 
-import mmap
 import threading
-from array import array
 from collections import namedtuple
-from time import monotonic as _monotonic
 
-from . import _fastpath, compress
+from . import _fastpath, compress, postprocess
 # Slot flags (zram_drv.h enum zram_pageflags, above the size bits), the
 # stripes and the counter columns: zramd/csrc/zram_defs.h, one definition
 # for C and Python.
 from ._fastpath import (
-    PAGE_SHIFT, PAGE_SIZE,
+    PAGE_MASK, PAGE_SHIFT, PAGE_SIZE,
     C_COMPR_SIZE, C_HUGE_PAGES, C_HUGE_SINCE, C_NOTIFY_FREE, C_NUM_READS,
     C_NUM_WRITES, C_PAGES_STORED, C_PRIO_PAGES, C_SAME_PAGES,
     COMP_PRIORITY_MASK, COMP_PRIORITY_SHIFT, DICT_MASK, DICT_SHIFT, HUGE,
-    IDLE, INCOMPRESSIBLE, MAX_DICTS, MAX_PRIORITIES, N_COUNTERS, N_STRIPES,
+    IDLE, INCOMPRESSIBLE, MAX_DICTS, MAX_PRIORITIES, N_STRIPES,
     PP_SLOT, SAME, SIZE_MASK, STRIPE_MASK, WB)
 from .errors import ConfigError, InvalidRequestError, NoSpaceError, ZramdError
 from .stats import BdStat, DebugStat, IoStat, MmStat
@@ -73,26 +73,51 @@ from .zsmalloc import Pool
 
 # Flags that change while the page stays the same (an access, the
 # bookkeeping of post-processing): ignored when a read-modify-write checks
-# that the slot still holds what it read.
+# that the slot still holds what it read (zram.c's SAME_PAGE_FLAGS).
 SAME_PAGE_FLAGS = IDLE | PP_SLOT | INCOMPRESSIBLE
 
-# Post-processing selections, as zram's recompress and writeback "type=".
-PP_TYPES = {"idle": IDLE, "huge": HUGE, "huge_idle": HUGE | IDLE,
-            "incompressible": INCOMPRESSIBLE}
-# recompress takes these (an INCOMPRESSIBLE page is never recompressed).
-RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
+# Post-processing selections, as zram's recompress and writeback "type="
+# (zramd.policy takes them from here).
+PP_TYPES = postprocess.PP_TYPES
+RECOMPRESS_TYPES = postprocess.RECOMPRESS_TYPES
 
 ZERO_PAGE = bytes(PAGE_SIZE)
+
+# Sectors a discard hands the slot table at a time: its list of handles
+# to free is built for them (a whole 1 TiB disk at once would be 2 GiB).
+DISCARD_BATCH = 1024
+
+# Zram.extents' kinds, by number.
+EXTENT_KINDS = ("hole", "zero", "data")
 
 SlotInfo = namedtuple("SlotInfo", "flags size priority dict_id")
 
 
-def _slot_array(count, itemsize, typecode):
-    """A zero-filled flat array of ``count`` items backed by a private
-    anonymous mmap: reserved now, committed by the OS page by page."""
-    region = mmap.mmap(-1, max(count * itemsize, 1),
-                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return region, memoryview(region).cast(typecode)
+class _StripeLock:
+    """A stripe's C mutex as a lock object, for the Python paths: ``with``,
+    ``acquire(blocking=True)``, ``release()``.  A thread that has to wait
+    lets the GIL go meanwhile."""
+
+    __slots__ = ("_zram", "_stripe")
+
+    def __init__(self, zram, stripe):
+        self._zram, self._stripe = zram, stripe
+
+    def acquire(self, blocking=True, timeout=-1):
+        if not blocking:
+            return self._zram.trylock(self._stripe)
+        self._zram.lock(self._stripe)
+        return True
+
+    def release(self):
+        self._zram.unlock(self._stripe)
+
+    def __enter__(self):
+        self._zram.lock(self._stripe)
+        return self
+
+    def __exit__(self, *exc):
+        self._zram.unlock(self._stripe)
 
 
 class Device:
@@ -120,10 +145,10 @@ class Device:
         self._compressors = [self._compressor] + [None] * (MAX_PRIORITIES - 1)
         # The primary compressor by dictionary id; writers use _primary,
         # an (id, compressor) pair replaced whole when a dictionary is
-        # trained, and pages keep the id they were compressed with.
+        # trained, and pages keep the id they were compressed with.  The
+        # slot table holds the C codecs of the same ids.
         self._dict_comps = {0: self._compressor}
         self._primary = (0, self._compressor)
-        self._dict_refs = array("q", bytes(8 * N_STRIPES * MAX_DICTS))
         self._backing = BackingDev(backing_dev) if backing_dev else None
         self.writeback_limit_enable = False
         self._writeback_limit = 0
@@ -139,33 +164,45 @@ class Device:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self._huge_class_size = self.pool.huge_class_size
-        self._handle_map, self._handle = _slot_array(self.nr_pages, 8, "Q")
-        self._meta_map, self._meta = _slot_array(self.nr_pages, 4, "I")
-        self._atime_map, self._atime = _slot_array(self.nr_pages, 4, "I")
-        self._t0 = _monotonic()
-        self._stripe_locks = [threading.Lock() for _ in range(N_STRIPES)]
-        self._counters = array("q", bytes(8 * N_STRIPES * N_COUNTERS))
+        self._zram = _fastpath.Zram(self.nr_pages, self.pool)
+        # native=False sends every sector read or written through the
+        # Python paths, the reference the C ones are tested against.
+        self._native = bool(native)
+        self._set_codec(0, self._compressor)
+        self._stripe_locks = [_StripeLock(self._zram, s)
+                              for s in range(N_STRIPES)]
         self._fail_lock = threading.Lock()
         self.failed_reads = 0
         self.failed_writes = 0
-        self._limit_pages = 0
-        self._max_lock = threading.Lock()
-        self._max_used_pages = 0
         self._stripe_copies = [bytearray(PAGE_SIZE) for _ in range(N_STRIPES)]
         self.policy = None          # a zramd.policy.Policy, if scheduled
         self.set_mem_limit(mem_limit)
-        # Whole-sector reads and writes in C (zramd/_fastpath.c), on these
-        # same arrays, locks and pool; native=False sends every sector
-        # through the Python paths, the reference the C ones are tested
-        # against.
-        self._paths = _fastpath.SlotPaths(
-            self._meta, self._handle, self._atime, self._counters,
-            self._dict_refs, self._stripe_locks, self.pool) if native else None
+
+    def _set_codec(self, dict_id, comp):
+        """Give the slot table the C codec of ``comp`` (None when it has
+        none: its pages are the Python paths') for pages of ``dict_id``,
+        and make it the primary's."""
+        self._zram.lock_all()
+        try:
+            self._zram.set_dict_codec(dict_id, comp.native)
+            self._zram.set_primary(dict_id)
+        finally:
+            self._zram.unlock_all()
 
     # ---- small helpers -------------------------------------------------
 
+    @property
+    def _t0(self):
+        """Zero of the device's clock (time.monotonic() seconds); atimes
+        count from it.  Tests move it to age the slots."""
+        return self._zram.t0
+
+    @_t0.setter
+    def _t0(self, value):
+        self._zram.t0 = value
+
     def _now(self):
-        return int(_monotonic() - self._t0)
+        return self._zram.now()
 
     def _check_range(self, op, offset, length):
         if (not isinstance(offset, int) or not isinstance(length, int)
@@ -174,49 +211,33 @@ class Device:
                 "%s: offset %r length %r outside the disk (%d bytes)"
                 % (op, offset, length, self.size))
 
-    def _count(self, stripe, column, n=1):
-        """Add to a counter; the caller holds that stripe's lock."""
-        self._counters[stripe * N_COUNTERS + column] += n
-
     def _sum(self, column):
-        return sum(self._counters[column::N_COUNTERS])
+        return self._zram.counters()[column]
 
     def _note_pages_used(self, pages):
         """update_used_max(): keep the peak of pool pages."""
-        if pages > self._max_used_pages:
-            with self._max_lock:
-                if pages > self._max_used_pages:
-                    self._max_used_pages = pages
+        self._zram.note_used(pages)
+
+    @property
+    def _limit_pages(self):
+        return self._zram.limit_pages
+
+    @property
+    def _max_used_pages(self):
+        return self._zram.max_used_pages
 
     # ---- slot table ------------------------------------------------------
 
     def _slot_clear_locked(self, index, stripe):
-        """Unlink slot ``index`` (its stripe lock held): update the stats,
-        clear size and every flag in one store, zero the handle.  Returns
-        the pool handle still to be freed, or 0."""
-        meta = self._meta[index]
-        handle = self._handle[index]
+        """Unlink slot ``index`` (its stripe lock held): the slot table
+        updates the stats and clears the slot; a written-back page's block
+        is freed here.  Returns the pool handle still to be freed, or 0."""
+        meta, handle = self._zram.clear(index)
         if meta & SAME:
-            self._count(stripe, C_SAME_PAGES, -1)
-            self._count(stripe, C_PAGES_STORED, -1)
-            handle = 0
-        elif meta & WB:
+            return 0
+        if meta & WB:
             self._backing.free_block(handle)
-            self._count(stripe, C_PAGES_STORED, -1)
-            handle = 0
-        elif handle:
-            if meta & DICT_MASK:
-                self._dict_refs[stripe * MAX_DICTS
-                                + ((meta & DICT_MASK) >> DICT_SHIFT)] -= 1
-            if meta & HUGE:
-                self._count(stripe, C_HUGE_PAGES, -1)
-            if meta & COMP_PRIORITY_MASK:
-                self._count(stripe, C_PRIO_PAGES - 1 + (
-                    (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT), -1)
-            self._count(stripe, C_COMPR_SIZE, -(meta & SIZE_MASK))
-            self._count(stripe, C_PAGES_STORED, -1)
-        self._meta[index] = 0
-        self._handle[index] = 0
+            return 0
         return handle
 
     def slot_free_extract(self, index):
@@ -234,23 +255,36 @@ class Device:
 
     def slot_allocated(self, index):
         """True when slot ``index`` holds data (pool object or SAME)."""
-        return bool(self._handle[index] or self._meta[index] & SAME)
+        meta, handle = self._zram.get(index)
+        return bool(handle or meta & SAME)
 
     def slot_flags(self, index):
         """The flag bits of slot ``index`` (see the module constants)."""
-        return self._meta[index] & ~SIZE_MASK
+        return self._zram.get(index)[0] & ~SIZE_MASK
+
+    def slot_get(self, index):
+        """(slot word, handle) of slot ``index``: exact under its stripe
+        lock, else a snapshot (what a pass chooses candidates by)."""
+        return self._zram.get(index)
+
+    def slot_read(self, index):
+        """The page of slot ``index`` (bytes), not counted as an access;
+        the errors of a read."""
+        page = bytearray(PAGE_SIZE)
+        self._read_sector(index, 0, PAGE_SIZE, page, 0, touch=False)
+        return bytes(page)
 
     def slot_info(self, index):
         """SlotInfo(flags, size, priority, dict_id) of slot ``index``: what
         the stats are made of, for checks and tools."""
-        meta = self._meta[index]
+        meta = self._zram.get(index)[0]
         return SlotInfo(
             flags=meta & ~(SIZE_MASK | COMP_PRIORITY_MASK | DICT_MASK),
             size=meta & SIZE_MASK,
             priority=(meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT,
             dict_id=(meta & DICT_MASK) >> DICT_SHIFT)
 
-    # ---- per-sector I/O ----------------------------------------------------
+    # ---- per-sector I/O (the Python paths) ----------------------------------
 
     def _slot_version(self, index, stripe):
         """What a read-modify-write of slot ``index`` (its lock held)
@@ -258,18 +292,17 @@ class Device:
         the handle, and the stripe's count of writes, which tells a handle
         freed and handed out again (to this slot, by two writes) from the
         one read."""
-        return (self._meta[index] & ~SAME_PAGE_FLAGS, self._handle[index],
-                self._counters[stripe * N_COUNTERS + C_NUM_WRITES])
+        return self._zram.version(index)
 
     def _read_sector(self, index, lo, hi, out, dst, touch=True):
         """Copy bytes ``lo..hi`` of sector ``index`` into ``out[dst:]``;
         ``touch``: count it as an access (atime, IDLE, num_reads).
         Returns the slot's version as read (see _slot_version)."""
         stripe = index & STRIPE_MASK
+        zram = self._zram
         with self._stripe_locks[stripe]:
-            version = self._slot_version(index, stripe)
-            meta = self._meta[index]
-            handle = self._handle[index]
+            version = zram.version(index)
+            meta, handle = zram.get(index)
             if meta & SAME:
                 page = handle.to_bytes(8, "little") * (PAGE_SIZE // 8)
                 out[dst:dst + hi - lo] = page[lo:hi]
@@ -292,12 +325,7 @@ class Device:
                 finally:
                     pool.obj_read_end(handle, view)
             if touch:
-                if meta & IDLE:
-                    self._meta[index] = meta & ~IDLE
-                # _now() and _count() written out: this runs for every
-                # sector read.
-                self._atime[index] = int(_monotonic() - self._t0)
-                self._counters[stripe * N_COUNTERS + C_NUM_READS] += 1
+                zram.touch(index)
         return version
 
     def _decompressor(self, meta):
@@ -331,27 +359,28 @@ class Device:
             meta = dict_id << DICT_SHIFT
             if size >= self._huge_class_size:
                 data, size, meta = page, PAGE_SIZE, HUGE
-            handle = self._malloc_written(data)
+            handle = self.malloc_written(data)
             pages = self.pool.total_pages()
             self._note_pages_used(pages)
-            if self._limit_pages and pages > self._limit_pages:
+            limit = self._zram.limit_pages
+            if limit and pages > limit:
                 # Discarded objects waiting in the pool's deferred-free
                 # queue (or being drained) do not count: zram frees them
-                # at the discard.  (The C loop hands this case over.)
+                # at the discard.  (The C path hands this case over.)
                 self.pool.free_deferred_flush()
                 pages = self.pool.total_pages()
-            if self._limit_pages and pages > self._limit_pages:
+            if limit and pages > limit:
                 # zram_can_store_page(): over the limit, the old contents
                 # of the sector stay as they were.
                 self.pool.free(handle)
                 raise NoSpaceError(
                     "write: sector %d: mem_limit %d bytes reached"
-                    % (index, self._limit_pages << PAGE_SHIFT))
+                    % (index, limit << PAGE_SHIFT))
             meta |= size
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
             if expect is not None and \
-                    self._slot_version(index, stripe) != expect:
+                    self._zram.version(index) != expect:
                 if handle:
                     self.pool.free(handle)
                 return False
@@ -362,28 +391,13 @@ class Device:
                 if self._dict_comps.get(dict_id) is not comp:
                     self.pool.free(handle)
                     return False
-                self._dict_refs[stripe * MAX_DICTS + dict_id] += 1
             old = self._slot_clear_locked(index, stripe)
-            self._meta[index] = meta
-            self._handle[index] = handle if handle else fill
-            self._atime[index] = int(_monotonic() - self._t0)
-            # _count() written out: this runs for every sector written.
-            counters = self._counters
-            row = stripe * N_COUNTERS
-            counters[row + C_PAGES_STORED] += 1
-            counters[row + C_NUM_WRITES] += 1
-            if meta & SAME:
-                counters[row + C_SAME_PAGES] += 1
-            else:
-                counters[row + C_COMPR_SIZE] += size
-                if meta & HUGE:
-                    counters[row + C_HUGE_PAGES] += 1
-                    counters[row + C_HUGE_SINCE] += 1
+            self._zram.set(index, meta, handle if handle else fill, True)
         if old:
             self.pool.free(old)
         return True
 
-    def _malloc_written(self, data):
+    def malloc_written(self, data):
         """A new pool object holding ``data``; freed again if the write
         into it fails, so a failed store leaks nothing."""
         handle = self.pool.malloc(len(data))
@@ -427,16 +441,17 @@ class Device:
         self._check_range("read", offset, length)
         read_sector = self._read_sector
         try:
-            if not (offset | length) & (PAGE_SIZE - 1):
+            if not (offset | length) & PAGE_MASK:
                 # Whole sectors, what block devices and nbdcopy send: the
-                # C loop, and here only the sectors it hands back.
+                # slot table's C path, and here only the sectors it hands
+                # back.
                 first = offset >> PAGE_SHIFT
                 count = length >> PAGE_SHIFT
-                paths = self._paths
+                zram = self._zram if self._native else None
                 i = 0
                 while i < count:
-                    if paths is not None:
-                        i += paths.read(self, out[i << PAGE_SHIFT:], first + i)
+                    if zram is not None:
+                        i += zram.read(out[i << PAGE_SHIFT:], first + i)
                         if i == count:
                             break
                     read_sector(first + i, 0, PAGE_SIZE, out, i << PAGE_SHIFT)
@@ -464,16 +479,15 @@ class Device:
         self._check_range("write", offset, length)
         write_sector = self._write_sector
         try:
-            if not (offset | length) & (PAGE_SIZE - 1):
+            if not (offset | length) & PAGE_MASK:
                 first = offset >> PAGE_SHIFT
                 count = length >> PAGE_SHIFT
-                paths = self._paths
+                zram = self._zram if self._native else None
                 i = 0
                 while i < count:
                     pos = i << PAGE_SHIFT
-                    if paths is not None:
-                        i += paths.write(self, data[pos:], first + i,
-                                         self._huge_class_size)
+                    if zram is not None:
+                        i += zram.write(data[pos:], first + i)
                         if i == count:
                             break
                         pos = i << PAGE_SHIFT
@@ -503,21 +517,43 @@ class Device:
         self._free_range(offset, length)
 
     def _free_range(self, offset, length):
+        if not length:
+            return
+        end = offset + length
+        first = (offset + PAGE_MASK) >> PAGE_SHIFT     # first whole sector
+        last = end >> PAGE_SHIFT                       # past the last
         try:
-            for index, lo, hi, _ in self._sectors(offset, length):
-                if hi - lo == PAGE_SIZE:
-                    handle = self.slot_free_extract(index)
-                    if handle:
-                        self.pool.free_deferred(handle)
-                    stripe = index & STRIPE_MASK
-                    with self._stripe_locks[stripe]:
-                        self._count(stripe, C_NOTIFY_FREE)
-                elif self.slot_allocated(index):
-                    self._patch_sector(index, lo, ZERO_PAGE[:hi - lo])
+            if first > last:                # inside one sector
+                self._zero_part(offset >> PAGE_SHIFT, offset & PAGE_MASK,
+                                length)
+                return
+            if offset & PAGE_MASK:
+                self._zero_part(first - 1, offset & PAGE_MASK,
+                                PAGE_SIZE - (offset & PAGE_MASK))
+            i = first
+            while i < last:
+                # The slot table unlinks and counts them, DISCARD_BATCH at
+                # a time; it stops at a written-back slot, whose block is
+                # freed here, and goes on from that slot, empty now.
+                n = min(last - i, DISCARD_BATCH)
+                done, handles = self._zram.discard(i, n)
+                for handle in handles:
+                    self.pool.free_deferred(handle)
+                i += done
+                if done < n:
+                    self.slot_free_extract(i)
+            if end & PAGE_MASK:
+                self._zero_part(last, 0, end & PAGE_MASK)
         except ZramdError:
             with self._fail_lock:
                 self.failed_writes += 1
             raise
+
+    def _zero_part(self, index, lo, n):
+        """Zero ``n`` bytes from ``lo`` of sector ``index`` (not all of it)
+        if it holds data."""
+        if self.slot_allocated(index):
+            self._patch_sector(index, lo, ZERO_PAGE[:n])
 
     def flush(self):
         """Nothing to do: data is in memory and every completed write is
@@ -530,21 +566,18 @@ class Device:
         ``max_runs`` the list ends after that many runs and covers only
         the start of the range; the scan stops there too."""
         self._check_range("extents", offset, length)
+        end = offset + length
+        first = offset >> PAGE_SHIFT
+        count = ((end + PAGE_MASK) >> PAGE_SHIFT) - first if length else 0
+        runs = self._zram.extents(first, count,
+                                  -1 if max_runs is None else max_runs)
         out = []
-        for index, lo, hi, pos in self._sectors(offset, length):
-            meta = self._meta[index]
-            handle = self._handle[index]
-            if meta & SAME:
-                kind = "data" if handle else "zero"
-            else:
-                kind = "data" if handle else "hole"
-            if out and out[-1][2] == kind:
-                start, n, _ = out[-1]
-                out[-1] = (start, n + hi - lo, kind)
-            elif max_runs is not None and len(out) == max_runs:
-                break
-            else:
-                out.append((offset + pos, hi - lo, kind))
+        sector = first
+        for n, kind in runs:
+            start = max(offset, sector << PAGE_SHIFT)
+            sector += n
+            out.append((start, min(end, sector << PAGE_SHIFT) - start,
+                        EXTENT_KINDS[kind]))
         return out
 
     # ---- administration --------------------------------------------------
@@ -552,19 +585,18 @@ class Device:
     @property
     def mem_limit(self):
         """The memory limit in bytes (0: none)."""
-        return self._limit_pages << PAGE_SHIFT
+        return self._zram.limit_pages << PAGE_SHIFT
 
     def set_mem_limit(self, limit):
         """As mem_limit_store: page-aligned up; 0 removes the limit."""
         if not isinstance(limit, int) or limit < 0:
             raise InvalidRequestError("mem_limit: %r; accepted: bytes >= 0"
                                       % (limit,))
-        self._limit_pages = (limit + PAGE_SIZE - 1) >> PAGE_SHIFT
+        self._zram.limit_pages = (limit + PAGE_SIZE - 1) >> PAGE_SHIFT
 
     def reset_mem_used_max(self):
         """As writing 0 to mem_used_max: the peak restarts from now."""
-        with self._max_lock:
-            self._max_used_pages = self.pool.total_pages()
+        self._zram.max_used_pages = self.pool.total_pages()
 
     def compact(self):
         """Compact the pool; returns frames freed."""
@@ -583,43 +615,21 @@ class Device:
             raise InvalidRequestError("idle: %r; accepted: all or seconds"
                                       " >= 0" % (age_seconds,))
         cutoff = None if age_seconds is None else self._now() - age_seconds
-        marked = 0
-        meta_arr, handles, atime = self._meta, self._handle, self._atime
-        for stripe in range(N_STRIPES):
-            with self._stripe_locks[stripe]:
-                for index in range(stripe, self.nr_pages, N_STRIPES):
-                    meta = meta_arr[index]
-                    if meta & (SAME | WB) or not handles[index]:
-                        continue
-                    if cutoff is None or atime[index] <= cutoff:
-                        if not meta & IDLE:
-                            meta_arr[index] = meta | IDLE
-                            marked += 1
-                    elif meta & IDLE:
-                        meta_arr[index] = meta & ~IDLE
-        return marked
+        return self._zram.mark_idle(cutoff)
 
-    # ---- post-processing: recompression, writeback, dictionaries --------
+    # ---- post-processing: slot primitives and configuration ---------------
     #
-    # As zram's recompress and writeback: candidate slots are chosen by
-    # flags, marked PP_SLOT and copied out under the slot lock; the
-    # expensive part (compression, backing-device I/O) runs unlocked; the
-    # new contents replace the old only if the slot is still the pass's.
-    # A write, discard or free clears the whole meta word, PP_SLOT with
-    # it, and one pass runs at a time (``_pp_lock``), so a slot whose
-    # PP_SLOT is still set holds what the pass took; a read or mark_idle
-    # meanwhile changes only IDLE.  Whatever the outcome, the pass clears
-    # PP_SLOT of a slot it still owns, or the slot would never be
-    # post-processed again.
+    # The passes are zramd.postprocess, on these (read its docstring for
+    # the take / put protocol): slot_take, slot_put, slot_release under
+    # the slot's stripe lock; ``_pp_lock`` held for a whole pass.
 
-    def _pp_take(self, index, need, skip):
+    def slot_take(self, index, need, skip):
         """Under slot ``index``'s lock: if it holds a pool object, has every
         flag in ``need`` and none in ``skip``, mark it PP_SLOT and return
         (meta, handle, page bytes); else None."""
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
-            meta = self._meta[index]
-            handle = self._handle[index]
+            meta, handle = self._zram.get(index)
             if (not handle or meta & (SAME | WB | PP_SLOT | skip)
                     or meta & need != need):
                 return None
@@ -634,20 +644,19 @@ class Device:
                                                                  slot=index)
             finally:
                 self.pool.obj_read_end(handle, view)
-            meta |= PP_SLOT
-            self._meta[index] = meta
-            return meta, handle, bytes(page)
+            self._zram.flags(index, PP_SLOT, 0)
+            return meta | PP_SLOT, handle, bytes(page)
 
     def _pp_owned(self, index, taken):
         """Whether slot ``index`` (its lock held) still holds what this
         pass took as ``taken``: PP_SLOT still set, the same handle, the
         same meta word but for IDLE."""
         meta, handle, _ = taken
-        now = self._meta[index]
-        return bool(now & PP_SLOT and self._handle[index] == handle
+        now, now_handle = self._zram.get(index)
+        return bool(now & PP_SLOT and now_handle == handle
                     and (now | IDLE) == (meta | IDLE))
 
-    def _pp_put(self, index, taken, new_meta=None, new_handle=0, size=0,
+    def slot_put(self, index, taken, new_meta=None, new_handle=0, size=0,
                 comp=None):
         """Finish post-processing slot ``index`` taken as ``taken``: with
         no ``new_meta`` only drop PP_SLOT (the page stays as it was);
@@ -657,7 +666,7 @@ class Device:
         (else the slot is left as it was).  Returns True when the
         replacement happened."""
         if new_meta is None:
-            self._pp_flag(index, taken)
+            self.slot_release(index, taken)
             return False
         stripe = index & STRIPE_MASK
         prio = (new_meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
@@ -667,35 +676,15 @@ class Device:
             if prio and self._compressors[prio] is not comp:
                 # recomp_algorithm changed meanwhile: the slot's priority
                 # would name another algorithm than the one used.
-                self._meta[index] &= ~PP_SLOT
+                self._zram.flags(index, 0, PP_SLOT)
                 return False
             old = self._slot_clear_locked(index, stripe)
-            self._meta[index] = new_meta | size
-            self._handle[index] = new_handle
-            self._count(stripe, C_PAGES_STORED)
-            if not new_meta & WB:
-                self._count(stripe, C_COMPR_SIZE, size)
-            if prio:
-                self._count(stripe, C_PRIO_PAGES - 1 + prio)
+            # counted as zram_slot_clear undoes it: pages stored, and
+            # the size and priority of a recompressed object
+            self._zram.set(index, new_meta | size, new_handle, False)
         if old:
             self.pool.free(old)
         return True
-
-    def _pp_candidates(self, pp_type, pages, accepted=tuple(PP_TYPES)):
-        """Slot indices for a post-processing pass: ``pages`` (an iterable
-        of indices) or the whole disk; ``pp_type`` must be one of
-        ``accepted`` or None (every slot)."""
-        if pp_type is not None and pp_type not in accepted:
-            raise InvalidRequestError("type: %r; accepted: %s" % (
-                pp_type, " ".join(accepted)))
-        if pages is None:
-            return range(self.nr_pages)
-        for index in pages:
-            if not 0 <= index < self.nr_pages:
-                raise InvalidRequestError(
-                    "page_index: %r; accepted: 0..%d" % (index,
-                                                         self.nr_pages - 1))
-        return pages
 
     def set_recomp_algorithm(self, algorithm, priority=1, level=None):
         """Set the secondary algorithm of ``priority`` (1..3), as writing
@@ -710,9 +699,8 @@ class Device:
         comp = compress.create(algorithm, level=level)
         # Every stripe lock held: no recompressed page is stored or freed
         # between the count and the swap, and a recompress that used the
-        # old compressor sees the swap when it stores (_pp_put).
-        for lock in self._stripe_locks:
-            lock.acquire()
+        # old compressor sees the swap when it stores (slot_put).
+        self._zram.lock_all()
         try:
             old = self._compressors[priority]
             if old is not None and old.name != comp.name:
@@ -725,8 +713,7 @@ class Device:
                         % (comp.name, priority, used, old.name))
             self._compressors[priority] = comp
         finally:
-            for lock in self._stripe_locks:
-                lock.release()
+            self._zram.unlock_all()
 
     def _prio_pages(self, priority):
         """Stored pages recompressed with the algorithm of ``priority``."""
@@ -739,107 +726,31 @@ class Device:
                        for prio, comp in enumerate(self._compressors)
                        if prio and comp is not None)
 
-    def recompress(self, pp_type=None, threshold=0, max_pages=0,
-                   algorithm=None, priority=None, pages=None):
-        """Re-compress stored pages with the secondary algorithms, as
-        zram's recompress: keep a result only if it lands in a smaller
-        pool size class (and under ``threshold`` when given), remember the
-        priority in the slot, flag INCOMPRESSIBLE when even the last
-        algorithm failed.  Returns the number of pages recompressed."""
-        active = [p for p in range(1, MAX_PRIORITIES)
-                  if self._compressors[p] is not None]
-        if not active:
-            raise InvalidRequestError("recompress: no recomp_algorithm set")
-        if algorithm is not None or priority is not None:
-            chosen = [p for p in active
-                      if (algorithm is None or self._compressors[p].name
-                          == algorithm)
-                      and (priority is None or p == priority)]
-            if not chosen:
-                raise InvalidRequestError(
-                    "recompress: algo=%s priority=%s; accepted: %s" % (
-                        algorithm, priority, " ".join(
-                            "algo=%s priority=%d"
-                            % (self._compressors[p].name, p) for p in active)))
-            prio_min, prio_max = chosen[0], chosen[0] + 1
-        else:
-            prio_min, prio_max = 1, active[-1] + 1
-        if not isinstance(threshold, int) or not 0 <= threshold <= PAGE_SIZE:
-            raise InvalidRequestError("threshold: %r; accepted: 0..%d"
-                                      % (threshold, PAGE_SIZE))
-        candidates = self._pp_candidates(pp_type, pages, RECOMPRESS_TYPES)
-        need = PP_TYPES[pp_type] if pp_type else 0
-        last = prio_max > active[-1]
-        done = 0
-        budget = max_pages
-        with self._pp_lock:
-            for index in candidates:
-                if max_pages and budget <= 0:
-                    break
-                meta = self._meta[index]
-                prio = (meta & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
-                if (prio + 1 >= prio_max or meta & need != need
-                        or meta & (SAME | WB | INCOMPRESSIBLE)):
-                    continue
-                taken = self._pp_take(index, need, INCOMPRESSIBLE)
-                if taken is None:
-                    continue
-                old_size = taken[0] & SIZE_MASK
-                if threshold and old_size < threshold:
-                    self._pp_put(index, taken)
-                    continue
-                budget -= 1
-                prio = (taken[0] & COMP_PRIORITY_MASK) >> COMP_PRIORITY_SHIFT
-                try:
-                    done += self._recompress_taken(
-                        index, taken, range(max(prio_min, prio + 1),
-                                            prio_max), threshold, last)
-                except BaseException:
-                    self._pp_flag(index, taken)
-                    raise
-        return done
-
-    def _recompress_taken(self, index, taken, priorities, threshold, last):
-        """Recompress the page of slot ``index``, taken as ``taken``, with
-        the first of ``priorities`` that shrinks it enough, and put the
-        result in the slot; ``last``: those include the last algorithm.
-        Returns 1 if the slot now holds a recompressed object, else 0."""
-        old_class = self.pool.lookup_class_index(taken[0] & SIZE_MASK)
-        result = None
-        for p in priorities:
-            comp = self._compressors[p]
-            if comp is None:
-                continue
-            data = comp.compress(taken[2])
-            n = len(data)
-            if (n >= self._huge_class_size
-                    or self.pool.lookup_class_index(n) >= old_class
-                    or (threshold and n >= threshold)):
-                continue
-            result = p, data
-            break
-        # As zram, a page looked at is no longer idle, whatever the
-        # outcome, so another pass does not pick it again.
-        if result is None:
-            self._pp_flag(index, taken, INCOMPRESSIBLE if last else 0, IDLE)
-            return 0
-        p, data = result
-        handle = self._malloc_written(data)
-        if self._pp_put(index, taken, p << COMP_PRIORITY_SHIFT, handle,
-                        len(data), comp):
-            return 1
-        self.pool.free(handle)
-        return 0
-
-    def _pp_flag(self, index, taken, set_flags=0, clear_flags=0):
+    def slot_release(self, index, taken, set_flags=0, clear_flags=0):
         """Leave the contents of a slot the pass still owns as they are:
         drop PP_SLOT and ``clear_flags``, set ``set_flags``.  (A slot
         rewritten or freed meanwhile has no PP_SLOT left to drop.)"""
         stripe = index & STRIPE_MASK
         with self._stripe_locks[stripe]:
             if self._pp_owned(index, taken):
-                self._meta[index] = (self._meta[index]
-                                     & ~(PP_SLOT | clear_flags)) | set_flags
+                self._zram.flags(index, set_flags, PP_SLOT | clear_flags)
+
+    def secondary(self, priority):
+        """The secondary compressor of ``priority`` (1..3), or None."""
+        return self._compressors[priority]
+
+    def recompress(self, pp_type=None, threshold=0, max_pages=0,
+                   algorithm=None, priority=None, pages=None):
+        """Re-compress stored pages with the secondary algorithms, as
+        zram's recompress (zramd.postprocess.recompress): keep a result
+        only if it lands in a smaller pool size class (and under
+        ``threshold`` when given), remember the priority in the slot, flag
+        INCOMPRESSIBLE when even the last algorithm failed.  Returns the
+        number of pages recompressed."""
+        with self._pp_lock:
+            return postprocess.recompress(self, pp_type, threshold,
+                                          max_pages, algorithm, priority,
+                                          pages)
 
     @property
     def backing_dev(self):
@@ -873,13 +784,13 @@ class Device:
         with self._wb_lock:
             self._writeback_limit = pages
 
-    def _writeback_budget_left(self):
+    def writeback_budget_left(self):
         """Whether writeback_limit lets the pass write another page."""
         with self._wb_lock:
             return not self.writeback_limit_enable \
                 or self._writeback_limit > 0
 
-    def _charge_writeback(self):
+    def charge_writeback(self):
         """Count a page written to the backing device against
         writeback_limit: as zram, only pages really written are charged
         (not those skipped or whose write failed)."""
@@ -895,56 +806,8 @@ class Device:
         fails stays in memory and the pass goes on to the others, then
         raises the last error; no free block on the device ends it."""
         with self._bd_lock, self._pp_lock:
-            return self._writeback(self._backing, pp_type, pages, max_pages)
-
-    def _writeback(self, backing, pp_type, pages, max_pages):
-        """writeback() to ``backing``, its locks held."""
-        if backing is None:
-            raise InvalidRequestError("writeback: no backing_dev set")
-        candidates = self._pp_candidates(pp_type, pages)
-        need = PP_TYPES[pp_type] if pp_type else 0
-        done = 0
-        failed = None           # the last write error: the pass goes on
-        for index in candidates:
-            if max_pages and done >= max_pages:
-                break
-            meta = self._meta[index]
-            if not self._handle[index] or meta & need != need \
-                    or meta & (SAME | WB):
-                continue
-            if not self._writeback_budget_left():
-                break
-            taken = self._pp_take(index, need, 0)
-            if taken is None:
-                continue
-            try:
-                blk = backing.alloc_block()     # none left: the pass ends
-            except BaseException:
-                self._pp_flag(index, taken)
-                raise
-            try:
-                backing.write_page(blk, taken[2])
-            except BaseException as err:
-                # As zram, a block whose write failed goes back, and the
-                # page stays in memory.  An I/O error is not fatal: the
-                # pass tries the other pages and reports the last error.
-                backing.free_block(blk)
-                self._pp_flag(index, taken)
-                if not isinstance(err, ZramdError):
-                    raise
-                failed = err
-                continue
-            if self._pp_put(index, taken, WB, blk):
-                # Charged only now, as zram does once it finds the slot
-                # still its own: a page rewritten meanwhile was not
-                # written back.
-                self._charge_writeback()
-                done += 1
-            else:
-                backing.free_block(blk)
-        if failed is not None:
-            raise failed
-        return done
+            return postprocess.writeback(self, self._backing, pp_type, pages,
+                                         max_pages)
 
     def bd_stat(self):
         """The kernel's bd_stat; zeroes without a backing device."""
@@ -955,38 +818,18 @@ class Device:
     def train_dictionary(self, dict_size=16384, max_samples=4096):
         """Train a zstd dictionary on up to ``max_samples`` stored pages and
         make it the primary compressor's from now on, without stopping
-        I/O.  Stored pages keep the dictionary they were compressed with;
-        dictionaries no page uses any more are retired.  Returns the new
+        I/O (zramd.postprocess.train_dictionary).  Returns the new
         dictionary's id."""
-        if self.algorithm != "zstd":
-            raise InvalidRequestError("train_dictionary: algorithm %s;"
-                                      " accepted: zstd" % self.algorithm)
-        import random
-        import zstandard
-        # Samples spread over the whole disk, not its first pages: what
-        # the dictionary learns should be what the device holds.
-        stored = [i for i in range(self.nr_pages) if self._handle[i]
-                  and not self._meta[i] & (SAME | WB | HUGE)]
-        if len(stored) > max_samples:
-            stored = sorted(random.Random(len(stored)).sample(stored,
-                                                              max_samples))
-        samples = []
-        for index in stored:
-            page = bytearray(PAGE_SIZE)
-            try:
-                self._read_sector(index, 0, PAGE_SIZE, page, 0, touch=False)
-            except ZramdError:
-                continue
-            samples.append(bytes(page))
-        if len(samples) < 16:
-            raise InvalidRequestError("train_dictionary: %d stored pages;"
-                                      " accepted: at least 16" % len(samples))
-        try:
-            trained = zstandard.train_dictionary(dict_size, samples)
-        except zstandard.ZstdError as e:
-            raise InvalidRequestError("train_dictionary: %s" % e) from None
+        return postprocess.train_dictionary(self, dict_size, max_samples)
+
+    def add_dictionary(self, dictionary):
+        """Make a zstd compressor with ``dictionary`` (bytes) the primary's
+        from now on, after retiring dictionaries no page uses any more.
+        Stored pages keep the dictionary they were compressed with.
+        Returns the new dictionary's id; InvalidRequestError when all
+        MAX_DICTS - 1 ids are in use."""
         comp = compress.create("zstd", level=self._level,
-                               dictionary=trained.as_bytes())
+                               dictionary=dictionary)
         with self._dict_lock:
             self._retire_dictionaries()
             free_ids = [i for i in range(1, MAX_DICTS)
@@ -995,26 +838,33 @@ class Device:
                 raise InvalidRequestError("train_dictionary: %d dictionaries"
                                           " in use" % (MAX_DICTS - 1))
             dict_id = free_ids[0]
-            self._dict_comps[dict_id] = comp
-            self._primary = (dict_id, comp)
+            zram = self._zram
+            zram.lock_all()
+            try:
+                zram.set_dict_codec(dict_id, comp.native)
+                zram.set_primary(dict_id)
+                self._dict_comps[dict_id] = comp
+                self._primary = (dict_id, comp)
+            finally:
+                zram.unlock_all()
         return dict_id
 
     def _retire_dictionaries(self):
         """Forget dictionaries that are not current and no page uses.  All
         stripe locks are held while deciding, so a writer that compressed
         with a retired one sees that under its slot lock and starts over."""
-        for lock in self._stripe_locks:
-            lock.acquire()
+        zram = self._zram
+        zram.lock_all()
         try:
             current = self._primary[0]
             for dict_id in list(self._dict_comps):
                 if dict_id in (0, current):
                     continue
-                if not sum(self._dict_refs[dict_id::MAX_DICTS]):
+                if not zram.dict_refs(dict_id):
                     del self._dict_comps[dict_id]
+                    zram.set_dict_codec(dict_id, None)
         finally:
-            for lock in self._stripe_locks:
-                lock.release()
+            zram.unlock_all()
 
     def dictionary_ids(self):
         """Ids of the dictionaries kept: the current one and those stored
@@ -1041,18 +891,20 @@ class Device:
         return compress.available(self.algorithm)
 
     def mm_stat(self):
+        zram = self._zram
+        counters = zram.counters()
         pages = self.pool.total_pages()
-        self._note_pages_used(pages)
+        zram.note_used(pages)
         return MmStat(
-            orig_data_size=self._sum(C_PAGES_STORED) << PAGE_SHIFT,
-            compr_data_size=self._sum(C_COMPR_SIZE),
+            orig_data_size=counters[C_PAGES_STORED] << PAGE_SHIFT,
+            compr_data_size=counters[C_COMPR_SIZE],
             mem_used_total=pages << PAGE_SHIFT,
-            mem_limit=self._limit_pages << PAGE_SHIFT,
-            mem_used_max=self._max_used_pages << PAGE_SHIFT,
-            same_pages=self._sum(C_SAME_PAGES),
+            mem_limit=zram.limit_pages << PAGE_SHIFT,
+            mem_used_max=zram.max_used_pages << PAGE_SHIFT,
+            same_pages=counters[C_SAME_PAGES],
             pages_compacted=self.pool.pages_compacted,
-            huge_pages=self._sum(C_HUGE_PAGES),
-            huge_pages_since=self._sum(C_HUGE_SINCE))
+            huge_pages=counters[C_HUGE_PAGES],
+            huge_pages_since=counters[C_HUGE_SINCE])
 
     def io_stat(self):
         return IoStat(failed_reads=self.failed_reads,
@@ -1072,12 +924,7 @@ class Device:
         unmap the table."""
         if self.policy is not None:
             self.policy.stop()
-        if self._paths is not None:
-            self._paths.close()     # its buffers would keep the maps open
+        self._zram.close()          # before the pool it uses
         self.pool.close()
         if self._backing is not None:
             self._backing.close()
-        for view in (self._handle, self._meta, self._atime):
-            view.release()
-        for region in (self._handle_map, self._meta_map, self._atime_map):
-            region.close()

@@ -14,11 +14,11 @@ for the device's life).  What is left is a 2-byte frame header and the block
 headers: 5 bytes a page less than zstandard's default framing, 9 less than
 with its checksum.
 
-Compression and decompression run in zramd._fastpath (C, against the
-system libzstd): its Codec keeps the digested dictionary once
-(ZSTD_CDict and ZSTD_DDict, shared read-only) and a free list of
-contexts, as many as calls ever ran at once (the device's C paths
-compress with the GIL released), instead of one per thread: one per
+Compression and decompression run in C (zramd/csrc/zcomp.c against the
+system libzstd, as zramd._fastpath.Codec): a codec keeps the digested
+dictionary once (ZSTD_CDict and ZSTD_DDict, shared read-only) and a free
+list of contexts, as many as calls ever ran at once (the device's C
+paths compress with the GIL released), instead of one per thread: one per
 thread would be 64 contexts of about 200 KiB at level 3 for nbdcopy's 4
 connections of 16 nbdkit threads.  Decompression wants exactly one page
 out of the frame and no input left over; the decoder refuses windows

@@ -14,11 +14,12 @@ and the slot, so the device can fail that one read and count it.
 
 A backend subclass sets the class attributes below.  Working contexts
 (zstd's compressors and decompressors) must never be used by two threads
-at once: the C codecs keep them on a free list, taken and given back
-under the GIL, as many as calls ever ran at once.  A backend with a C
-codec sets ``native`` to it (a ``zramd._fastpath.Codec``); the device's C
-loops then compress and decompress with it directly, and pages of a
-backend without one go through ``compress``/``decompress`` here.
+at once: the C codecs (zramd/csrc/zcomp.c) keep them on a free list
+under a mutex of their own, as many as calls ever ran at once.  A backend
+with a C codec sets ``native`` to it (a ``zramd._fastpath.Codec``); the
+device's C slot table then compresses and decompresses with it directly,
+without the GIL, and pages of a backend without one go through
+``compress``/``decompress`` here.
 """
 
 from .. import PAGE_SIZE
@@ -41,7 +42,7 @@ class Compressor:
     #: Whether the backend accepts a dictionary (``dict_path``).
     takes_dict = False
     #: The C codec (zramd._fastpath.Codec) doing this backend's work, or
-    #: None: the device's C loops hand such pages to the Python path.
+    #: None: the device's C slot table hands such pages to the Python path.
     native = None
 
     def __init__(self, level=None, dictionary=None):

@@ -28,8 +28,6 @@
 #include <string.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <lz4.h>
-#include <zstd.h>
 
 #include "csrc/zram_defs.h"
 #include "csrc/crew.h"
@@ -67,6 +65,9 @@ Codec_init(Codec *self, PyObject *args, PyObject *kwds)
     if (!self->c) {
         if (strcmp(why, "no native codec") == 0)
             PyErr_Format(PyExc_ValueError, "no native codec for %s",
+                         algorithm);
+        else if (strcmp(why, "takes no dictionary") == 0)
+            PyErr_Format(PyExc_ValueError, "%s takes no dictionary",
                          algorithm);
         else
             PyErr_SetString(PyExc_ValueError, why);
@@ -113,7 +114,8 @@ Codec_compress(Codec *self, PyObject *arg)
     cap = zcomp_bound(c, page.len);
     out = PyBytes_FromStringAndSize(NULL, cap);
     if (out && zcomp_ctx_take(c, ZCOMP_COMPRESS, &cctx, &why) < 0) {
-        PyErr_Format(PyExc_ValueError, "zstd compressor: %s", why);
+        PyErr_Format(PyExc_ValueError, "%s compressor: %s", zcomp_name(c),
+                     why);
         Py_CLEAR(out);
     }
     if (out) {
@@ -144,7 +146,8 @@ Codec_decompress(Codec *self, PyObject *arg)
         return NULL;
     out = PyBytes_FromStringAndSize(NULL, PAGE_SIZE);
     if (out && zcomp_ctx_take(c, ZCOMP_DECOMPRESS, &dctx, &why) < 0) {
-        PyErr_Format(PyExc_ValueError, "zstd decompressor: %s", why);
+        PyErr_Format(PyExc_ValueError, "%s decompressor: %s", zcomp_name(c),
+                     why);
         Py_CLEAR(out);
     }
     if (out) {
@@ -1515,8 +1518,7 @@ PyInit__fastpath(void)
     if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&ZramType) < 0
             || PyType_Ready(&ZsPoolType) < 0)
         return NULL;
-    if ((size_t)LZ4_compressBound(PAGE_SIZE) > PAGE_SIZE + 128
-            || ZSTD_compressBound(PAGE_SIZE) > PAGE_SIZE + 128) {
+    if (zcomp_max_bound(PAGE_SIZE) > PAGE_SIZE + 128) {
         PyErr_SetString(PyExc_ImportError, "zram.c's SCRATCH_STRIDE is too"
                         " small");
         return NULL;

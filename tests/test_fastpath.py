@@ -65,7 +65,7 @@ from zramd.zsmalloc import Pool
 
 PAGE = 4096
 # zstd contexts one request may hold: its own and one per crew helper
-# (_fastpath.c starts min(online CPUs, 8) helpers).
+# (csrc/crew.c starts min(online CPUs, 8) helpers).
 CONTEXTS_MAX = 1 + min(max(os.sysconf("SC_NPROCESSORS_ONLN"), 1), 8)
 
 

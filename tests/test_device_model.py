@@ -20,24 +20,9 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
                                  invariant, rule)
 
 from device_model import PAGE, DeviceModel
-from test_device import make_data
+from test_device import DEV_SIZE, make_data, ranges
 from zramd.device import Device
 from zramd.errors import NoSpaceError, ZramdError
-
-DEV_SECTORS = 20
-DEV_SIZE = DEV_SECTORS * PAGE
-
-
-@st.composite
-def ranges(draw, max_len=3 * PAGE + 300):
-    if draw(st.booleans()):
-        first = draw(st.integers(0, DEV_SECTORS - 1))
-        n = draw(st.integers(1, min(4, DEV_SECTORS - first)))
-        return first * PAGE, n * PAGE
-    offset = draw(st.integers(0, DEV_SIZE - 1))
-    length = draw(st.integers(0, min(max_len, DEV_SIZE - offset)))
-    return offset, length
-
 
 BAD_RANGES = st.sampled_from([(-1, 1), (DEV_SIZE, 1), (DEV_SIZE - 1, 2),
                               (0, DEV_SIZE + 1), (-PAGE, PAGE)])
@@ -125,6 +110,11 @@ class DeviceVsModel(RuleBasedStateMachine):
             self.both(op, offset, bytes(max(length, 0)))
         else:
             self.both(op, offset, length)
+
+    @rule(op=st.sampled_from(["read", "discard", "write_zeroes", "extents"]),
+          offset=st.integers(0, DEV_SIZE))
+    def empty(self, op, offset):
+        self.both(op, offset, 0)
 
     @rule()
     def compact(self):

@@ -11,7 +11,8 @@
  *            zramd.device.Device drives; glue/py_zram.c;
  *
  * and, from here, the constants of csrc/zram_defs.h by name and
- * crew_limit().  glue.h states the GIL rule.
+ * crew_limit().  The module keeps no state and takes no lock; glue.h
+ * states the GIL rule.
  */
 
 #define PY_SSIZE_T_CLEAN

@@ -8,11 +8,12 @@
  * The GIL: a request (Zram.read, .write, .discard, .mark_idle) runs
  * without it from start to end.  A thread holding the GIL that must wait
  * for a mutex of the core (a stripe lock taken for the Python paths, a
- * pool class lock) lets the GIL go meanwhile (pool_lock_wait,
- * zram_lock_gil), so whoever holds that mutex can always finish.  Objects
- * the core uses without the GIL (the pool, the codecs in the device's
- * codec table, the caller's buffers) are kept alive by references the
- * glue holds; a Zram refuses to close while a request is in progress.
+ * pool class lock) lets the GIL go meanwhile (pool_lock_wait, Zram.lock
+ * and .lock_all), so whoever holds that mutex can always finish.
+ * Objects the core uses without the GIL (the pool, the codecs in the
+ * device's codec table, the caller's buffers) are kept alive by
+ * references the glue holds; a Zram refuses to close while a request is
+ * in progress.
  */
 #ifndef ZRAMD_GLUE_H
 #define ZRAMD_GLUE_H

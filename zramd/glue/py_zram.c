@@ -6,6 +6,13 @@
  * slot primitives its own paths use for the sectors C hands back, for
  * partial sectors and for post-processing (see zram.h for what each
  * needs held).  Indices are checked here; the core trusts them.
+ *
+ * Locks: the stripes, lock_all and the codec lock are the core's mutexes
+ * (zram.c states their order).  A Zram only counts what Python holds of
+ * them (held: stripes taken by lock(); all_held, all_owner: lock_all())
+ * and the requests running without the GIL (busy), so that close()
+ * refuses while any is, and a thread waits for a stripe with the GIL let
+ * go (Zram.lock, .lock_all).
  */
 
 #define PY_SSIZE_T_CLEAN

@@ -9,11 +9,16 @@ Python.h.
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
-    "zramd._fastpath", ["zramd/_fastpath.c", "zramd/csrc/zsmalloc.c",
+    "zramd._fastpath", ["zramd/_fastpath.c", "zramd/glue/py_codec.c",
+                        "zramd/glue/py_zspool.c", "zramd/glue/py_zram.c",
+                        "zramd/csrc/zsmalloc.c",
                         "zramd/csrc/zram.c", "zramd/csrc/zcomp.c",
+                        "zramd/csrc/backend_lz4.c",
+                        "zramd/csrc/backend_zstd.c",
                         "zramd/csrc/crew.c"],
-    depends=["zramd/csrc/zram_defs.h", "zramd/csrc/zsmalloc.h",
-             "zramd/csrc/zram.h", "zramd/csrc/zcomp.h", "zramd/csrc/crew.h"],
+    depends=["zramd/glue/glue.h", "zramd/csrc/zram_defs.h", "zramd/csrc/zsmalloc.h",
+             "zramd/csrc/zram.h", "zramd/csrc/zcomp.h",
+             "zramd/csrc/zcomp_backend.h", "zramd/csrc/crew.h"],
     libraries=["lz4", "zstd"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers",

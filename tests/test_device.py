@@ -1167,7 +1167,7 @@ def test_extents_with_max_runs_is_a_prefix_of_the_full_list():
 def crew_switches():
     """Context switches of the process's threads that are not Python
     threads, and whether all of them are asleep: the helpers of
-    zramd/_fastpath.c's crew, which counts nothing of its own (its
+    zramd/csrc/crew.c's crew, which counts nothing of its own (its
     Batch.joined is not exported)."""
     python = {t.native_id for t in threading.enumerate()}
     switches, asleep = 0, True

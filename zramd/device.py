@@ -32,9 +32,13 @@ what there is to raise):
   the sector meanwhile stays;
 - post-processing (recompress, writeback, dictionaries:
   zramd.postprocess, on the primitives below);
-- every sector read or written on a ``native=False`` device (the
-  reference the C read and write are tested against; its discards,
-  extents and mark_idle are C's like any device's).
+- every sector read or written on a ``native=False`` device.  These
+  paths are the fallback for what C hands back, so they must be right
+  with every codec and in every case, and otherwise they see only the
+  rare sectors C declines; ``native=False`` runs them on everything so
+  that tests can hold them to the model of the device
+  (tests/device_model.py) as they hold the C requests.  Its discards,
+  extents and mark_idle are C's like any device's.
 
 Discard and write-zeroes of whole sectors unlink the slots in C and hand
 the handles to the pool's deferred free, the swap-release path the
@@ -166,7 +170,7 @@ class Device:
         self._huge_class_size = self.pool.huge_class_size
         self._zram = _fastpath.Zram(self.nr_pages, self.pool)
         # native=False sends every sector read or written through the
-        # Python paths, the reference the C ones are tested against.
+        # Python fallback paths (see the module docstring: for tests).
         self._native = bool(native)
         self._set_codec(0, self._compressor)
         self._stripe_locks = [_StripeLock(self._zram, s)

@@ -1,10 +1,9 @@
 /*
- * zcomp.h: one configured compressor on 4 KiB pages, in C: lz4
- * (LZ4_compress_fast, the kernel's call, acceleration 1), lz4hc at a
- * level, or zstd at a level with an optional dictionary, writing magicless
- * frames with no content size, checksum or dictionary id (see
- * compress/backend_zstd.py).  The kernel's zcomp, without the registry
- * (the backends without a C form are Python: zramd/compress).
+ * zcomp.h: one configured compressor on 4 KiB pages, in C, as the
+ * kernel's zcomp: a backend from the registry of zcomp.c (lz4, lz4hc,
+ * zstd with an optional dictionary; one file and one const table of
+ * operations each, zcomp_backend.h) with its parameters fixed at
+ * creation.  The algorithms without a C form are Python: zramd/compress.
  *
  * Contexts (zstd's; lz4 needs none) come from a free list on the codec,
  * guarded by the codec's own mutex, so any thread may compress or
@@ -16,21 +15,21 @@
 
 #include <stddef.h>
 
-enum zcomp_kind { ZCOMP_LZ4 = 0, ZCOMP_ZSTD = 1, ZCOMP_LZ4HC = 2 };
 enum zcomp_dir { ZCOMP_COMPRESS = 0, ZCOMP_DECOMPRESS = 1 };
 
 struct zcomp;
 
-/* A codec for algorithm ("lz4", "lz4hc", "zstd") at level, with the
- * dictionary dict of dict_len bytes (zstd only; NULL for none).  NULL when
- * it cannot be made, with *why saying why ("no native codec for NAME",
- * "lz4 takes no dictionary", "not a usable zstd dictionary", "out of
- * memory"). */
+/* A codec for algorithm (a backend's name: "lz4", "lz4hc", "zstd") at
+ * level, with the dictionary dict of dict_len bytes (NULL for none).
+ * NULL when it cannot be made, with *why saying why ("no native codec":
+ * no such backend; "takes no dictionary"; "not a usable zstd dictionary";
+ * "out of memory"). */
 struct zcomp *zcomp_create(const char *algorithm, int level,
                            const void *dict, size_t dict_len,
                            const char **why);
 void zcomp_destroy(struct zcomp *c);
-enum zcomp_kind zcomp_kind(const struct zcomp *c);
+/* The backend's name. */
+const char *zcomp_name(const struct zcomp *c);
 
 /* A working context for one direction, for one thread at a time, into
  * *ctx (NULL for lz4, which needs none).  0, or -1 with *why set (out of
@@ -42,8 +41,10 @@ void zcomp_ctx_give(struct zcomp *c, enum zcomp_dir dir, void *ctx);
 /* Contexts on the free lists (compression, decompression). */
 void zcomp_free_contexts(struct zcomp *c, size_t *cctx, size_t *dctx);
 
-/* The most bytes compressing len bytes can give. */
+/* The most bytes compressing len bytes can give: with c's backend; with
+ * any backend of the registry. */
 size_t zcomp_bound(const struct zcomp *c, size_t len);
+size_t zcomp_max_bound(size_t len);
 
 /* Compress len bytes of src into dst (capacity cap); the size, or 0 when
  * it does not fit (or failed). */

@@ -54,7 +54,7 @@ install_zramd() {
         [ -e "$so" ] && built=$so
     done
     if [ -n "$built" ]; then
-        for src in "$REPO"/zramd/*.c "$REPO"/zramd/csrc/*.[ch]; do
+        for src in "$REPO"/zramd/*.c "$REPO"/zramd/csrc/*.[ch] "$REPO"/zramd/glue/*.[ch]; do
             [ -e "$src" ] && ! [ "$built" -nt "$src" ] && stale=1
         done
     fi

@@ -3,7 +3,7 @@ one device at a time, the same run for each swap device.
 
     /usr/bin/python3 bench/swap.py [--records N] [--memory-high SIZE]
         [--memory-max SIZE] [--size SIZE] [--systems NAME,...]
-        [--page-cluster N] [--rounds N] [--json FILE]
+        [--page-cluster N] [--swap-options OPTS] [--rounds N] [--json FILE]
 
 The program is tests/swap_workload.py (Python records built and hashed,
 then hashed twice more once the kernel has swapped most of them out), run
@@ -22,10 +22,17 @@ Systems, each brought up, used as the only swap area, then taken down
     nbdkit-sparse-nbd,     nbdkit --swap memory allocator=sparse|zstd,
     nbdkit-zstd-nbd        through nbd-client -swap (kernel nbd)
 
+Every system is swapped on with the same ``swapon --options`` (default
+``discard``, what ``zramd up`` uses unless zramd.conf says otherwise):
+discards change how the kernel places swap slots, hence how many requests
+the device sees, so peers given different options are not side by side.
+
 Per system: wall time, the workload's CPU time and major faults, pages
-swapped out and in (/proc/vmstat), the block device's requests and their
-mean size and time (/sys/block/DEV/stat), the server's CPU time and peak memory
-(VmHWM of nbdkit, plus nbdfuse's; the kernel's mem_used_max for zram).
+swapped out and in (/proc/vmstat), the block device's reads, writes and
+discards with the mean size and time of reads and writes
+(/sys/block/DEV/stat), the server's CPU time in all and per request, and
+its peak memory (VmHWM of nbdkit, plus nbdfuse's; the kernel's
+mem_used_max for zram).
 Wall-time ratios are against the first system that ran (zram-lz4 by
 default).  Run as root, on a machine with no other swap area active.
 docs/benchmarks.md has the figures and what they say.
@@ -45,6 +52,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from bench.corpus import parse_size  # noqa: E402
+from zramd.config import DEFAULT_OPTIONS  # noqa: E402
 
 WORKLOAD = os.path.join(REPO, "tests", "swap_workload.py")
 PYTHON = "/usr/bin/python3"
@@ -112,10 +120,18 @@ def proc_cpu_seconds(pid):
 
 def block_stat(device):
     """(reads, sectors read, ms reading, writes, sectors written, ms
-    writing, ms busy) of /dev/DEVICE (Documentation/block/stat.rst)."""
+    writing, ms busy, discards) of /dev/DEVICE
+    (Documentation/block/stat.rst; discards are 0 before Linux 4.18)."""
     f = read("/sys/block/%s/stat" % os.path.basename(device)).split()
-    return tuple(int(f[i]) for i in (0, 2, 3, 4, 6, 7, 9)) \
-        if len(f) >= 10 else None
+    if len(f) < 10:
+        return None
+    f += ["0"] * (12 - len(f))
+    return tuple(int(f[i]) for i in (0, 2, 3, 4, 6, 7, 9, 11))
+
+
+def swapon(device, options):
+    sh(["swapon", "-p", str(PRIORITY)]
+       + (["--options=" + options] if options else []) + [device])
 
 
 def kernel_nbd():
@@ -150,8 +166,9 @@ def wait_for(predicate, timeout, what):
 # memory and CPU count as the device's; memory_kib(); down().
 
 class KernelZram:
-    def __init__(self, algorithm, size):
+    def __init__(self, algorithm, size, options):
         self.algorithm, self.size, self.device = algorithm, size, None
+        self.options = options
 
     def up(self):
         if sh(["modprobe", "zram"], check=False).returncode != 0 and \
@@ -177,7 +194,7 @@ class KernelZram:
             raise Skip("the kernel's zram has no %s (%s)"
                        % (self.algorithm, listed.strip()))
         sh(["mkswap", self.device])
-        sh(["swapon", "-p", str(PRIORITY), self.device])
+        swapon(self.device, self.options)
         return self.device
 
     def servers(self):
@@ -198,7 +215,7 @@ class KernelZram:
 class Zramd:
     """zramd up from a zramd.conf of one swap device, as users do."""
 
-    def __init__(self, attach, size):
+    def __init__(self, attach, size, options):
         self.attach, self.size = attach, size
         self.root = tempfile.mkdtemp(prefix="zramd-bench-swap.")
         os.makedirs(os.path.join(self.root, "etc", "zramd"))
@@ -207,7 +224,8 @@ class Zramd:
         os.symlink("/proc", os.path.join(self.root, "proc"))
         write(os.path.join(self.root, "etc", "zramd", "zramd.conf"),
               "[%s]\nzram-size = %d\ncompression-algorithm = lz4\n"
-              "swap-priority = %d\n" % (NAME, self.size >> 20, PRIORITY))
+              "swap-priority = %d\noptions = %s\n"
+              % (NAME, self.size >> 20, PRIORITY, options))
         self.state = {}
         self.reload_nbd = False
 
@@ -247,8 +265,8 @@ class NbdkitMemory:
     """nbdkit's memory plugin through nbd-client, as its manual says to
     serve swap (--swap, nbd-client -swap)."""
 
-    def __init__(self, allocator, size):
-        self.allocator, self.size = allocator, size
+    def __init__(self, allocator, size, options):
+        self.allocator, self.size, self.options = allocator, size, options
         self.dir = tempfile.mkdtemp(prefix="zramd-bench-nbdkit.")
         self.sock = os.path.join(self.dir, "nbd.sock")
         self.server = self.device = None
@@ -266,7 +284,7 @@ class NbdkitMemory:
         sh(["nbd-client", "-unix", self.sock, self.device, "-block-size",
             "4096", "-swap"])
         sh(["mkswap", self.device])
-        sh(["swapon", "-p", str(PRIORITY), self.device])
+        swapon(self.device, self.options)
         return self.device
 
     def servers(self):
@@ -289,13 +307,15 @@ class NbdkitMemory:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def make_system(name, size):
-    return {"zram-lz4": lambda: KernelZram("lz4", size),
-            "zram-zstd": lambda: KernelZram("zstd", size),
-            "zramd-nbd": lambda: Zramd("nbd-client", size),
-            "zramd-nbdfuse": lambda: Zramd("nbdfuse", size),
-            "nbdkit-sparse-nbd": lambda: NbdkitMemory("sparse", size),
-            "nbdkit-zstd-nbd": lambda: NbdkitMemory("zstd", size)}[name]()
+def make_system(name, size, options):
+    return {"zram-lz4": lambda: KernelZram("lz4", size, options),
+            "zram-zstd": lambda: KernelZram("zstd", size, options),
+            "zramd-nbd": lambda: Zramd("nbd-client", size, options),
+            "zramd-nbdfuse": lambda: Zramd("nbdfuse", size, options),
+            "nbdkit-sparse-nbd": lambda: NbdkitMemory("sparse", size,
+                                                      options),
+            "nbdkit-zstd-nbd": lambda: NbdkitMemory("zstd", size,
+                                                    options)}[name]()
 
 
 # ---------------------------------------------------------------------------
@@ -386,7 +406,7 @@ def run_workload(records, cgroup, timeout):
 
 def measure(name, args):
     """Bring system ``name`` up, run the workload on it, take it down."""
-    system = make_system(name, args.size)
+    system = make_system(name, args.size, args.swap_options)
     out = {"system": name}
     try:
         device = system.up()
@@ -409,10 +429,11 @@ def measure(name, args):
         out["pswpout"] = vm1["pswpout"] - vm0["pswpout"]
         out["pswpin"] = vm1["pswpin"] - vm0["pswpin"]
         if bs0 and bs1:
-            reads, rsec, rms, writes, wsec, wms, busy = (
+            reads, rsec, rms, writes, wsec, wms, busy, discards = (
                 b - a for a, b in zip(bs0, bs1))
             out["device"] = {
-                "reads": reads, "writes": writes, "busy_ms": busy,
+                "reads": reads, "writes": writes, "discards": discards,
+                "busy_ms": busy,
                 "mean_read_kib": round(rsec / 2 / reads, 1) if reads else 0,
                 "mean_write_kib": round(wsec / 2 / writes, 1)
                 if writes else 0,
@@ -423,6 +444,11 @@ def measure(name, args):
         if servers:
             out["server_cpu_seconds"] = round(
                 sum(proc_cpu_seconds(p) for p in alive) - cpu0, 2)
+            requests = sum(out.get("device", {}).get(key, 0) for key in
+                           ("reads", "writes", "discards"))
+            if requests:
+                out["server_cpu_ms_per_request"] = round(
+                    1000 * out["server_cpu_seconds"] / requests, 2)
             out["server_peak_kib"] = sum(proc_status_kib(p, "VmHWM")
                                          for p in alive)
         else:
@@ -465,19 +491,20 @@ def median_run(runs):
 def table(results):
     base = next((r for r in results if r["status"] == "pass"), None)
     lines = ["| system | wall s | vs %s | pswpout | pswpin | workload CPU s "
-             "| server CPU s | server peak MiB | mean I/O KiB (r/w) "
+             "| server CPU s | server peak MiB | requests (r/w/d) "
+             "| server CPU ms/request | mean I/O KiB (r/w) "
              "| mean I/O ms (r/w) |" % (base["system"] if base else "-"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in results:
         if r["status"] != "pass":
-            lines.append("| %s | %s: %s | | | | | | | | |"
+            lines.append("| %s | %s: %s | | | | | | | | | | |"
                          % (r["system"], r["status"], r.get("detail", "")))
             continue
         dev = r.get("device", {})
         peak = r.get("server_peak_kib")
         spread = r.get("wall_all", [])
         lines.append("| %s | %s | %.2fx | %d | %d | %.1f | %s | %s | %s "
-                     "| %s |" % (
+                     "| %s | %s | %s |" % (
             r["system"], "%.1f" % r["wall_seconds"] + (
                 " (%.0f-%.0f)" % (min(spread), max(spread))
                 if len(spread) > 1 else ""),
@@ -486,6 +513,9 @@ def table(results):
             "%.1f" % r["server_cpu_seconds"] if "server_cpu_seconds" in r
             else "(kernel)",
             "%.1f" % (peak / 1024) if peak is not None else "-",
+            "%s/%s/%s" % (dev.get("reads", "-"), dev.get("writes", "-"),
+                          dev.get("discards", "-")),
+            r.get("server_cpu_ms_per_request", "-"),
             "%s/%s" % (dev.get("mean_read_kib", "-"),
                        dev.get("mean_write_kib", "-")),
             "%s/%s" % (dev.get("mean_read_ms", "-"),
@@ -531,6 +561,10 @@ def main(argv=None):
                    % ",".join(SYSTEMS))
     p.add_argument("--page-cluster", type=int,
                    help="vm.page-cluster for the run (restored after)")
+    p.add_argument("--swap-options", default=DEFAULT_OPTIONS,
+                   help="swapon --options for every system, '' for none "
+                        "(default %r, zramd.conf's default)"
+                        % DEFAULT_OPTIONS)
     p.add_argument("--timeout", type=int, default=1800,
                    help="seconds each workload may run")
     p.add_argument("--rounds", type=int, default=1,
@@ -558,6 +592,7 @@ def main(argv=None):
     run = {"records": args.records, "memory_high": args.memory_high,
            "memory_max": args.memory_max, "size": args.size,
            "page_cluster": int(read(cluster_file).strip() or -1),
+           "swap_options": args.swap_options,
            "kernel": os.uname().release,
            "debian": read("/etc/debian_version").strip(),
            "cpus": os.cpu_count(), "results": []}

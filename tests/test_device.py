@@ -478,10 +478,7 @@ def test_mem_limit_does_not_count_deferred_frees(native):
     d = Device(64 * PAGE, native=native)
     try:
         # No drain worker: the queue keeps its handles until a flush.
-        idle = threading.Thread(target=lambda: None)
-        idle.start()
-        idle.join()
-        d.pool._worker = idle
+        d.pool.hold_worker()
         d.write(0, random_bytes(1, 32 * PAGE))
         used = d.pool.total_pages()
         d.set_mem_limit((used + 4) * PAGE)

@@ -695,10 +695,7 @@ def test_deferred_handles_not_reused_before_freed(pool):
 def test_deferred_flush_keeps_the_rest_after_a_bad_handle(pool):
     # A handle queued twice (a caller's double free) fails in the flush;
     # the handles after it stay queued instead of leaking.
-    idle = threading.Thread(target=lambda: None)
-    idle.start()
-    idle.join()
-    pool._worker = idle             # no drain worker: the flush does it all
+    pool.hold_worker()              # no drain worker: the flush does it all
     a, b, c = pool.malloc(100), pool.malloc(200), pool.malloc(300)
     for h in (a, a, b, c):
         pool.free_deferred(h)
@@ -1072,10 +1069,7 @@ SIZES = st.one_of(
 def no_drain_worker(pool):
     """Keep ``pool`` from starting its drain worker: deferred frees then
     wait for a flush, so two pools given the same calls stay in step."""
-    idle = threading.Thread(target=lambda: None)
-    idle.start()
-    idle.join()
-    pool._worker = idle
+    pool.hold_worker()
 
 
 class PoolMachine(RuleBasedStateMachine):

@@ -109,6 +109,12 @@ Locking
       makes drains of the deferred-free queue take turns.
     - The deferred-free queue has its own lock, only ever try-locked by
       ``free_deferred`` and held by nothing else while it frees.
+
+Deferred free
+    The queue without the C pool's drain worker: a queued handle waits for
+    ``free_deferred_flush`` (tests hold the C pool's worker, so both stay
+    in step); past DEFERRED_CAPACITY, or when the queue is busy, a handle
+    is freed at once.
 """
 
 import ctypes
@@ -130,7 +136,6 @@ from zramd._fastpath import (
     ZS_MIN_ALLOC_SIZE, ZS_SIZE_CLASS_DELTA, ZS_SIZE_CLASSES)
 from zramd.stats import ClassStat, PoolStats
 
-DEFERRED_IDLE_DELAY = 0.05   # seconds a lone handle may wait for company
 CHUNK_BYTES = CHUNK_FRAMES * PAGE_SIZE
 
 _header = struct.Struct("<Q")
@@ -300,16 +305,9 @@ class Pool:
         self._build_classes()
         self._compact_lock = threading.Lock()
         self.pages_compacted = 0
-        # Deferred free queue and its worker (started on first use, so a
-        # pool made before nbdkit forks still gets a live worker).
-        self._dq = array("Q")        # fixed-size items, no int objects
+        self._dq = array("Q")        # the deferred-free queue
         self._dq_lock = threading.Lock()
         self._drain_lock = threading.Lock()
-        self._dq_wake = threading.Event()
-        self._dq_half = threading.Event()
-        self._worker = None
-        self._worker_lock = threading.Lock()
-        self._closing = False
 
     # ---- class table -------------------------------------------------
 
@@ -623,52 +621,24 @@ class Pool:
     # ---- deferred free ---------------------------------------------------
 
     def free_deferred(self, handle):
-        """Queue ``handle`` for the drain worker; free it synchronously when
-        the queue's lock is busy or the queue is full.  A queued handle is
-        not reused before it is really freed."""
+        """Queue ``handle`` until a flush; free it now when the queue's
+        lock is busy or the queue is full.  A queued handle is not reused
+        before it is really freed."""
         self._class_row(handle, "free_deferred")
         if not self._dq_lock.acquire(blocking=False):
             self.free(handle)
             return
         try:
-            queued = len(self._dq)
-            if queued < DEFERRED_CAPACITY:
+            queued = len(self._dq) < DEFERRED_CAPACITY
+            if queued:
                 self._dq.append(handle)
-                queued += 1
-            else:
-                queued = 0
         finally:
             self._dq_lock.release()
         if not queued:
             self.free(handle)
-            return
-        if self._worker is None:
-            self.start_worker()
-        if queued == 1:
-            self._dq_wake.set()
-        if queued >= DEFERRED_CAPACITY // 2:
-            self._dq_half.set()
 
-    def start_worker(self):
-        """Start the drain worker now rather than at the first deferred
-        free (a server starts it after forking, before serving)."""
-        with self._worker_lock:
-            if self._worker is None and not self._closing:
-                worker = threading.Thread(target=self._drain_worker,
-                                          name="zsmalloc-free", daemon=True)
-                worker.start()
-                self._worker = worker
-
-    def _drain_worker(self):
-        while not self._closing:
-            self._dq_wake.wait()
-            self._dq_wake.clear()
-            # Let handles gather for a moment unless half capacity is
-            # already reached; anything queued before the clear above is
-            # drained below, so no handle lingers.
-            self._dq_half.wait(DEFERRED_IDLE_DELAY)
-            self._dq_half.clear()
-            self.free_deferred_flush()
+    def hold_worker(self):
+        """As the C pool's: the model has no worker to hold."""
 
     def free_deferred_flush(self):
         """Free every queued handle before returning."""
@@ -992,14 +962,7 @@ class Pool:
                handle, size, cls.index)
 
     def close(self):
-        """Stop the worker, flush deferred frees and return every frame."""
-        with self._worker_lock:
-            self._closing = True
-            worker = self._worker
-        if worker is not None:
-            self._dq_wake.set()
-            self._dq_half.set()
-            worker.join()
+        """Flush deferred frees and return every frame."""
         self.free_deferred_flush()
         for cls in self.classes:
             with cls.lock:

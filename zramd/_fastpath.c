@@ -75,6 +75,7 @@ static const struct named_constant constants[] = {
     K(HANDLE_CLASS_BITS), K(HANDLE_CLASS_MASK),
     K(CHUNK_SHIFT), K(CHUNK_FRAMES), K(CHUNK_MASK), K(TRIM_FRAMES),
     K(DEFERRED_CAPACITY),
+    K(DEFERRED_IDLE_DELAY_MS),
     {NULL, 0}
 };
 #undef K

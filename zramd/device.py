@@ -536,13 +536,12 @@ class Device:
                                 PAGE_SIZE - (offset & PAGE_MASK))
             i = first
             while i < last:
-                # The slot table unlinks and counts them, DISCARD_BATCH at
-                # a time; it stops at a written-back slot, whose block is
+                # The slot table unlinks and counts them and hands their
+                # objects to the pool's deferred free, DISCARD_BATCH at a
+                # time; it stops at a written-back slot, whose block is
                 # freed here, and goes on from that slot, empty now.
                 n = min(last - i, DISCARD_BATCH)
-                done, handles = self._zram.discard(i, n)
-                for handle in handles:
-                    self.pool.free_deferred(handle)
+                done = self._zram.discard(i, n)
                 i += done
                 if done < n:
                     self.slot_free_extract(i)

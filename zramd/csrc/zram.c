@@ -871,10 +871,9 @@ out:
 /* ---- discard, extents, mark_idle ------------------------------------------- */
 
 size_t
-zram_discard(struct zram *z, size_t first, size_t count, uint64_t *handles,
-             size_t *n_handles)
+zram_discard(struct zram *z, size_t first, size_t count)
 {
-    size_t i, n = 0;
+    size_t i;
     for (i = 0; i < count; i++) {
         size_t index = first + i;
         struct zram_stripe *st = stripe_of(z, index);
@@ -888,10 +887,10 @@ zram_discard(struct zram *z, size_t first, size_t count, uint64_t *handles,
         meta = zram_slot_clear(z, index, &h);
         st->counters[C_NOTIFY_FREE] += 1;
         pthread_mutex_unlock(&st->lock);
+        /* The slot no longer names it: no other request can reach it. */
         if (!(meta & ZRAM_SAME) && h)
-            handles[n++] = h;
+            zs_free_deferred(z->pool, h);
     }
-    *n_handles = n;
     return i;
 }
 

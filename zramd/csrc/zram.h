@@ -63,12 +63,10 @@ ssize_t zram_read(struct zram *z, void *out, size_t first, size_t count);
 ssize_t zram_write(struct zram *z, const void *data, size_t first,
                    size_t count);
 
-/* Free the slots (discard, write-zeroes), counting notify_free.  The
- * pool handles still to be freed go to handles[] (room for count);
- * *n_handles says how many.  Sectors done: a WB slot ends the call (its
- * block is the caller's to free). */
-size_t zram_discard(struct zram *z, size_t first, size_t count,
-                    uint64_t *handles, size_t *n_handles);
+/* Free the slots (discard, write-zeroes), counting notify_free; their
+ * pool objects go to the pool's deferred free.  Sectors done: a WB slot
+ * ends the call (its block is the caller's to free). */
+size_t zram_discard(struct zram *z, size_t first, size_t count);
 
 /* Kinds of extents, per sector. */
 enum zram_extent { ZRAM_EXT_HOLE = 0, ZRAM_EXT_ZERO = 1, ZRAM_EXT_DATA = 2 };

@@ -114,7 +114,9 @@
 #define TRIM_FRAMES 8192
 
 /* Deferred free, as "mm/zsmalloc: reduce zs_free() latency on swap release
- * path": 128 MiB worth of 4 KiB pages of handles. */
+ * path": 128 MiB worth of 4 KiB pages of handles, and how long the worker
+ * lets a lone handle wait for company (ms). */
 #define DEFERRED_CAPACITY ((128 << 20) >> PAGE_SHIFT)
+#define DEFERRED_IDLE_DELAY_MS 50
 
 #endif

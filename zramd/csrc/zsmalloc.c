@@ -60,9 +60,23 @@
  *   since the high mark, malloc_trim returns the heap that held their
  *   metadata.
  *
+ * Deferred free
+ *   As "mm/zsmalloc: reduce zs_free() latency on swap release path": a
+ *   queue of at most DEFERRED_CAPACITY handles, drained by a worker thread
+ *   of the pool's own that lets a lone handle wait DEFERRED_IDLE_DELAY_MS
+ *   for company.  zs_free_deferred only try-locks the queue: when it is
+ *   busy or full the handle is freed at once.  A queued handle stays
+ *   allocated, so it is never handed out again before it is really
+ *   freed.  A drain swaps the queue for an empty one and frees the batch
+ *   without the queue's lock.  The worker starts at the first handle
+ *   queued in a process (a pool made before a fork gets one in the child)
+ *   and stops in zs_destroy_pool, which drains what is left.
+ *
  * Locking
- *   Lock order: compact_lock, then one class lock (zs_audit alone takes
- *   them all, by class index), then the arena's lock.
+ *   Lock order: drain_lock, then compact_lock, then one class lock
+ *   (zs_audit alone takes them all, by class index), then the arena's
+ *   lock.  The deferred queue's lock is never held while taking another
+ *   but by zs_audit, which checks the queued handles under it.
  *   - A class's lock guards everything of the class that changes: its
  *     columns, lists, handle table and counters.  malloc, free, read and
  *     write take their handle's class lock and no other (and the arena's
@@ -83,6 +97,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "zsmalloc.h"
 
@@ -138,15 +154,35 @@ struct zs_pool {
     unsigned long pages_compacted;
     struct arena arena;
     void (*lock_wait)(pthread_mutex_t *lock);
+    struct deferred {
+        pthread_mutex_t lock;     /* the queue; try-locked by producers */
+        pthread_cond_t wake;      /* a first handle queued, or stop */
+        pthread_cond_t half;      /* half full, or stop */
+        unsigned long *q, *spare; /* the queue; a drained batch, reused */
+        size_t n, cap, spare_cap;
+        pthread_mutex_t drain_lock;   /* drains take turns */
+        pthread_t worker;
+        pid_t worker_pid;         /* the process it runs in; 0: none */
+        int held;                 /* no worker (zs_deferred_hold) */
+        int stopping;
+    } dq;
 };
+
+/* Set on the pool's own threads (the drain worker): they wait for a lock
+ * with pthread_mutex_lock, never through the caller's lock_wait. */
+static __thread int pool_thread;
 
 /* ---- small helpers ----------------------------------------------------- */
 
 static void
 lock(struct zs_pool *pool, pthread_mutex_t *m)
 {
-    if (pthread_mutex_trylock(m) != 0)
-        pool->lock_wait(m);
+    if (pthread_mutex_trylock(m) != 0) {
+        if (pool_thread)
+            pthread_mutex_lock(m);
+        else
+            pool->lock_wait(m);
+    }
 }
 
 static void
@@ -621,6 +657,241 @@ obj_locate(struct zs_pool *pool, struct size_class *cls, unsigned long row,
         *first_len = size;
 }
 
+/* ---- deferred free --------------------------------------------------------- */
+
+static void
+deferred_init(struct deferred *d)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_mutex_init(&d->lock, NULL);
+    pthread_mutex_init(&d->drain_lock, NULL);
+    pthread_cond_init(&d->wake, &attr);
+    pthread_cond_init(&d->half, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
+static void
+deferred_fini(struct deferred *d)
+{
+    free(d->q);
+    free(d->spare);
+    pthread_cond_destroy(&d->half);
+    pthread_cond_destroy(&d->wake);
+    pthread_mutex_destroy(&d->drain_lock);
+    pthread_mutex_destroy(&d->lock);
+}
+
+/* Room for n more handles in the queue (lock held); -1 without memory. */
+static int
+deferred_room(struct deferred *d, size_t n)
+{
+    size_t cap = d->cap ? d->cap : 1024;
+    unsigned long *grown;
+    if (d->n + n <= d->cap)
+        return 0;
+    while (cap < d->n + n)
+        cap *= 2;
+    if (!(grown = realloc(d->q, cap * sizeof(*grown))))
+        return -1;
+    d->q = grown;
+    d->cap = cap;
+    return 0;
+}
+
+static void *
+deferred_worker(void *arg)
+{
+    struct zs_pool *pool = arg;
+    struct deferred *d = &pool->dq;
+    struct timespec until;
+    pool_thread = 1;
+    pthread_mutex_lock(&d->lock);
+    for (;;) {
+        while (!d->n && !d->stopping)
+            pthread_cond_wait(&d->wake, &d->lock);
+        if (d->stopping)
+            break;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_nsec += DEFERRED_IDLE_DELAY_MS * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        while (d->n < DEFERRED_CAPACITY / 2 && !d->stopping
+               && pthread_cond_timedwait(&d->half, &d->lock, &until) == 0)
+            ;
+        pthread_mutex_unlock(&d->lock);
+        zs_free_deferred_flush(pool);
+        pthread_mutex_lock(&d->lock);
+    }
+    pthread_mutex_unlock(&d->lock);
+    return NULL;
+}
+
+/* A worker running in this process, started if need be (lock held); 0,
+ * or -1 when the pool is held or no thread could be started. */
+static int
+deferred_worker_up(struct zs_pool *pool)
+{
+    struct deferred *d = &pool->dq;
+    pid_t pid = getpid();
+    if (d->held || d->stopping)
+        return -1;
+    if (d->worker_pid == pid)
+        return 0;
+    if (pthread_create(&d->worker, NULL, deferred_worker, pool) != 0)
+        return -1;
+    d->worker_pid = pid;
+    return 0;
+}
+
+/* Stop this process's worker and wait for it to end. */
+static void
+deferred_stop(struct zs_pool *pool)
+{
+    struct deferred *d = &pool->dq;
+    int running;
+    pthread_mutex_lock(&d->lock);
+    running = d->worker_pid == getpid();
+    d->stopping = 1;
+    pthread_cond_broadcast(&d->wake);
+    pthread_cond_broadcast(&d->half);
+    pthread_mutex_unlock(&d->lock);
+    if (running)
+        pthread_join(d->worker, NULL);
+    pthread_mutex_lock(&d->lock);
+    d->worker_pid = 0;
+    d->stopping = 0;
+    pthread_mutex_unlock(&d->lock);
+}
+
+int
+zs_free_deferred(struct zs_pool *pool, unsigned long handle)
+{
+    struct deferred *d = &pool->dq;
+    size_t n;
+    if (!zs_obj_size(pool, handle))
+        return -EINVAL;
+    if (pthread_mutex_trylock(&d->lock) != 0)
+        return zs_free(pool, handle);
+    if (d->n >= DEFERRED_CAPACITY
+            || (deferred_worker_up(pool) < 0 && !d->held)
+            || deferred_room(d, 1) < 0) {
+        pthread_mutex_unlock(&d->lock);
+        return zs_free(pool, handle);
+    }
+    d->q[d->n++] = handle;
+    n = d->n;
+    if (n == 1)
+        pthread_cond_signal(&d->wake);
+    if (n == DEFERRED_CAPACITY / 2)
+        pthread_cond_signal(&d->half);
+    pthread_mutex_unlock(&d->lock);
+    return 0;
+}
+
+int
+zs_free_deferred_flush(struct zs_pool *pool)
+{
+    struct deferred *d = &pool->dq;
+    unsigned long *batch;
+    size_t n, cap, i;
+    int r, err = 0;
+    lock(pool, &d->drain_lock);
+    pthread_mutex_lock(&d->lock);
+    batch = d->q;
+    n = d->n;
+    cap = d->cap;
+    d->q = d->spare;
+    d->cap = d->spare_cap;
+    d->n = 0;
+    d->spare = NULL;
+    d->spare_cap = 0;
+    pthread_mutex_unlock(&d->lock);
+    for (i = 0; i < n; i++) {
+        r = zs_free(pool, batch[i]);
+        if (r == -EINVAL) {
+            /* Not allocated (a caller freed it behind the queue's back):
+             * the rest go back to the front of the queue, not leaked. */
+            size_t rest = n - i - 1;
+            pthread_mutex_lock(&d->lock);
+            if (deferred_room(d, rest) == 0) {
+                memmove(d->q + rest, d->q, d->n * sizeof(*d->q));
+                memcpy(d->q, batch + i + 1, rest * sizeof(*d->q));
+                d->n += rest;
+                rest = 0;
+            }
+            pthread_mutex_unlock(&d->lock);
+            for (i++; rest; i++, rest--)
+                zs_free(pool, batch[i]);
+            err = -EINVAL;
+            break;
+        }
+        if (r < 0 && !err)
+            err = r;
+    }
+    pthread_mutex_lock(&d->lock);
+    if (!d->spare) {
+        d->spare = batch;
+        d->spare_cap = cap;
+        batch = NULL;
+    }
+    pthread_mutex_unlock(&d->lock);
+    free(batch);
+    unlock(&d->drain_lock);
+    return err;
+}
+
+size_t
+zs_deferred_pending(struct zs_pool *pool)
+{
+    size_t n;
+    pthread_mutex_lock(&pool->dq.lock);
+    n = pool->dq.n;
+    pthread_mutex_unlock(&pool->dq.lock);
+    return n;
+}
+
+int
+zs_deferred_start(struct zs_pool *pool)
+{
+    int r;
+    pthread_mutex_lock(&pool->dq.lock);
+    pool->dq.held = 0;
+    r = deferred_worker_up(pool);
+    pthread_mutex_unlock(&pool->dq.lock);
+    return r < 0 ? -EAGAIN : 0;
+}
+
+void
+zs_deferred_hold(struct zs_pool *pool)
+{
+    deferred_stop(pool);
+    pthread_mutex_lock(&pool->dq.lock);
+    pool->dq.held = 1;
+    pthread_mutex_unlock(&pool->dq.lock);
+}
+
+/* zs_audit's last check: every queued handle is live. */
+static int
+deferred_audit(struct zs_pool *pool, char *why, size_t len)
+{
+    struct deferred *d = &pool->dq;
+    size_t i;
+    int r = 0;
+    pthread_mutex_lock(&d->lock);
+    for (i = 0; i < d->n && !r; i++)
+        if (!zs_obj_size(pool, d->q[i])) {
+            snprintf(why, len, "queued for deferred free but not live: %lu",
+                     d->q[i]);
+            r = -1;
+        }
+    pthread_mutex_unlock(&d->lock);
+    return r;
+}
+
 /* ---- pool ------------------------------------------------------------------- */
 
 struct zs_pool *
@@ -638,6 +909,7 @@ zs_create_pool(int chain_size)
     pool->chain_size = chain_size;
     pool->lock_wait = default_lock_wait;
     pthread_mutex_init(&pool->compact_lock, NULL);
+    deferred_init(&pool->dq);
     pthread_mutex_init(&pool->arena.lock, NULL);
     /* Untouched, the table costs address space only. */
     pool->arena.chunks = mmap(NULL, MAX_CHUNKS * sizeof(char *),
@@ -698,6 +970,8 @@ zs_destroy_pool(struct zs_pool *pool)
 {
     struct arena *a = &pool->arena;
     int i;
+    deferred_stop(pool);
+    zs_free_deferred_flush(pool);
     for (i = 0; i < pool->nclasses; i++) {
         long readers;
         lock(pool, &pool->classes[i]->lock);
@@ -722,6 +996,7 @@ zs_destroy_pool(struct zs_pool *pool)
     free(a->free);
     pthread_mutex_destroy(&a->lock);
     pthread_mutex_destroy(&pool->compact_lock);
+    deferred_fini(&pool->dq);
     free(pool);
     malloc_trim(0);
     return 0;
@@ -1306,7 +1581,7 @@ broken:
     unlock(&a->lock);
     for (c = pool->nclasses - 1; c >= 0; c--)
         unlock(&pool->classes[c]->lock);
-    return r;
+    return r < 0 ? r : deferred_audit(pool, why, len);
 }
 
 #undef CHECK

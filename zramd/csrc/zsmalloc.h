@@ -33,8 +33,9 @@ struct zs_class_stat {
  * CHAIN_SIZE_MAX).  NULL with errno EINVAL (chain_size) or ENOMEM. */
 struct zs_pool *zs_create_pool(int chain_size);
 
-/* Give every frame back to the OS and free the pool.  -EBUSY (and nothing
- * done) while a read is open (obj_read_begin without obj_read_end). */
+/* Stop the deferred-free worker, free what is queued, give every frame
+ * back to the OS and free the pool.  -EBUSY (and nothing more done) while
+ * a read is open (obj_read_begin without obj_read_end). */
 int zs_destroy_pool(struct zs_pool *pool);
 
 /* How a thread waits for a pool lock another thread holds: the default
@@ -51,6 +52,22 @@ unsigned long zs_malloc(struct zs_pool *pool, size_t size);
  * empties.  0; -EINVAL when handle is not allocated (nothing done);
  * -errno when the frames could not be given back (the object is freed). */
 int zs_free(struct zs_pool *pool, unsigned long handle);
+
+/* Deferred free (zsmalloc.c, "Deferred free").  zs_free_deferred queues
+ * the object for the pool's worker, or frees it now when the queue is
+ * busy or full: 0 (or zs_free's -errno); -EINVAL when handle is not
+ * allocated (nothing done).  zs_free_deferred_flush frees everything
+ * queued before it returns: 0; -EINVAL when a queued handle was no longer
+ * allocated (the ones after it stay queued); zs_free's -errno.
+ * zs_deferred_pending: handles queued now.  zs_deferred_start starts the
+ * worker in this process now rather than at the first queued handle
+ * (0, or -EAGAIN); zs_deferred_hold stops it and starts none until
+ * zs_deferred_start, so that handles wait for a flush (tests). */
+int zs_free_deferred(struct zs_pool *pool, unsigned long handle);
+int zs_free_deferred_flush(struct zs_pool *pool);
+size_t zs_deferred_pending(struct zs_pool *pool);
+int zs_deferred_start(struct zs_pool *pool);
+void zs_deferred_hold(struct zs_pool *pool);
 
 /* The size handle was allocated with; 0 when it is not allocated. */
 size_t zs_obj_size(struct zs_pool *pool, unsigned long handle);

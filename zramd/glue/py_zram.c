@@ -201,35 +201,20 @@ Zram_write(Zram *self, PyObject *args)
     return zram_request(self, args, 1);
 }
 
-/* discard(first, count) -> (sectors freed, [pool handles to free]) */
+/* discard(first, count) -> sectors freed */
 static PyObject *
 Zram_discard(Zram *self, PyObject *args)
 {
     struct zram *z = zram_of(self);
     Py_ssize_t first, count;
-    uint64_t *handles;
-    size_t done, n = 0, k;
-    PyObject *list;
+    size_t done;
     if (!z || !PyArg_ParseTuple(args, "nn", &first, &count)
             || range_arg(self, first, count) < 0)
         return NULL;
-    if (!(handles = PyMem_Malloc((count ? count : 1) * sizeof(*handles))))
-        return PyErr_NoMemory();
     CORE_BEGIN
-    done = zram_discard(z, first, count, handles, &n);
+    done = zram_discard(z, first, count);
     CORE_END
-    if ((list = PyList_New(n))) {
-        for (k = 0; k < n; k++) {
-            PyObject *h = PyLong_FromUnsignedLongLong(handles[k]);
-            if (!h) {
-                Py_CLEAR(list);
-                break;
-            }
-            PyList_SET_ITEM(list, k, h);
-        }
-    }
-    PyMem_Free(handles);
-    return list ? Py_BuildValue("nN", (Py_ssize_t)done, list) : NULL;
+    return PyLong_FromSize_t(done);
 }
 
 /* extents(first, count, max_runs) -> [(sectors, kind)], kind 0 hole,
@@ -705,7 +690,8 @@ static PyMethodDef Zram_methods[] = {
      "write(data, first) -> sectors stored from data (whole sectors) at"
      " sector first; stops at a sector the caller must do."},
     {"discard", (PyCFunction)Zram_discard, METH_VARARGS,
-     "discard(first, count) -> (sectors freed, [pool handles to free]);"
+     "discard(first, count) -> sectors freed, their objects given to the"
+     " pool's deferred free;"
      " stops at a written-back slot."},
     {"extents", (PyCFunction)Zram_extents, METH_VARARGS,
      "extents(first, count, max_runs) -> [(sectors, kind)], kind 0 hole,"

@@ -2,8 +2,7 @@
  * py_zspool.c: zramd._fastpath.ZsPool, the pool (csrc/zsmalloc.c) as a
  * Python type.
  *
- * zramd.zsmalloc.Pool subclasses it and adds the deferred-free queue and
- * the stats dataclasses.  The pool takes its own pthread mutexes; a
+ * zramd.zsmalloc.Pool subclasses it and adds the stats dataclasses.  The pool takes its own pthread mutexes; a
  * thread that must wait for one lets the GIL go meanwhile (pool_lock_wait),
  * so a compaction holding a class lock for a while stalls no other Python
  * thread.  Calls that may hold locks for long (compact, audit) run without
@@ -150,6 +149,84 @@ ZsPool_free(ZsPool *self, PyObject *arg)
         errno = -r;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_free_deferred(ZsPool *self, PyObject *arg)
+{
+    struct zs_pool *zs = zs_of(self);
+    unsigned long handle;
+    int r;
+    if (!zs)
+        return NULL;
+    if (handle_arg(arg, &handle) < 0) {
+        PyErr_Clear();
+        handle = 0;
+    }
+    r = zs_free_deferred(zs, handle);
+    if (r == -EINVAL)
+        return not_allocated("free_deferred", arg), NULL;
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_free_deferred_flush(ZsPool *self, PyObject *unused)
+{
+    struct zs_pool *zs = zs_of(self);
+    int r;
+    if (!zs)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pool_gil_released = 1;
+    r = zs_free_deferred_flush(zs);
+    pool_gil_released = 0;
+    Py_END_ALLOW_THREADS
+    if (r == -EINVAL) {
+        PyErr_SetString(PyExc_ValueError, "free_deferred_flush: a queued "
+                        "handle is not allocated (freed twice); the ones "
+                        "after it stay queued");
+        return NULL;
+    }
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_deferred_pending(ZsPool *self, PyObject *unused)
+{
+    /* A closed pool drained its queue. */
+    return PyLong_FromSize_t(self->zs ? zs_deferred_pending(self->zs) : 0);
+}
+
+static PyObject *
+ZsPool_start_worker(ZsPool *self, PyObject *unused)
+{
+    struct zs_pool *zs = zs_of(self);
+    if (!zs)
+        return NULL;
+    if (zs_deferred_start(zs) < 0)
+        return PyErr_Format(PyExc_RuntimeError, "pool: cannot start the "
+                            "deferred-free worker");
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ZsPool_hold_worker(ZsPool *self, PyObject *unused)
+{
+    struct zs_pool *zs = zs_of(self);
+    if (!zs)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    zs_deferred_hold(zs);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -417,6 +494,22 @@ static PyMethodDef ZsPool_methods[] = {
      " ValueError for other sizes, MemoryError when out of memory."},
     {"free", (PyCFunction)ZsPool_free, METH_O,
      "free(handle): free the object now; ValueError if not allocated."},
+    {"free_deferred", (PyCFunction)ZsPool_free_deferred, METH_O,
+     "free_deferred(handle): queue the object for the drain worker, or"
+     " free it now when the queue is busy or full; ValueError if not"
+     " allocated.  A queued handle is not reused before it is freed."},
+    {"free_deferred_flush", (PyCFunction)ZsPool_free_deferred_flush,
+     METH_NOARGS, "free_deferred_flush(): free every queued handle before"
+     " returning; ValueError if one was freed meanwhile (the ones after it"
+     " stay queued)."},
+    {"deferred_pending", (PyCFunction)ZsPool_deferred_pending, METH_NOARGS,
+     "deferred_pending() -> handles waiting in the deferred-free queue."},
+    {"start_worker", (PyCFunction)ZsPool_start_worker, METH_NOARGS,
+     "start_worker(): start the drain worker in this process now (a"
+     " server does after forking) rather than at the first queued handle."},
+    {"hold_worker", (PyCFunction)ZsPool_hold_worker, METH_NOARGS,
+     "hold_worker(): stop the drain worker and start none until"
+     " start_worker(): queued handles wait for a flush (tests)."},
     {"obj_size", (PyCFunction)ZsPool_obj_size, METH_O,
      "obj_size(handle) -> the size it was allocated with, 0 if not."},
     {"obj_write", (PyCFunction)ZsPool_obj_write, METH_VARARGS,

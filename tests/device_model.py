@@ -36,6 +36,14 @@ Requests
     - extents: runs of "hole", "zero" (same-filled with 0) and "data".
     - mark_idle (all): flags IDLE every sector holding a pool object that
       was not yet; an access (a read, a store) clears it (zram_accessed).
+
+Undecided sectors
+    The set of sectors a partial discard or write-zeroes left all zero:
+    zram leaves a hole a hole and stores a zero page in a sector that held
+    something, and so does the model, but test_device.py, written from
+    the spec alone, accepts either there and calls ``settle`` to take the
+    device's answer (its extents()) for each; a store or a whole-sector
+    discard decides a sector too.
 """
 
 from zramd import compress
@@ -66,6 +74,7 @@ class DeviceModel:
         self.handles = {}       # index -> pool handle (absent: same-filled)
         self.sizes = {}         # index -> object size (4096: huge)
         self.idle = set()
+        self.undecided = set()  # zeroed in part, now all zero: see settle
         self.limit_pages = 0
         self.max_used_pages = 0
         self.num_reads = self.num_writes = 0
@@ -89,6 +98,7 @@ class DeviceModel:
         return pages
 
     def _unlink(self, index):
+        self.undecided.discard(index)
         self.sectors.pop(index, None)
         self.sizes.pop(index, None)
         self.idle.discard(index)
@@ -172,8 +182,11 @@ class DeviceModel:
                 if hi - lo == PAGE:
                     self._unlink(index)
                     self.notify_free += 1
-                elif index in self.sectors:
-                    self._patch(index, lo, ZERO_PAGE[:hi - lo])
+                else:
+                    if index in self.sectors:
+                        self._patch(index, lo, ZERO_PAGE[:hi - lo])
+                    if self._page(index) == ZERO_PAGE:
+                        self.undecided.add(index)
         except NoSpaceError:
             self.failed_writes += 1
             raise
@@ -184,9 +197,7 @@ class DeviceModel:
         end = offset + length
         last = (end + PAGE - 1) // PAGE if length else 0
         for index in range(offset // PAGE, last):
-            page = self.sectors.get(index)
-            kind = ("hole" if page is None else
-                    "zero" if page == ZERO_PAGE else "data")
+            kind = self.kind(index)
             start = max(offset, index * PAGE)
             stop = min(end, (index + 1) * PAGE)
             if runs and runs[-1][2] == kind:
@@ -196,6 +207,25 @@ class DeviceModel:
             else:
                 runs.append([start, stop - start, kind])
         return [tuple(r) for r in runs]
+
+    def kind(self, index):
+        """What extents() says of sector ``index``: "hole", "zero" or
+        "data"."""
+        page = self.sectors.get(index)
+        return ("hole" if page is None else
+                "zero" if page == ZERO_PAGE else "data")
+
+    def settle(self, kinds):
+        """Take the device's choice for the undecided sectors: ``kinds``
+        lists what its extents() says of each sector, and each undecided
+        one must be "hole" or "zero"."""
+        for index in sorted(self.undecided):
+            assert kinds[index] in ("hole", "zero"), (index, kinds[index])
+            if kinds[index] == "hole":
+                self._unlink(index)
+            else:
+                self.sectors[index] = ZERO_PAGE
+        self.undecided.clear()
 
     # ---- administration ----------------------------------------------------
 

@@ -7,7 +7,8 @@ and, per sector, how its page was made (never written, on the backing
 device, or by which compressor) and whether it is idle.  No byte lost; the
 stats identities, extended to the backing device and compression
 priorities, are computed from the model's pages and compressors (as
-test_device's Costs does), not from the device's slot metadata.
+device_model.py does for the device), not from the device's slot
+metadata.
 """
 
 import errno

@@ -5,10 +5,8 @@ model and requires the same result (or the same exception) and, after
 every step, the same mm_stat, io_stat, bd_stat, num_reads, num_writes,
 extents and contents.  The pool is modelled by tests/zsmalloc_model.py,
 so memory is compared exactly too: for that the device's deferred frees
-are made immediate (the deferred queue is the pool's, tested in
-test_zsmalloc.py): the Python paths' free immediately, and what the C
-discard queued is flushed at the end of each call, in the order queued,
-before anything else reaches the pool.  That makes the order of the
+are made immediate, as the kernel's discard frees (the deferred queue is
+the pool's, tested in test_zsmalloc.py), which makes the order of the
 pool's calls the device's alone.  A ``native=False`` device (every sector through the
 Python paths that otherwise take what the C requests hand back) is held
 to the same model.
@@ -40,10 +38,8 @@ def outcome(call, *args):
 
 
 def immediate_frees(dev):
-    """Make ``dev``'s deferred frees immediate (see the module docstring);
-    both() flushes what the C discard queued."""
-    dev.pool.free_deferred = dev.pool.free
-    dev.pool.hold_worker()
+    """Make ``dev``'s deferred frees immediate (see the module docstring)."""
+    dev.pool.set_deferred_capacity(0)
 
 
 class DeviceVsModel(RuleBasedStateMachine):
@@ -70,7 +66,6 @@ class DeviceVsModel(RuleBasedStateMachine):
 
     def both(self, name, *args):
         got = outcome(getattr(self.dev, name), *args)
-        self.dev.pool.free_deferred_flush()
         want = outcome(getattr(self.model, name), *args)
         assert got == want, (name, args)
         return got

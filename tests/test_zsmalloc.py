@@ -735,6 +735,57 @@ def test_deferred_worker_drains_when_idle(pool):
         "deferred frees" % pool.total_pages())
 
 
+def test_deferred_capacity_zero_frees_at_once(pool):
+    pool.hold_worker()
+    pool.set_deferred_capacity(0)
+    hs = [pool.malloc(500) for _ in range(20)]
+    for h in hs:
+        pool.free_deferred(h)
+    assert pool.deferred_pending() == 0
+    assert pool.total_pages() == 0
+    pool.set_deferred_capacity(4)
+    hs = [pool.malloc(500) for _ in range(6)]
+    for h in hs:
+        pool.free_deferred(h)
+    assert pool.deferred_pending() == 4     # the other two freed at once
+    pool.free_deferred_flush()
+    assert pool.total_pages() == 0
+    for bad in (-1, _fastpath_capacity() + 1):
+        with pytest.raises(ValueError, match="deferred capacity"):
+            pool.set_deferred_capacity(bad)
+
+
+def _fastpath_capacity():
+    from zramd._fastpath import DEFERRED_CAPACITY
+    return DEFERRED_CAPACITY
+
+
+def test_deferred_worker_runs_in_a_forked_child(pool):
+    # The parent's worker does not survive a fork; the child's first
+    # queued handle starts one of its own, which drains without a flush.
+    pool.start_worker()
+    keep = [pool.malloc(700) for _ in range(30)]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for h in keep:
+                pool.free_deferred(h)
+            deadline = time.monotonic() + 10
+            while pool.total_pages() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            code = 0 if pool.total_pages() == 0 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, (
+        "the child's deferred frees were not drained (exit %d)"
+        % os.waitstatus_to_exitcode(status))
+    assert pool.total_pages() > 0            # the parent's are its own
+    for h in keep:
+        pool.free(h)
+
+
 def vm_size():
     with open("/proc/self/status") as f:
         for line in f:

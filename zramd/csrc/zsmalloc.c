@@ -62,7 +62,8 @@
  *
  * Deferred free
  *   As "mm/zsmalloc: reduce zs_free() latency on swap release path": a
- *   queue of at most DEFERRED_CAPACITY handles, drained by a worker thread
+ *   queue of at most DEFERRED_CAPACITY handles (zs_deferred_capacity
+ *   changes it; 0 makes every free immediate), drained by a worker thread
  *   of the pool's own that lets a lone handle wait DEFERRED_IDLE_DELAY_MS
  *   for company.  zs_free_deferred only try-locks the queue: when it is
  *   busy or full the handle is freed at once.  A queued handle stays
@@ -160,6 +161,7 @@ struct zs_pool {
         pthread_cond_t half;      /* half full, or stop */
         unsigned long *q, *spare; /* the queue; a drained batch, reused */
         size_t n, cap, spare_cap;
+        size_t capacity;          /* most handles queued; 0: free at once */
         pthread_mutex_t drain_lock;   /* drains take turns */
         pthread_t worker;
         pid_t worker_pid;         /* the process it runs in; 0: none */
@@ -665,6 +667,7 @@ deferred_init(struct deferred *d)
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    d->capacity = DEFERRED_CAPACITY;
     pthread_mutex_init(&d->lock, NULL);
     pthread_mutex_init(&d->drain_lock, NULL);
     pthread_cond_init(&d->wake, &attr);
@@ -719,7 +722,7 @@ deferred_worker(void *arg)
             until.tv_sec++;
             until.tv_nsec -= 1000000000L;
         }
-        while (d->n < DEFERRED_CAPACITY / 2 && !d->stopping
+        while (d->n < d->capacity / 2 && !d->stopping
                && pthread_cond_timedwait(&d->half, &d->lock, &until) == 0)
             ;
         pthread_mutex_unlock(&d->lock);
@@ -776,7 +779,7 @@ zs_free_deferred(struct zs_pool *pool, unsigned long handle)
         return -EINVAL;
     if (pthread_mutex_trylock(&d->lock) != 0)
         return zs_free(pool, handle);
-    if (d->n >= DEFERRED_CAPACITY
+    if (d->n >= d->capacity
             || (deferred_worker_up(pool) < 0 && !d->held)
             || deferred_room(d, 1) < 0) {
         pthread_mutex_unlock(&d->lock);
@@ -786,7 +789,7 @@ zs_free_deferred(struct zs_pool *pool, unsigned long handle)
     n = d->n;
     if (n == 1)
         pthread_cond_signal(&d->wake);
-    if (n == DEFERRED_CAPACITY / 2)
+    if (n == d->capacity / 2)
         pthread_cond_signal(&d->half);
     pthread_mutex_unlock(&d->lock);
     return 0;
@@ -863,6 +866,14 @@ zs_deferred_start(struct zs_pool *pool)
     r = deferred_worker_up(pool);
     pthread_mutex_unlock(&pool->dq.lock);
     return r < 0 ? -EAGAIN : 0;
+}
+
+void
+zs_deferred_capacity(struct zs_pool *pool, size_t capacity)
+{
+    pthread_mutex_lock(&pool->dq.lock);
+    pool->dq.capacity = capacity;
+    pthread_mutex_unlock(&pool->dq.lock);
 }
 
 void

@@ -62,12 +62,16 @@ int zs_free(struct zs_pool *pool, unsigned long handle);
  * zs_deferred_pending: handles queued now.  zs_deferred_start starts the
  * worker in this process now rather than at the first queued handle
  * (0, or -EAGAIN); zs_deferred_hold stops it and starts none until
- * zs_deferred_start, so that handles wait for a flush (tests). */
+ * zs_deferred_start, so that handles wait for a flush (tests).
+ * zs_deferred_capacity sets how many handles may wait (DEFERRED_CAPACITY
+ * at first; 0: every deferred free is immediate, as the kernel's zs_free
+ * at a discard). */
 int zs_free_deferred(struct zs_pool *pool, unsigned long handle);
 int zs_free_deferred_flush(struct zs_pool *pool);
 size_t zs_deferred_pending(struct zs_pool *pool);
 int zs_deferred_start(struct zs_pool *pool);
 void zs_deferred_hold(struct zs_pool *pool);
+void zs_deferred_capacity(struct zs_pool *pool, size_t capacity);
 
 /* The size handle was allocated with; 0 when it is not allocated. */
 size_t zs_obj_size(struct zs_pool *pool, unsigned long handle);

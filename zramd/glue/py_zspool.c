@@ -219,6 +219,23 @@ ZsPool_start_worker(ZsPool *self, PyObject *unused)
 }
 
 static PyObject *
+ZsPool_set_deferred_capacity(ZsPool *self, PyObject *arg)
+{
+    struct zs_pool *zs = zs_of(self);
+    Py_ssize_t n;
+    if (!zs)
+        return NULL;
+    n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > DEFERRED_CAPACITY)
+        return PyErr_Format(PyExc_ValueError, "deferred capacity: %zd; "
+                            "accepted: 0..%d", n, DEFERRED_CAPACITY);
+    zs_deferred_capacity(zs, (size_t)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 ZsPool_hold_worker(ZsPool *self, PyObject *unused)
 {
     struct zs_pool *zs = zs_of(self);
@@ -507,6 +524,10 @@ static PyMethodDef ZsPool_methods[] = {
     {"start_worker", (PyCFunction)ZsPool_start_worker, METH_NOARGS,
      "start_worker(): start the drain worker in this process now (a"
      " server does after forking) rather than at the first queued handle."},
+    {"set_deferred_capacity", (PyCFunction)ZsPool_set_deferred_capacity,
+     METH_O, "set_deferred_capacity(n): at most n handles wait in the"
+     " deferred-free queue (0..DEFERRED_CAPACITY, the default); 0 makes"
+     " every deferred free immediate."},
     {"hold_worker", (PyCFunction)ZsPool_hold_worker, METH_NOARGS,
      "hold_worker(): stop the drain worker and start none until"
      " start_worker(): queued handles wait for a flush (tests)."},

@@ -1,7 +1,8 @@
 """Build of zramd's C extensions (everything else is in pyproject.toml).
 
-zramd._fastpath links the system's liblz4 and libzstd (Debian: liblz4-dev,
-libzstd-dev, python3-dev; scripts/common.sh installs them).
+zramd._fastpath links the system's liblz4, libzstd and zlib (Debian:
+liblz4-dev, libzstd-dev, python3-dev; scripts/common.sh installs them;
+zlib1g-dev comes with python3-dev, through libpython3.11-dev).
 zramd._threadstate (zramd.threadstate's thread-exit hook) needs only
 Python.h.
 """
@@ -15,11 +16,12 @@ setup(ext_modules=[Extension(
                         "zramd/csrc/zram.c", "zramd/csrc/zcomp.c",
                         "zramd/csrc/backend_lz4.c",
                         "zramd/csrc/backend_zstd.c",
+                        "zramd/csrc/backend_deflate.c",
                         "zramd/csrc/crew.c"],
     depends=["zramd/glue/glue.h", "zramd/csrc/zram_defs.h", "zramd/csrc/zsmalloc.h",
              "zramd/csrc/zram.h", "zramd/csrc/zcomp.h",
              "zramd/csrc/zcomp_backend.h", "zramd/csrc/crew.h"],
-    libraries=["lz4", "zstd"],
+    libraries=["lz4", "zstd", "z"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers",
                         "-Wno-cast-function-type"]),

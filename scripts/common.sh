@@ -9,7 +9,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=/usr/bin/python3
 
 # What serving and attaching a device needs.
-# gcc, python3-dev, liblz4-dev and libzstd-dev build zramd._fastpath (C).
+# gcc, python3-dev, liblz4-dev and libzstd-dev build zramd._fastpath (C);
+# its zlib1g-dev comes with python3-dev (libpython3.11-dev depends on it).
 RUNTIME_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
     python3-zstandard liblzo2-2 python3-pip python3-setuptools

@@ -19,14 +19,15 @@ the pool's audit):
                      retirement, which waits for the request: a stripe
                      lock held by the test stops it half-way), a corrupt
                      object, a written-back slot, a codec with no native
-                     form (deflate); the huge line
+                     form (lzo, lzo-rle); the huge line
     threads          overlapping multi-sector I/O with compaction and the
                      deferred-free drain; every sector ends as one of the
                      pages written to it, counters add up
     pool             malloc / free error paths: exact messages, nothing
                      changed, no class lock left held
     codecs           lz4 block interchange with python-lz4, zstd context
-                     free lists
+                     free lists, deflate byte for byte Python's zlib (its
+                     output at every level, what its decoder refuses)
     fork             multi-sector requests in a child forked after the
                      crew of helper threads started
 
@@ -45,19 +46,22 @@ the sectors after it touched (IDLE cleared).  A forked child, as under
 nbdkit, must get helper threads of its own.
 """
 
+import errno
 import os
 import random
 import struct
 import sys
+import sysconfig
 import threading
 import time
+import zlib
 
 import lz4.block
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import race
-from zramd import _fastpath
+from zramd import _fastpath, compress
 from zramd.device import HUGE, IDLE, N_STRIPES, SAME, WB, Device
 from zramd.errors import CorruptDataError, NoSpaceError
 from zramd._fastpath import HANDLE_CLASS_BITS
@@ -233,13 +237,14 @@ def near_huge_pages(comp, huge_class_size, below=12):
     return found
 
 
-@pytest.mark.parametrize("algorithm", ["lz4", "lz4hc", "zstd"])
+@pytest.mark.parametrize("algorithm", ["lz4", "lz4hc", "zstd", "deflate"])
 def test_huge_line_is_the_same_in_c_and_python(algorithm):
     """A page is HUGE iff its compressed size reaches huge_class_size, in
     the C loop as in _try_write_sector (and zram).  The pages just under
     the line are where a capped output buffer decides otherwise: zstd
     wants about 8 bytes of room beyond its output, so with a capacity of
-    huge_class_size - 1 pages of 3617..3624 bytes were stored raw."""
+    huge_class_size - 1 pages of 3617..3624 bytes were stored raw (and
+    zlib ends a stream only with a byte of room to spare)."""
     c, py = pair(32 * PAGE, algorithm=algorithm)
     try:
         hcs = c.pool.huge_class_size
@@ -262,10 +267,11 @@ def test_huge_line_is_the_same_in_c_and_python(algorithm):
         close_all(c, py)
 
 
-def test_deflate_has_no_native_codec_and_goes_through_python():
+@pytest.mark.parametrize("algorithm", ["lzo", "lzo-rle"])
+def test_lzo_has_no_native_codec_and_goes_through_python(algorithm):
     """A primary with no native form: every stored sector is the Python
     path's, in both directions; SAME and holes stay in C."""
-    c, py = pair(16 * PAGE, algorithm="deflate")
+    c, py = pair(16 * PAGE, algorithm=algorithm)
     try:
         calls = python_path_calls(c)
         kinds = ["text", "same", "random", "zero", "text", "half"]
@@ -277,10 +283,37 @@ def test_deflate_has_no_native_codec_and_goes_through_python():
         for dev in (c, py):
             assert read_guarded(dev, 0, 8 * PAGE) == bytes(PAGE) + data \
                 + bytes(PAGE)
-        # Reads: only the sectors holding a deflate object (or a raw HUGE
+        # Reads: only the sectors holding an lzo object (or a raw HUGE
         # page, which C copies itself).
         assert calls["read"] == [1 + i for i, k in enumerate(kinds)
                                  if k in ("text", "half")]
+        assert_sound(c, py)
+    finally:
+        close_all(c, py)
+
+
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_deflate_stays_in_c(level):
+    """deflate has a C form (csrc/backend_deflate.c): the C requests hand
+    nothing back, and store what the Python paths store, object for
+    object (the same bytes, so the same sizes and mm_stat)."""
+    c, py = pair(16 * PAGE, algorithm="deflate", level=level)
+    try:
+        calls = python_path_calls(c)
+        kinds = ["text", "same", "random", "zero", "text", "half",
+                 "near_huge", "near_huge"]
+        data = b"".join(make_page(k, i) for i, k in enumerate(kinds))
+        for dev in (c, py):
+            dev.write(PAGE, data)
+            dev.write(10 * PAGE, data[:PAGE])       # one sector alone
+        for dev in (c, py):
+            assert read_guarded(dev, 0, 12 * PAGE) == bytes(PAGE) + data \
+                + bytes(PAGE) + data[:PAGE] + bytes(PAGE)
+            assert read_guarded(dev, 10 * PAGE, PAGE) == data[:PAGE]
+        assert calls == {"read": [], "write": []}
+        assert [(i.flags, i.size) for i in slot_words(c)] \
+            == [(i.flags, i.size) for i in slot_words(py)]
+        assert c.mm_stat() == py.mm_stat()
         assert_sound(c, py)
     finally:
         close_all(c, py)
@@ -334,13 +367,16 @@ def test_mem_limit_reached_part_way(algorithm):
 
 
 def test_recompressed_slots_inside_one_read_and_write():
+    """Sectors of a secondary algorithm, with a C form (zstd) or without
+    (lzo), are the Python paths' in a C read; a C write over them frees
+    their objects."""
     c, py = pair(16 * PAGE, algorithm="lz4")
     try:
         data = [text_page(i) for i in range(8)]
         for dev in (c, py):
             dev.write(0, b"".join(data))
             dev.set_recomp_algorithm("zstd", 1, level=9)
-            dev.set_recomp_algorithm("deflate", 2, level=9)
+            dev.set_recomp_algorithm("lzo", 2)
             assert dev.recompress(pages=[3], priority=1) == 1
             assert dev.recompress(pages=[5], priority=2) == 1
         assert [c.slot_info(i).priority for i in range(8)] == \
@@ -1282,10 +1318,195 @@ def test_zstd_contexts_stay_one_each_sequentially():
         dev.close()
 
 
+# deflate: csrc/backend_deflate.c must write what the Python backend wrote
+# (zlib.compress(page, level, -12)), or compressed sizes, huge pages and
+# mm_stat would change, and refuse what its decoder refused.
+
+def deflate_corpus():
+    """Pages of files every machine running these tests has, the same on
+    every run of one Python release: standard-library modules, the
+    interpreter's binary; and the hand-made pages above."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    pages = list(CODEC_PAGES) + [near_huge_page(s) for s in (0, 350, 699)]
+    files = [(os.path.join(stdlib, name), count) for name, count in (
+        ("argparse.py", 12), ("typing.py", 12), ("decimal.py", 8),
+        ("pickle.py", 8))] + [(os.path.realpath(sys.executable), 24)]
+    for path, count in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        n = len(data) // PAGE
+        step = max(1, n // count)
+        pages += [data[i * PAGE:(i + 1) * PAGE]
+                  for i in range(0, n, step)][:count]
+    return pages
+
+
+DEFLATE_PAGES = deflate_corpus()
+_DEFLATE_CODECS = {}
+
+
+def deflate_codec(level):
+    """One Codec per level, shared as the backend's is."""
+    if level not in _DEFLATE_CODECS:
+        _DEFLATE_CODECS[level] = _fastpath.Codec("deflate", level)
+    return _DEFLATE_CODECS[level]
+
+
+def zlib_page(data):
+    """What the Python backend's decoder made of ``data``: the page, or
+    None where it refused (a fresh decompressobj capped at a page and a
+    byte; exactly a page out, the stream ended, nothing left over)."""
+    stream = zlib.decompressobj(-12)
+    try:
+        out = stream.decompress(data, PAGE + 1)
+    except zlib.error:
+        return None
+    if len(out) != PAGE or not stream.eof or stream.unused_data \
+            or stream.unconsumed_tail:
+        return None
+    return out
+
+
+def c_page(codec, data):
+    """The C decoder's page, or None where it refused."""
+    try:
+        return codec.decompress(data)
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize("level", range(1, 10))
+def test_deflate_output_is_pythons_zlib_at_every_level(level):
+    codec = deflate_codec(level)
+    backend = compress.create("deflate", level=level)
+    assert len(DEFLATE_PAGES) >= 60
+    for page in DEFLATE_PAGES:
+        ours = codec.compress(page)
+        assert ours == zlib.compress(page, level, -12)
+        assert backend.compress(page) == ours
+        assert codec.decompress(ours) == page
+        assert backend.decompress(ours) == page
+    # An incompressible page is one stored block, 5 bytes over the page:
+    # the bound backend_deflate.c gives pages (and zram.c's scratch).
+    assert len(codec.compress(random_page(5))) == PAGE + 5
+    # Not pages (Codec.compress takes up to 16): still zlib's bytes.
+    for data in (b"", b"x", random_page(6)[:PAGE - 1], random_page(7) * 2,
+                 b"".join(DEFLATE_PAGES[-16:])):
+        assert codec.compress(data) == zlib.compress(data, level, -12)
+
+
+def runs_page(runs):
+    """A page of repeated runs of bytes: compressible, in ways random
+    bytes are not."""
+    out = b"".join(chunk * n for chunk, n in runs)
+    return (out * (PAGE // len(out) + 1))[:PAGE]
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(page=st.lists(st.tuples(st.binary(min_size=1, max_size=48),
+                               st.integers(1, 40)),
+                     min_size=1, max_size=40).map(runs_page)
+       | st.binary(min_size=PAGE, max_size=PAGE),
+       level=st.integers(1, 9))
+def test_deflate_output_is_pythons_zlib_hypothesis(page, level):
+    codec = deflate_codec(level)
+    ours = codec.compress(page)
+    assert ours == zlib.compress(page, level, -12)
+    assert codec.decompress(ours) == page
+
+
+def deflate_streams():
+    """Streams near good ones: compressed pages cut at every byte, with
+    bytes after them, with bytes flipped; streams of a page less or more;
+    garbage."""
+    pages = DEFLATE_PAGES
+    good = [zlib.compress(p, 6, -12) for p in pages[:8]] + [
+        zlib.compress(pages[20], 1, -12), zlib.compress(pages[40], 9, -12)]
+    out = [b"", b"\0", b"\x03\0", b"\xff" * 10]
+    rnd = random.Random(42)
+    out += [rnd.randbytes(n) for n in (1, 2, 3, 7, 64, 1000, 4096, 5000)]
+    for data in good:
+        out += [data[:cut] for cut in range(len(data))]
+        out += [data + b"\0", data + data, data + b"\x03\0"]
+    for data in good[:3]:
+        for i in range(len(data)):
+            for mask in (0xff, 0x10, 0x01):
+                bad = bytearray(data)
+                bad[i] ^= mask
+                out.append(bytes(bad))
+    for n in (0, 1, 100, PAGE - 1, PAGE + 1, 2 * PAGE, 16 * PAGE):
+        out.append(zlib.compress((b"".join(pages) * 17)[:n], 6, -12))
+    return out
+
+
+def test_deflate_decoder_refuses_what_zlib_refuses():
+    """The C decoder and the Python backend's zlib decoder agree on every
+    stream: both refuse it, or both make the same page of it."""
+    codec = deflate_codec(6)
+    refused = 0
+    streams = deflate_streams()
+    for data in streams:
+        want = zlib_page(data)
+        assert c_page(codec, data) == want, data[:32]
+        refused += want is None
+    # Not vacuous: most refused, some good (the flipped bytes that decode
+    # to another page included).
+    assert len(streams) // 2 < refused < len(streams)
+
+
+@settings(max_examples=300, deadline=None)
+@given(which=st.integers(0, len(DEFLATE_PAGES) - 1),
+       level=st.integers(1, 9), cut=st.integers(0, 8),
+       flips=st.lists(st.tuples(st.integers(0, 1 << 16),
+                                st.integers(1, 255)), max_size=4),
+       tail=st.binary(max_size=4))
+def test_deflate_decoder_refuses_what_zlib_refuses_hypothesis(
+        which, level, cut, flips, tail):
+    data = bytearray(zlib.compress(DEFLATE_PAGES[which], level, -12))
+    for pos, mask in flips:
+        data[pos % len(data)] ^= mask
+    data = bytes(data[:len(data) - cut]) + tail
+    assert c_page(deflate_codec(level), data) == zlib_page(data)
+
+
+def test_deflate_corrupt_messages_are_zlibs():
+    """The backend refuses with the C decoder and words the error as it
+    did before it had one: zlib's message, or what was wrong with the
+    stream."""
+    comp = compress.create("deflate")
+    data = comp.compress(text_page(1))
+    one_short = zlib.compress(text_page(1)[:-1], 6, -12)
+    one_over = zlib.compress(text_page(1) + b"x", 6, -12)
+    cases = [
+        (data[:len(data) // 2], r"truncated stream \(\d+ bytes out\)"),
+        (b"", r"truncated stream \(0 bytes out\)"),
+        (data + b"\0", "1 bytes after the end of the stream"),
+        (one_short, "4095 bytes out, expected 4096"),
+        (one_over, "more than 4096 bytes out"),
+        (b"\xff" * 10, "Error -3 while decompressing data: "),
+    ]
+    for slot, (bad, reason) in enumerate(cases):
+        with pytest.raises(ValueError):
+            comp.native.decompress(bad)
+        with pytest.raises(CorruptDataError,
+                           match="^deflate decompress: slot %d: %s"
+                           % (slot, reason)) as info:
+            comp.decompress(bad, slot=slot)
+        assert info.value.errno == errno.EIO
+
+
 def test_codec_construction_errors():
     with pytest.raises(ValueError, match="lz4 takes no dictionary"):
         _fastpath.Codec("lz4", 0, b"dict")
-    with pytest.raises(ValueError, match="no native codec for deflate"):
-        _fastpath.Codec("deflate")
+    for name in ("lzo", "lzo-rle"):
+        with pytest.raises(ValueError, match="no native codec for " + name):
+            _fastpath.Codec(name)
+    with pytest.raises(ValueError, match="deflate takes no dictionary"):
+        _fastpath.Codec("deflate", 6, b"dict")
+    # zlib refuses a level past 9 when the first context is made.
+    with pytest.raises(ValueError, match="^deflate compressor: zlib refused"
+                       " a parameter$"):
+        _fastpath.Codec("deflate", 10).compress(bytes(PAGE))
     with pytest.raises(ValueError, match="up to 65536"):
         _fastpath.Codec("lz4").compress(bytes(16 * PAGE + 1))

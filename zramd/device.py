@@ -23,7 +23,7 @@ what there is to raise):
 
 - a sector written back (its page is read from the backing device), one
   recompressed by a secondary algorithm, one of a codec with no C form
-  (deflate, lzo), one that does not decompress (the error names it), a
+  (lzo, lzo-rle), one that does not decompress (the error names it), a
   write over mem_limit (after the deferred frees are flushed) or over a
   written-back slot;
 - partial sectors: a write of part of a sector reads the sector, patches

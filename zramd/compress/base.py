@@ -13,13 +13,13 @@ not exactly one page, becomes ``CorruptDataError`` (EIO) naming the backend
 and the slot, so the device can fail that one read and count it.
 
 A backend subclass sets the class attributes below.  Working contexts
-(zstd's compressors and decompressors) must never be used by two threads
-at once: the C codecs (zramd/csrc/zcomp.c) keep them on a free list
-under a mutex of their own, as many as calls ever ran at once.  A backend
-with a C codec sets ``native`` to it (a ``zramd._fastpath.Codec``); the
-device's C slot table then compresses and decompresses with it directly,
-without the GIL, and pages of a backend without one go through
-``compress``/``decompress`` here.
+(zstd's compressors and decompressors, deflate's z_streams) must never be
+used by two threads at once: the C codecs (zramd/csrc/zcomp.c) keep them
+on a free list under a mutex of their own, as many as calls ever ran at
+once.  A backend with a C codec sets ``native`` to it (a
+``zramd._fastpath.Codec``); the device's C slot table then compresses and
+decompresses with it directly, without the GIL, and pages of a backend
+without one (lzo, lzo-rle) go through ``compress``/``decompress`` here.
 """
 
 from .. import PAGE_SIZE

@@ -2,8 +2,9 @@
  * zcomp.c: the C codecs (zcomp.h) and their registry, as the kernel's
  * drivers/block/zram/zcomp.c.  backends[] lists one const table of
  * operations per algorithm (zcomp_backend.h; backend_lz4.c for lz4 and
- * lz4hc, backend_zstd.c for zstd with dictionaries); the algorithms with
- * no C form (deflate, lzo) are zramd/compress's alone.
+ * lz4hc, backend_zstd.c for zstd with dictionaries, backend_deflate.c
+ * for deflate through zlib); the algorithms with no C form (lzo and
+ * lzo-rle, through liblzo2 and ctypes) are zramd/compress's alone.
  *
  * A codec is its backend's table, its fixed parameters (level, and what
  * the backend set up from the dictionary, shared read-only by every
@@ -24,6 +25,7 @@ static const struct zcomp_ops *const backends[] = {
     &backend_lz4,
     &backend_lz4hc,
     &backend_zstd,
+    &backend_deflate,
 };
 
 /* Push; 0, or -1 when it cannot grow (the caller frees the item). */

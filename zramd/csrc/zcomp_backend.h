@@ -52,6 +52,7 @@ struct zcomp_ops {
                               size_t n, void *page);
 };
 
-extern const struct zcomp_ops backend_lz4, backend_lz4hc, backend_zstd;
+extern const struct zcomp_ops backend_lz4, backend_lz4hc, backend_zstd,
+    backend_deflate;
 
 #endif

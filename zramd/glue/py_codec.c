@@ -147,7 +147,8 @@ Codec_free_contexts(Codec *self, void *closure)
 
 static PyGetSetDef Codec_getset[] = {
     {"free_contexts", (getter)Codec_free_contexts, NULL,
-     "(compression, decompression) contexts on the free lists (zstd).",
+     "(compression, decompression) contexts on the free lists (zstd, "
+     "deflate).",
      NULL},
     {NULL}
 };
@@ -157,8 +158,8 @@ PyTypeObject CodecType = {
     .tp_name = "zramd._fastpath.Codec",
     .tp_basicsize = sizeof(Codec),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Codec(algorithm, level=0, dictionary=None): lz4, lz4hc or "
-              "zstd on 4 KiB pages.",
+    .tp_doc = "Codec(algorithm, level=0, dictionary=None): lz4, lz4hc, "
+              "zstd or deflate on 4 KiB pages.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Codec_init,
     .tp_dealloc = (destructor)Codec_dealloc,

@@ -139,6 +139,7 @@ def after_fork():
     threading.stack_size(THREAD_STACK_BYTES)
     _device = _config.build_device()
     _device.pool.start_worker()
+    _serve_from_c()
     _control = ControlServer(_device, _config.control, _config.name)
     _control.start()
 
@@ -215,6 +216,25 @@ def pread(h, buf, offset, flags):
 
 def pwrite(h, buf, offset, flags):
     _io(h.write, offset, buf)
+
+
+def _pread_rest(h, buf, offset, flags, done):
+    _io(h.read_into, offset + done, memoryview(buf)[done:])
+
+
+def _pwrite_rest(h, buf, offset, flags, done):
+    _io(h.write, offset + done, memoryview(buf)[done:])
+
+
+def _serve_from_c():
+    """Make pread and pwrite the device's C callables (nbdkit looks them
+    up in this module at every request): a request of whole sectors then
+    runs no Python code at all, and the functions above finish the rest."""
+    global pread, pwrite
+    callbacks = _device.nbd_callbacks(threadstate.pin, _pread_rest,
+                                      _pwrite_rest)
+    if callbacks is not None:
+        pread, pwrite = callbacks
 
 
 def flush(h, flags):

@@ -63,7 +63,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import race
 from zramd import _fastpath, compress
 from zramd.device import HUGE, IDLE, N_STRIPES, SAME, WB, Device
-from zramd.errors import CorruptDataError, NoSpaceError
+from zramd.errors import CorruptDataError, NoSpaceError, ZramdError
 from zramd._fastpath import HANDLE_CLASS_BITS
 from zramd.zsmalloc import Pool
 
@@ -1510,3 +1510,130 @@ def test_codec_construction_errors():
         _fastpath.Codec("deflate", 10).compress(bytes(PAGE))
     with pytest.raises(ValueError, match="up to 65536"):
         _fastpath.Codec("lz4").compress(bytes(16 * PAGE + 1))
+
+
+# --------------------------------------------------------------------------
+# nbdkit's pread and pwrite as the device's C callables (plugin.py).
+
+class RestCalls:
+    """The fallbacks given to Device.nbd_callbacks: they record each call
+    and finish the request as plugin.py's do."""
+
+    def __init__(self, dev):
+        self.dev, self.pins, self.calls = dev, 0, []
+
+    def pin(self):
+        self.pins += 1
+        return False
+
+    def pread_rest(self, h, buf, offset, flags, done):
+        self.calls.append(("pread", offset, len(buf), flags, done))
+        h.read_into(offset + done, memoryview(buf)[done:])
+
+    def pwrite_rest(self, h, buf, offset, flags, done):
+        self.calls.append(("pwrite", offset, len(buf), flags, done))
+        h.write(offset + done, memoryview(buf)[done:])
+
+
+def nbd_pair(dev):
+    rest = RestCalls(dev)
+    pread, pwrite = dev.nbd_callbacks(rest.pin, rest.pread_rest,
+                                      rest.pwrite_rest)
+    return rest, pread, pwrite
+
+
+def test_nbd_callbacks_serve_whole_sectors_without_python():
+    dev = Device(64 * PAGE)
+    try:
+        rest, pread, pwrite = nbd_pair(dev)
+        data = b"".join(make_page(k, i) for i, k in enumerate(
+            ["text", "random", "same", "zero", "half", "text"]))
+        assert pwrite(dev, memoryview(data), 3 * PAGE, 0) is None
+        out = bytearray(len(data))
+        assert pread(dev, memoryview(out), 3 * PAGE, 0) is None
+        assert bytes(out) == data == dev.read(3 * PAGE, len(data))
+        assert rest.calls == [] and rest.pins == 2
+        assert dev.num_writes == 6 and dev.num_reads == 12
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("offset, length", [
+    (100, PAGE), (PAGE, PAGE + 1), (0, 0), (63 * PAGE, 2 * PAGE),
+    (64 * PAGE, PAGE), (1 << 62, PAGE)])
+def test_nbd_callbacks_leave_partial_and_outside_requests_to_python(
+        offset, length):
+    dev = Device(64 * PAGE)
+    try:
+        rest, pread, pwrite = nbd_pair(dev)
+        inside = offset + length <= dev.size
+        data = make_bytes("text", 7, length)
+        for call, buf, name in ((pwrite, memoryview(data), "pwrite"),
+                                (pread, memoryview(bytearray(length)),
+                                 "pread")):
+            if inside:
+                call(dev, buf, offset, 0)
+            else:
+                with pytest.raises(ZramdError, match="outside the disk"):
+                    call(dev, buf, offset, 0)
+            assert rest.calls[-1] == (name, offset, length, 0, 0)
+        if inside:
+            assert dev.read(offset, length) == data
+    finally:
+        dev.close()
+
+
+def test_nbd_callbacks_hand_over_where_the_core_stops():
+    # Over mem_limit part way: the write goes on in Python from the
+    # sector the core stopped at, and fails there as Device.write does.
+    dev = Device(64 * PAGE, mem_limit=8 * PAGE)
+    try:
+        rest, pread, pwrite = nbd_pair(dev)
+        data = b"".join(random_page(i) for i in range(16))
+        with pytest.raises(NoSpaceError):
+            pwrite(dev, memoryview(data), 0, 0)
+        (name, offset, length, flags, done), = rest.calls
+        assert (name, offset, length) == ("pwrite", 0, 16 * PAGE)
+        assert 0 < done < 16 * PAGE and done % PAGE == 0
+        assert dev.read(0, done) == data[:done]
+        assert dev.io_stat().failed_writes == 1
+    finally:
+        dev.close()
+    # lzo has no C codec: its objects are read in Python, from the first
+    # one on; the same-filled sectors before it were read in C.
+    dev = Device(64 * PAGE, algorithm="lzo")
+    try:
+        rest, pread, pwrite = nbd_pair(dev)
+        data = same_page(1) + bytes(PAGE) + text_page(2) + same_page(3)
+        pwrite(dev, memoryview(data), 0, 0)
+        assert rest.calls == [("pwrite", 0, 4 * PAGE, 0, 0)]
+        out = bytearray(4 * PAGE)
+        pread(dev, memoryview(out), 0, 0)
+        assert bytes(out) == data
+        assert rest.calls[-1] == ("pread", 0, 4 * PAGE, 0, 2 * PAGE)
+        assert dev.num_reads == 4
+    finally:
+        dev.close()
+
+
+def test_nbd_callbacks_refuse_misuse():
+    dev = Device(8 * PAGE)
+    try:
+        with pytest.raises(TypeError, match="nbd_fallbacks"):
+            dev._zram.nbd_pread(dev, bytearray(PAGE), 0, 0)
+        rest, pread, pwrite = nbd_pair(dev)
+        with pytest.raises(TypeError, match="takes"):
+            pread(dev, bytearray(PAGE), 0)
+        with pytest.raises(TypeError, match="three callables"):
+            dev.nbd_callbacks(None, rest.pread_rest, rest.pwrite_rest)
+        # A read-only buffer cannot take a read: Python's path says so.
+        with pytest.raises(TypeError):
+            pread(dev, memoryview(bytes(PAGE)), 0, 0)
+        assert rest.calls[-1] == ("pread", 0, PAGE, 0, 0)
+    finally:
+        dev.close()
+    dev = Device(PAGE, native=False)
+    try:
+        assert dev.nbd_callbacks(None, None, None) is None
+    finally:
+        dev.close()

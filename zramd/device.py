@@ -468,6 +468,19 @@ class Device:
                 self.failed_reads += 1
             raise
 
+    def nbd_callbacks(self, pin, pread_rest, pwrite_rest):
+        """nbdkit's pread and pwrite callbacks for this device, as C
+        callables ``(h, buf, offset, flags)``: whole sectors inside the
+        disk go to the slot table with no Python frame; what it does not
+        finish goes on in ``pread_rest``/``pwrite_rest(h, buf, offset,
+        flags, done)``, ``done`` being the bytes served, and ``pin()`` is
+        called first.  None for a device on the Python paths
+        (``native=False``)."""
+        if not self._native:
+            return None
+        self._zram.nbd_fallbacks(pin, pread_rest, pwrite_rest)
+        return self._zram.nbd_pread, self._zram.nbd_pwrite
+
     def read(self, offset, length):
         """Return ``length`` bytes from ``offset``."""
         self._check_range("read", offset, length)

@@ -32,6 +32,8 @@ typedef struct {
     pthread_t all_owner;             /* ... by this thread */
     atomic_int busy;                 /* calls without the GIL in progress */
     atomic_int held;                 /* stripes taken by lock() */
+    PyObject *nbd_pin;               /* nbd_fallbacks(): see nbd_request */
+    PyObject *nbd_rest[2];           /* ... for pread, pwrite */
 } Zram;
 
 
@@ -124,6 +126,9 @@ Zram_release(Zram *self)
     self->z = NULL;
     for (i = 0; i < MAX_DICTS; i++)
         Py_CLEAR(self->codecs[i]);
+    Py_CLEAR(self->nbd_pin);
+    Py_CLEAR(self->nbd_rest[0]);
+    Py_CLEAR(self->nbd_rest[1]);
 }
 
 static void
@@ -187,6 +192,92 @@ zram_request(Zram *self, PyObject *args, int write)
     CORE_END
     PyBuffer_Release(&buf);
     return r < 0 ? core_error(r) : PyLong_FromSsize_t(r);
+}
+
+/* nbd_pread(h, buf, offset, flags) and nbd_pwrite(h, buf, offset, flags):
+ * nbdkit's python-plugin callbacks (API 2) themselves, which the plugin
+ * sets as its pread and pwrite, so that a request of whole sectors inside
+ * the disk runs without a Python frame.  First pin(), as every Python
+ * callback does (zramd.threadstate).  What the core does not finish (a
+ * partial sector or a range outside the disk: all of it; a sector the
+ * core hands back, or its error: from there on) goes on in
+ * rest(h, buf, offset, flags, done), done being the bytes served. */
+static PyObject *
+nbd_request(Zram *self, PyObject *const *args, Py_ssize_t nargs, int write)
+{
+    struct zram *z = self->z;
+    PyObject *rest = self->nbd_rest[write], *r;
+    Py_buffer buf;
+    unsigned long long offset;
+    size_t first, count = 0, done = 0;
+    ssize_t n = 0;
+    if (nargs != 4 || !rest)
+        return PyErr_Format(PyExc_TypeError, "nbd_p%s: takes (h, buf, "
+                            "offset, flags), after nbd_fallbacks()",
+                            write ? "write" : "read");
+    if (!(r = PyObject_CallNoArgs(self->nbd_pin)))
+        return NULL;
+    Py_DECREF(r);
+    offset = PyLong_AsUnsignedLongLong(args[2]);
+    if (offset == (unsigned long long)-1 && PyErr_Occurred())
+        PyErr_Clear();
+    else if (z && PyObject_GetBuffer(args[1], &buf, write ? PyBUF_SIMPLE
+                                     : PyBUF_WRITABLE) == 0) {
+        first = offset >> PAGE_SHIFT;
+        if (!((offset | (size_t)buf.len) & PAGE_MASK) && buf.len
+                && (size_t)buf.len >> PAGE_SHIFT <= zram_nr_pages(z)
+                && first <= zram_nr_pages(z) - (buf.len >> PAGE_SHIFT)) {
+            count = buf.len >> PAGE_SHIFT;
+            CORE_BEGIN
+            while (done < count) {
+                char *at = (char *)buf.buf + (done << PAGE_SHIFT);
+                n = write ? zram_write(z, at, first + done, count - done)
+                          : zram_read(z, at, first + done, count - done);
+                if (n <= 0)
+                    break;
+                done += n;
+            }
+            CORE_END
+        }
+        PyBuffer_Release(&buf);
+        if (count && done == count)
+            Py_RETURN_NONE;
+    } else {
+        PyErr_Clear();
+    }
+    return PyObject_CallFunction(rest, "OOOOn", args[0], args[1], args[2],
+                                 args[3], (Py_ssize_t)(done << PAGE_SHIFT));
+}
+
+static PyObject *
+Zram_nbd_pread(Zram *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return nbd_request(self, args, nargs, 0);
+}
+
+static PyObject *
+Zram_nbd_pwrite(Zram *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return nbd_request(self, args, nargs, 1);
+}
+
+static PyObject *
+Zram_nbd_fallbacks(Zram *self, PyObject *args)
+{
+    PyObject *pin, *pread_rest, *pwrite_rest;
+    if (!PyArg_ParseTuple(args, "OOO", &pin, &pread_rest, &pwrite_rest))
+        return NULL;
+    if (!PyCallable_Check(pin) || !PyCallable_Check(pread_rest)
+            || !PyCallable_Check(pwrite_rest))
+        return PyErr_Format(PyExc_TypeError, "nbd_fallbacks: three "
+                            "callables");
+    Py_INCREF(pin);
+    Py_INCREF(pread_rest);
+    Py_INCREF(pwrite_rest);
+    Py_XSETREF(self->nbd_pin, pin);
+    Py_XSETREF(self->nbd_rest[0], pread_rest);
+    Py_XSETREF(self->nbd_rest[1], pwrite_rest);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -683,6 +774,16 @@ Zram_get_closed(Zram *self, void *closure)
 }
 
 static PyMethodDef Zram_methods[] = {
+    {"nbd_pread", (PyCFunction)(void (*)(void))Zram_nbd_pread,
+     METH_FASTCALL, "nbd_pread(h, buf, offset, flags): nbdkit's pread"
+     " callback; whole sectors in C, the rest through the fallback."},
+    {"nbd_pwrite", (PyCFunction)(void (*)(void))Zram_nbd_pwrite,
+     METH_FASTCALL, "nbd_pwrite(h, buf, offset, flags): nbdkit's pwrite"
+     " callback; whole sectors in C, the rest through the fallback."},
+    {"nbd_fallbacks", (PyCFunction)Zram_nbd_fallbacks, METH_VARARGS,
+     "nbd_fallbacks(pin, pread_rest, pwrite_rest): what nbd_pread and"
+     " nbd_pwrite call first (pin()) and what finishes a request they do"
+     " not (rest(h, buf, offset, flags, done))."},
     {"read", (PyCFunction)Zram_read, METH_VARARGS,
      "read(out, first) -> sectors read into out (whole sectors) from"
      " sector first; stops at a sector the caller must do."},

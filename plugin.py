@@ -8,7 +8,9 @@ server, in nbdkit's order (nbdkit-plugin(3)):
     config / config_complete    parse and validate (zramd.params); no threads
     (nbdkit binds its sockets and forks into the background)
     after_fork                  build the Device, start the deferred-free worker
-                                and the control server (small thread stacks)
+                                and the control server (small thread stacks);
+                                pread and pwrite become the Device's C
+                                callables (_serve_from_c)
     open ... pread/pwrite/...   one handle per connection: the Device itself
     cleanup                     stop the control server, close the Device
 

@@ -39,7 +39,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
 from conftest import HookedLock, race
 from device_model import DeviceModel
 from zramd import compress
-from zramd.device import IDLE, Device
+from zramd.device import IDLE, N_STRIPES, Device
 from zramd.errors import InvalidRequestError, NoSpaceError, ZramdError
 
 PAGE = 4096
@@ -1173,5 +1173,22 @@ def test_failed_object_write_leaks_nothing():
         assert d.read(0, PAGE) == old
         assert d.slot_info(0).priority == 0
         d.pool.audit()
+    finally:
+        d.close()
+
+
+def test_stripe_lock_refuses_a_timeout():
+    # The C mutex behind a stripe lock has no timed wait: asking for one
+    # is an error, not a wait that ignores it.
+    d = Device(N_STRIPES * PAGE)
+    try:
+        lock = d._stripe_locks[0]
+        with pytest.raises(ValueError, match="no timeout"):
+            lock.acquire(True, 0.5)
+        assert lock.acquire(False) is True
+        assert lock.acquire(False) is False
+        lock.release()
+        assert lock.acquire() is True
+        lock.release()
     finally:
         d.close()

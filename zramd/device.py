@@ -99,7 +99,7 @@ SlotInfo = namedtuple("SlotInfo", "flags size priority dict_id")
 
 class _StripeLock:
     """A stripe's C mutex as a lock object, for the Python paths: ``with``,
-    ``acquire(blocking=True)``, ``release()``.  A thread that has to wait
+    ``acquire(blocking=True)`` (no timeout: ValueError), ``release()``.  A thread that has to wait
     lets the GIL go meanwhile."""
 
     __slots__ = ("_zram", "_stripe")
@@ -108,6 +108,9 @@ class _StripeLock:
         self._zram, self._stripe = zram, stripe
 
     def acquire(self, blocking=True, timeout=-1):
+        if timeout != -1:
+            # The C mutex has no timed wait; do not pretend to one.
+            raise ValueError("a stripe lock takes no timeout")
         if not blocking:
             return self._zram.trylock(self._stripe)
         self._zram.lock(self._stripe)

@@ -928,3 +928,10 @@ def test_quoted_values(root):
     d = config.load(root)["z"]
     assert (d.size, d.algorithm, d.level, d.options) == (
         2048 * MiB, "zstd", 5, "")
+
+
+def test_page_size_is_the_c_headers():
+    # config.py writes PAGE_SIZE out so that the generator needs no C
+    # extension; it must be zram_defs.h's.
+    from zramd import _fastpath, config as config_module
+    assert config_module.PAGE_SIZE == _fastpath.PAGE_SIZE

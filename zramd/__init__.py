@@ -1,8 +1,8 @@
 """zramd: a userspace clone of Linux zram served over NBD by nbdkit.
 
 Layers, bottom up: ``zsmalloc`` (the size-class pool that hands out
-opaque handles, over its own 4 KiB frames; C in ``csrc/zsmalloc.c``,
-deferred free and stats in Python), ``compress`` (the
+opaque handles, over its own 4 KiB frames, with its deferred free; C in
+``csrc/zsmalloc.c``, stats shapes in Python), ``compress`` (the
 backend registry), ``device`` (zram's slot table and I/O paths), ``stats``
 (the kernel's stat lines), and the edges: ``plugin.py`` at the repo root,
 ``control`` and ``cli``.

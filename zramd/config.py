@@ -135,6 +135,9 @@ IMPROBABLE_RATIO = 32
 #: A device name is used in file names and systemd instance names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+#: zram_defs.h's PAGE_SIZE, written out: the generator imports this
+#: module at boot without the C extension (zramd/__init__.py);
+#: tests/test_config.py checks that the two agree.
 PAGE_SIZE = 4096
 MiB = 1 << 20
 

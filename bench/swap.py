@@ -615,6 +615,7 @@ def main(argv=None):
     finally:
         write(cluster_file, old_cluster)
     run["results"] = [median_run(runs[name]) for name in names]
+    run["runs"] = runs              # every run, for the spread
     run["rounds"] = args.rounds
     run["targets"] = targets(run["results"])
     if args.json:

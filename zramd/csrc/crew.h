@@ -1,9 +1,10 @@
 /*
  * crew.h: helper threads that share one request's pages.
  *
- * nbdkit serves each connection's requests one at a time (zramd runs it
- * with --threads 1, see docs/operations.md), so a 256 KiB write would
- * compress its 64 pages on one core while the other waits.  A request's
+ * nbdkit serves a connection's requests on few worker threads (zramd
+ * runs it with one on nbdkit 1.32 and four later: zramd/attach.py), so a
+ * 256 KiB write would compress its 64 pages on one core while the others
+ * wait.  A request's
  * compression (or decompression) is a batch of chunks of CREW_CHUNK
  * items; the calling thread posts it, works on it itself, and helpers
  * that are idle join in, each taking the next chunk until none is left.

@@ -665,10 +665,14 @@ TestDeviceMachine = DeviceMachine.TestCase
 
 def run_inside_next_rmw(d, action):
     """Run ``action`` once, in the next read-modify-write between its read
-    of the sector and its store.  Returns a list that holds True once it
-    ran."""
+    of the sector and its store: that of the Python paths, which are the
+    fallback of the C one (C's races: test_fastpath), so partial sectors
+    go there until ``d._c_partial = d._native`` (and ``del
+    d._read_sector``).  Returns a list
+    that holds True once it ran."""
     read_sector = d._read_sector
     fired = []
+    d._c_partial = False
 
     def hooked(*args, **kw):
         seen = read_sector(*args, **kw)
@@ -792,6 +796,7 @@ class PartialWriteRace(RuleBasedStateMachine):
         else:
             getattr(d, op)(offset, length)
         del d._read_sector
+        d._c_partial = d._native
         if fired:
             if op == "write":
                 model.write(offset, data)

@@ -152,9 +152,11 @@ def close_all(*devs):
 
 
 def python_path_calls(dev):
-    """Record the sector indices the device sends to its Python paths."""
+    """Record the sector indices the device sends to its Python paths (a
+    read-modify-write's under "write", its read under "read" too)."""
     calls = {"read": [], "write": []}
     read_sector, write_sector = dev._read_sector, dev._write_sector
+    patch_sector = dev._patch_sector
 
     def read(index, *args, **kw):
         calls["read"].append(index)
@@ -164,8 +166,13 @@ def python_path_calls(dev):
         calls["write"].append(index)
         return write_sector(index, page)
 
+    def patch(index, lo, data):
+        calls["write"].append(index)
+        return patch_sector(index, lo, data)
+
     dev._read_sector = read
     dev._write_sector = write
+    dev._patch_sector = patch
     return calls
 
 
@@ -774,7 +781,9 @@ def test_written_back_slots_inside_one_read_and_write(tmp_path):
         calls = python_path_calls(c)
         for dev in devs:
             assert read_guarded(dev, 0, 8 * PAGE) == b"".join(data)
-        assert calls["read"] == [2, 4, 6]
+            assert dev.bd_stat().bd_reads == 3
+        # C reads the blocks itself.
+        assert calls["read"] == []
         assert_sound(c, py)
         # A multi-sector write over them: the C loop leaves each WB slot
         # to Python, which frees its block.
@@ -1635,5 +1644,172 @@ def test_nbd_callbacks_refuse_misuse():
     dev = Device(PAGE, native=False)
     try:
         assert dev.nbd_callbacks(None, None, None) is None
+    finally:
+        dev.close()
+
+
+def backed_devices(tmp_path, size=16 * PAGE, algorithm="lz4"):
+    """A native and a Python-path device, each over a backing file of its
+    own (32 blocks)."""
+    devs = []
+    for native in (True, False):
+        path = tmp_path / ("backing-%d.img" % native)
+        with open(path, "wb") as f:
+            f.truncate(32 * PAGE)
+        path.chmod(0o600)
+        devs.append(Device(size, algorithm=algorithm, native=native,
+                           backing_dev=str(path)))
+    return devs
+
+
+def test_written_back_and_partial_sectors_stay_in_c(tmp_path):
+    """WB sectors (whole or in part) and partial sectors of every kind
+    are read and patched in C, counted as the Python paths count them;
+    only a patch of a WB slot (whose block Python frees) goes there."""
+    c, py = devs = backed_devices(tmp_path)
+    try:
+        data = [text_page(i) for i in range(3)] + [random_page(3)] + [
+            make_page("same", 4), bytes(PAGE)] + [text_page(6)] + [
+            random_page(7)]
+        for dev in devs:
+            dev.write(0, b"".join(data))
+            dev.mark_idle()
+            assert dev.writeback("idle", pages=[1, 3, 6]) == 3
+        calls = python_path_calls(c)
+        model = bytearray(b"".join(data) + bytes(8 * PAGE))
+        rng = random.Random(5)
+        for dev in devs:
+            # every kind of sector, in part: WB, huge, compressed, same,
+            # zero-filled, and holes
+            for index in range(10):
+                assert dev.read(index * PAGE + 100, 1000) \
+                    == bytes(model[index * PAGE + 100:index * PAGE + 1100])
+            assert read_guarded(dev, 1000, 6 * PAGE) == bytes(
+                model[1000:1000 + 6 * PAGE])
+        for step in range(40):
+            index = rng.choice([0, 2, 4, 5, 7, 8, 9])   # not WB
+            lo = rng.randrange(PAGE)
+            n = rng.randrange(1, PAGE - lo + 1)
+            patch = rng.choice([random.Random(step).randbytes(n), bytes(n),
+                                b"\x07" * n])
+            for dev in devs:
+                dev.write(index * PAGE + lo, patch)
+            model[index * PAGE + lo:index * PAGE + lo + n] = patch
+            if step % 5 == 0:
+                for dev in devs:
+                    dev.write_zeroes(index * PAGE + 10, PAGE - 20)
+                model[index * PAGE + 10:index * PAGE + PAGE - 10] = bytes(
+                    PAGE - 20)
+            check_stats_equal(c, py)
+        for dev in devs:
+            assert dev.read(0, 16 * PAGE) == bytes(model)
+        assert calls == {"read": [], "write": []}
+        # A patch of a WB slot: Python's, which frees the block.
+        for dev in devs:
+            dev.write(PAGE + 5, b"xyz")
+            dev.discard(6 * PAGE + 1, 10)
+            assert dev.bd_stat().bd_count == 1
+        model[PAGE + 5:PAGE + 8] = b"xyz"
+        model[6 * PAGE + 1:6 * PAGE + 11] = bytes(10)
+        assert calls == {"read": [1, 6], "write": [1, 6]}
+        for dev in devs:
+            assert dev.read(0, 16 * PAGE) == bytes(model)
+        check_stats_equal(c, py)
+        assert_sound(c, py)
+    finally:
+        close_all(*devs)
+
+
+def check_stats_equal(c, py):
+    for stat in ("mm_stat", "io_stat", "bd_stat"):
+        assert getattr(c, stat)() == getattr(py, stat)(), stat
+    assert (c.num_reads, c.num_writes) == (py.num_reads, py.num_writes)
+
+
+@pytest.mark.parametrize("how", ["truncate", "close"])
+def test_backing_read_error_raises_as_before(tmp_path, how):
+    """A block the backing file does not give back: C hands the sector to
+    Python, which raises its CorruptDataError; nothing is counted read."""
+    c, py = devs = backed_devices(tmp_path)
+    try:
+        for dev in devs:
+            dev.write(0, text_page(1) + text_page(2))
+            dev.mark_idle()
+            assert dev.writeback("idle", pages=[1]) == 1
+            blk = dev.slot_get(1)[1]
+            if how == "truncate":
+                os.truncate(dev.backing_dev, blk * PAGE + 100)
+                why = "short read"
+            else:
+                # the descriptor's number then names no open file
+                os.close(dev._backing.fileno())
+                dev._backing.close = lambda: None
+                why = "Bad file descriptor"
+            for offset, length in ((PAGE, PAGE), (0, 2 * PAGE),
+                                   (PAGE + 10, 100)):
+                with pytest.raises(CorruptDataError,
+                                   match="backing_dev read: slot 1: block"
+                                         " %d: %s" % (blk, why)):
+                    dev.read(offset, length)
+            assert dev.io_stat().failed_reads == 3
+            assert dev.bd_stat().bd_reads == 0
+        assert c.num_reads == py.num_reads
+    finally:
+        close_all(*devs)
+
+
+def linearizations(page, ops):
+    """The pages ``ops`` (lo, data) applied to ``page`` in every order
+    give."""
+    out = set()
+
+    def go(page, left):
+        if not left:
+            out.add(bytes(page))
+        for k, (lo, data) in enumerate(left):
+            p = bytearray(page)
+            p[lo:lo + len(data)] = data
+            go(p, left[:k] + left[k + 1:])
+
+    go(bytearray(page), list(ops))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_partial_writes_racing_whole_writes_lose_nothing(algorithm):
+    """Two C read-modify-writes of a sector's bytes and a whole-sector
+    write of it, started together, many times: the sector ends as the
+    three in some order would leave it (a patch stored over a page that
+    changed since its read would lose the other patch or undo the whole
+    write), and the device's stats add up."""
+    dev = Device(4 * PAGE, algorithm=algorithm)
+    try:
+        calls = python_path_calls(dev)
+        page = text_page(0)
+        dev.write(PAGE, page)
+        rng = random.Random(3)
+        for rnd in range(300):
+            ops = [(rng.randrange(0, 1500), rng.randbytes(500)),
+                   (rng.randrange(2000, 3500), make_page("text", rnd)[:500]),
+                   (0, rng.choice([text_page(rnd), random_page(rnd),
+                                   make_page("same", rnd)]))]
+            barrier = threading.Barrier(len(ops))
+
+            def run(lo, data):
+                barrier.wait()
+                dev.write(PAGE + lo, data)
+
+            threads = [threading.Thread(target=run, args=op) for op in ops]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            got = dev.read(PAGE, PAGE)
+            assert got in linearizations(page, ops), rnd
+            page = got
+        assert calls == {"read": [], "write": []}
+        assert dev.num_writes == 1 + 3 * 300
+        assert dev.num_reads >= 2 * 300 + 300
+        assert_sound(dev)
     finally:
         dev.close()

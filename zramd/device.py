@@ -5,8 +5,10 @@ sectors ("slots").  The slot table itself is C (zramd/csrc/zram.c, read
 its opening comment): 16 bytes a slot in flat arrays it maps and owns
 (handle, the slot word of zram_defs.h, atime), the stripe locks as C
 mutexes, the per-stripe counters, the primary codec by dictionary id,
-and the whole-sector read and write paths, discard, extents and
-mark_idle, each a request run without the GIL.  ``_fastpath.Zram`` is
+and the read and write paths (whole sectors, and bytes of one sector:
+``read``/``write`` with ``lo``), discard, extents and mark_idle, each a
+request run without the GIL; it reads written-back slots from the
+backing device's descriptor (``_use_backing``).  ``_fastpath.Zram`` is
 its Python face; this module never sees the arrays, only slot
 primitives (``get``, ``version``, ``touch``, ``flags``, ``clear``,
 ``set`` under the slot's stripe lock).
@@ -21,15 +23,16 @@ What stays Python, on the slot primitives (the C request returns how
 many sectors it did and the sector it stopped at is done here, raising
 what there is to raise):
 
-- a sector written back (its page is read from the backing device), one
-  recompressed by a secondary algorithm, one of a codec with no C form
-  (lzo, lzo-rle), one that does not decompress (the error names it), a
-  write over mem_limit (after the deferred frees are flushed) or over a
-  written-back slot;
-- partial sectors: a write of part of a sector reads the sector, patches
-  it and stores it only if the slot still holds what it read
-  (``_slot_version``), else reads it again: what another request did to
-  the sector meanwhile stays;
+- a sector written back whose block the backing device does not give
+  whole (the error names it), one recompressed by a secondary algorithm,
+  one of a codec with no C form (lzo, lzo-rle), one that does not
+  decompress (the error names it), a write over mem_limit (after the
+  deferred frees are flushed) or over a written-back slot (whose block
+  is freed here), each whole or in part: a write of part of a sector
+  reads the sector, patches it and stores it only if the slot still
+  holds what it read (``_slot_version``), else reads it again: what
+  another request did to the sector meanwhile stays (the C patch does
+  the same);
 - post-processing (recompress, writeback, dictionaries:
   zramd.postprocess, on the primitives below);
 - every sector read or written on a ``native=False`` device.  These
@@ -50,7 +53,8 @@ N_STRIPES]`` (the C mutex of the stripe, as a lock object) guards slot
 ``i`` and its 4 KiB ``_stripe_copies`` buffer (where the pool copies an
 object that spans two frames while the slot is read); a thread waiting
 for it lets the GIL go.  ``_zram.lock_all()`` takes the codec lock and
-every stripe, to change the codecs.  ``_pp_lock`` is held for a whole
+every stripe, to change the codecs or the backing device's
+descriptor.  ``_pp_lock`` is held for a whole
 recompress or writeback pass, so one pass runs at a time; ``_bd_lock``
 for a whole writeback pass and across set_backing_dev's check and swap,
 so no page goes to a backing device being replaced.
@@ -175,7 +179,11 @@ class Device:
         # native=False sends every sector read or written through the
         # Python fallback paths (see the module docstring: for tests).
         self._native = bool(native)
+        # Partial sectors tried in C first (native); tests that race the
+        # Python read-modify-write turn it off.
+        self._c_partial = self._native
         self._set_codec(0, self._compressor)
+        self._use_backing(self._backing)
         self._stripe_locks = [_StripeLock(self._zram, s)
                               for s in range(N_STRIPES)]
         self._fail_lock = threading.Lock()
@@ -193,6 +201,19 @@ class Device:
         try:
             self._zram.set_dict_codec(dict_id, comp.native)
             self._zram.set_primary(dict_id)
+        finally:
+            self._zram.unlock_all()
+
+    def _use_backing(self, backing):
+        """Make ``backing`` (a BackingDev, or None) the device's; the slot
+        table reads WB slots from its descriptor from now on (its count of
+        them, part of bd_stat's bd_reads, restarts as the BackingDev's
+        own).  Every stripe held for the swap: no C read is on the old
+        one after, and the caller may close it."""
+        self._zram.lock_all()
+        try:
+            self._zram.set_backing_fd(backing.fileno() if backing else -1)
+            self._backing = backing
         finally:
             self._zram.unlock_all()
 
@@ -429,6 +450,27 @@ class Device:
             if self._try_write_sector(index, bytes(page), seen):
                 return
 
+    def _read_part(self, index, lo, hi, out, dst):
+        """Bytes ``lo..hi`` of sector ``index`` into ``out[dst:]``: in C
+        (native), else, or when C hands it back, by _read_sector."""
+        if not (self._c_partial and self._zram.read(
+                out[dst:dst + hi - lo], index, lo)):
+            self._read_sector(index, lo, hi, out, dst)
+
+    def _write_part(self, index, lo, data):
+        """Replace bytes from ``lo`` of sector ``index`` with ``data``: a
+        whole sector, or a read-modify-write; in C (native), else, or when
+        C hands it back, by _write_sector or _patch_sector."""
+        whole = len(data) == PAGE_SIZE
+        # lo given: a read-modify-write (a whole sector needs no read)
+        args = (data, index) if whole else (data, index, lo)
+        if self._c_partial and self._zram.write(*args):
+            return
+        if whole:
+            self._write_sector(index, data)
+        else:
+            self._patch_sector(index, lo, data)
+
     def _sectors(self, offset, length):
         """Yield (index, lo, hi, position in the request) for each sector
         the byte range touches."""
@@ -465,7 +507,7 @@ class Device:
                     i += 1
             else:
                 for index, lo, hi, pos in self._sectors(offset, length):
-                    read_sector(index, lo, hi, out, pos)
+                    self._read_part(index, lo, hi, out, pos)
         except ZramdError:
             with self._fail_lock:
                 self.failed_reads += 1
@@ -515,10 +557,7 @@ class Device:
                     i += 1
                 return
             for index, lo, hi, pos in self._sectors(offset, length):
-                if hi - lo == PAGE_SIZE:
-                    write_sector(index, data[pos:pos + PAGE_SIZE])
-                else:
-                    self._patch_sector(index, lo, data[pos:pos + hi - lo])
+                self._write_part(index, lo, data[pos:pos + hi - lo])
         except ZramdError:
             with self._fail_lock:
                 self.failed_writes += 1
@@ -572,7 +611,7 @@ class Device:
         """Zero ``n`` bytes from ``lo`` of sector ``index`` (not all of it)
         if it holds data."""
         if self.slot_allocated(index):
-            self._patch_sector(index, lo, ZERO_PAGE[:n])
+            self._write_part(index, lo, ZERO_PAGE[:n])
 
     def flush(self):
         """Nothing to do: data is in memory and every completed write is
@@ -787,7 +826,7 @@ class Device:
                 raise InvalidRequestError("backing_dev: %s holds %d pages;"
                                           " accepted: only while it holds"
                                           " none" % (old.path, old.bd_count))
-            self._backing = None if path == "none" else BackingDev(path)
+            self._use_backing(None if path == "none" else BackingDev(path))
             if old is not None:
                 old.close()
 
@@ -830,9 +869,14 @@ class Device:
 
     def bd_stat(self):
         """The kernel's bd_stat; zeroes without a backing device."""
-        if self._backing is None:
+        backing = self._backing
+        if backing is None:
             return BdStat(0, 0, 0)
-        return self._backing.stat()
+        own = backing.stat()
+        # and the pages the slot table's C reads took from it
+        return BdStat(bd_count=own.bd_count,
+                      bd_reads=own.bd_reads + self._zram.bd_reads,
+                      bd_writes=own.bd_writes)
 
     def train_dictionary(self, dict_size=16384, max_samples=4096):
         """Train a zstd dictionary on up to ``max_samples`` stored pages and

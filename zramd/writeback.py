@@ -137,6 +137,11 @@ class BackingDev:
             self.bd_reads += 1
         return data
 
+    def fileno(self):
+        """The descriptor pages are read from (the slot table's C reads
+        use it too: see Device._use_backing)."""
+        return self._fd
+
     def stat(self):
         return BdStat(bd_count=self.bd_count, bd_reads=self.bd_reads,
                       bd_writes=self.bd_writes)

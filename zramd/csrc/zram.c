@@ -29,9 +29,17 @@
  *   stripe lock only the unlink of the old contents and the link of the
  *   new; the old object is freed after.
  * Read (zram_read_page): under the stripe lock, SAME and holes filled in,
- *   huge objects copied out, compressed objects copied to scratch (a
+ *   huge objects copied out, a WB slot's block pread from the backing
+ *   device (as read_from_bdev, but synchronously, holding the stripe as
+ *   the Python path does), compressed objects copied to scratch (a
  *   single sector: decompressed straight from the frame); then the
  *   decompression (crew), then the sectors read are touched.
+ * Partial sectors (zram_read_part, zram_patch; zram_bvec_read and
+ *   zram_bvec_write's read-modify-write): a read of the whole sector, and
+ *   for a patch the write's store of the patched page, done only if the
+ *   slot's version (zram_slot_version) is still what was read, else read
+ *   and patched again: zram holds the slot across both; zramd keeps the
+ *   compression out of the lock and checks instead.
  *
  * Locking: codec_lock (a writer-preferring rwlock: a request reads it for
  * all of its work; zram_lock_all writes it), then one stripe lock, then
@@ -48,6 +56,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "crew.h"
 #include "zram.h"
@@ -69,6 +78,8 @@ struct zram {
     pthread_rwlock_t codec_lock;
     struct zcomp *dict_codec[MAX_DICTS];   /* codec_lock, or all stripes */
     unsigned primary_id;                   /* likewise */
+    int backing_fd;                        /* likewise; -1: none */
+    atomic_llong bd_reads;                 /* pages read from backing_fd */
     atomic_ulong limit_pages;
     atomic_ulong max_used_pages;
     atomic_llong t0_ns;
@@ -167,6 +178,7 @@ zram_create(size_t nr_pages, struct zs_pool *pool)
     }
     memset(z, 0, sizeof(*z));
     z->nr_pages = nr_pages;
+    z->backing_fd = -1;
     z->pool = pool;
     z->huge_class_size = zs_huge_class_size(pool);
     z->handle = map_table(nr_pages * sizeof(*z->handle));
@@ -292,6 +304,19 @@ zram_set_primary(struct zram *z, unsigned id)
         z->primary_id = id;
 }
 
+void
+zram_set_backing_fd(struct zram *z, int fd)
+{
+    z->backing_fd = fd;
+    atomic_store(&z->bd_reads, 0);
+}
+
+int64_t
+zram_bd_reads(struct zram *z)
+{
+    return atomic_load(&z->bd_reads);
+}
+
 int64_t
 zram_dict_refs(struct zram *z, unsigned id)
 {
@@ -332,10 +357,19 @@ zram_slot_flags(struct zram *z, size_t index, uint32_t set, uint32_t clear)
     set_meta(z, index, (get_meta(z, index) & ~clear) | set);
 }
 
-int64_t
-zram_slot_writes(struct zram *z, size_t index)
+void
+zram_slot_version(struct zram *z, size_t index, struct zram_version *v)
 {
-    return stripe_of(z, index)->counters[C_NUM_WRITES];
+    v->meta = get_meta(z, index) & ~SAME_PAGE_FLAGS;
+    v->handle = get_handle(z, index);
+    v->writes = stripe_of(z, index)->counters[C_NUM_WRITES];
+}
+
+static int
+same_version(const struct zram_version *a, const struct zram_version *b)
+{
+    return a->meta == b->meta && a->handle == b->handle
+           && a->writes == b->writes;
 }
 
 uint32_t
@@ -517,6 +551,92 @@ decomp_chunk(struct crew_batch *b, int who, size_t start, size_t n)
     }
 }
 
+/* What read_plain and read_decompress made of a slot. */
+enum { READ_DONE = 0, READ_COMPRESSED, READ_HAND_BACK };
+
+/* pread a WB slot's block into dst, counted in bd_reads: 0, or -1 when
+ * there is no backing device, or it fails or returns less than a page
+ * (the caller's path reads it again and raises).  codec_lock held. */
+static int
+read_backing(struct zram *z, uint64_t block, char *dst)
+{
+    ssize_t n;
+    if (z->backing_fd < 0)
+        return -1;
+    do
+        n = pread(z->backing_fd, dst, PAGE_SIZE, (off_t)(block << PAGE_SHIFT));
+    while (n < 0 && errno == EINTR);
+    if (n != PAGE_SIZE)
+        return -1;
+    atomic_fetch_add_explicit(&z->bd_reads, 1, memory_order_relaxed);
+    return 0;
+}
+
+/* Fill dst with the page of a slot (its stripe held; meta and handle its
+ * word and handle): READ_DONE; READ_COMPRESSED for an object of the
+ * primary, which the caller decompresses; READ_HAND_BACK for a sector of
+ * the caller's paths: recompressed by a secondary, a huge object that
+ * does not read back whole, a block the backing device does not give. */
+static int
+read_plain(struct zram *z, uint32_t meta, uint64_t handle, char *dst)
+{
+    const char *at;
+    size_t size;
+    int w;
+    if (meta & ZRAM_SAME) {
+        for (w = 0; w < PAGE_SIZE; w += 8)
+            memcpy(dst + w, &handle, 8);
+        return READ_DONE;
+    }
+    if (!handle) {
+        memset(dst, 0, PAGE_SIZE);
+        return READ_DONE;
+    }
+    if (meta & ZRAM_WB)
+        return read_backing(z, handle, dst) ? READ_HAND_BACK : READ_DONE;
+    if (meta & COMP_PRIORITY_MASK)
+        return READ_HAND_BACK;
+    if (!(meta & ZRAM_HUGE))
+        return READ_COMPRESSED;
+    if (!(at = zs_obj_read_begin(z->pool, handle, dst, &size)))
+        return READ_HAND_BACK;
+    if (size != PAGE_SIZE || size != (meta & SIZE_MASK)) {
+        zs_obj_read_end(z->pool, handle);
+        return READ_HAND_BACK;
+    }
+    if (at != dst)
+        memcpy(dst, at, PAGE_SIZE);
+    zs_obj_read_end(z->pool, handle);
+    return READ_DONE;
+}
+
+/* Decompress a slot's object (its stripe held) with codec straight into
+ * dst, from the frame or, when it spans two, from its copy in obj:
+ * READ_DONE, READ_HAND_BACK when it does not decompress (the caller's
+ * path raises it), or -ENOMEM. */
+static int
+read_decompress(struct zram *z, struct zcomp *codec, uint32_t meta,
+                uint64_t handle, char *obj, char *dst)
+{
+    const char *at, *why;
+    void *dctx;
+    size_t size;
+    if (!(at = zs_obj_read_begin(z->pool, handle, obj, &size)))
+        return READ_HAND_BACK;
+    if (size != (meta & SIZE_MASK)) {
+        zs_obj_read_end(z->pool, handle);
+        return READ_HAND_BACK;
+    }
+    if (zcomp_ctx_take(codec, ZCOMP_DECOMPRESS, &dctx, &why)) {
+        zs_obj_read_end(z->pool, handle);
+        return -ENOMEM;
+    }
+    why = zcomp_decompress(codec, dctx, at, size, dst);
+    zs_obj_read_end(z->pool, handle);
+    zcomp_ctx_give(codec, ZCOMP_DECOMPRESS, dctx);
+    return why ? READ_HAND_BACK : READ_DONE;
+}
+
 /* What a read saw of one sector, to touch it after. */
 struct seen {
     uint32_t meta;
@@ -565,59 +685,29 @@ zram_read(struct zram *z, void *out_v, size_t first, size_t count)
         char *obj = scratch + (i << PAGE_SHIFT);
         uint32_t meta;
         uint64_t handle;
-        int stop = 0;
+        int r;
 
         pthread_mutex_lock(&st->lock);
         meta = get_meta(z, index);
         handle = get_handle(z, index);
-        if (meta & ZRAM_SAME) {
-            int w;
-            for (w = 0; w < PAGE_SIZE; w += 8)
-                memcpy(dst + w, &handle, 8);
-        } else if (!handle) {
-            memset(dst, 0, PAGE_SIZE);
-        } else if (meta & (ZRAM_WB | COMP_PRIORITY_MASK)) {
-            stop = 1;
-        } else {
-            struct zcomp *codec = NULL;
+        r = read_plain(z, meta, handle, dst);
+        if (r == READ_COMPRESSED) {
+            struct zcomp *codec =
+                z->dict_codec[(meta & DICT_MASK) >> DICT_SHIFT];
             const char *at;
             size_t size;
-            if (!(meta & ZRAM_HUGE)) {
-                codec = z->dict_codec[(meta & DICT_MASK) >> DICT_SHIFT];
-                /* One codec per batch; a page of another dictionary
-                 * (rare: just after training) ends the call. */
-                if (codec && dargs.codec && codec != dargs.codec)
-                    codec = NULL;
-            }
-            if (!(meta & ZRAM_HUGE) && !codec) {
-                stop = 1;
-            } else if (!(at = zs_obj_read_begin(z->pool, handle,
-                                                meta & ZRAM_HUGE ? dst : obj,
+            /* One codec per batch; a page of another dictionary (rare:
+             * just after training) ends the call. */
+            if (!codec || (dargs.codec && codec != dargs.codec)) {
+                r = READ_HAND_BACK;
+            } else if (count == 1) {
+                r = read_decompress(z, codec, meta, handle, obj, dst);
+            } else if (!(at = zs_obj_read_begin(z->pool, handle, obj,
                                                 &size))
-                       || size != (meta & SIZE_MASK)
-                       || ((meta & ZRAM_HUGE) && size != PAGE_SIZE)) {
+                       || size != (meta & SIZE_MASK)) {
                 if (at)
                     zs_obj_read_end(z->pool, handle);
-                stop = 1;
-            } else if (meta & ZRAM_HUGE) {
-                if (at != dst)
-                    memcpy(dst, at, PAGE_SIZE);
-                zs_obj_read_end(z->pool, handle);
-            } else if (count == 1) {
-                /* straight from the frame (or the copy when it spans) */
-                void *dctx;
-                const char *why;
-                if (zcomp_ctx_take(codec, ZCOMP_DECOMPRESS, &dctx, &why)) {
-                    zs_obj_read_end(z->pool, handle);
-                    pthread_mutex_unlock(&st->lock);
-                    result = -ENOMEM;
-                    goto out_unlock;
-                }
-                why = zcomp_decompress(codec, dctx, at, size, dst);
-                zs_obj_read_end(z->pool, handle);
-                zcomp_ctx_give(codec, ZCOMP_DECOMPRESS, dctx);
-                if (why)
-                    stop = 1;      /* the caller's path raises it */
+                r = READ_HAND_BACK;
             } else {
                 if (at != obj)
                     memcpy(obj, at, size);
@@ -625,16 +715,22 @@ zram_read(struct zram *z, void *out_v, size_t first, size_t count)
                 dargs.codec = codec;
                 item_sector[n_items] = i;
                 item_size[n_items++] = size;
+                r = READ_DONE;
             }
+        }
+        if (r < 0) {
+            pthread_mutex_unlock(&st->lock);
+            result = r;
+            goto out_unlock;
         }
         seen[i].meta = meta;
         seen[i].handle = handle;
-        if (count == 1 && !stop) {
+        if (count == 1 && r == READ_DONE) {
             zram_slot_touch(z, index);
             touched = 1;
         }
         pthread_mutex_unlock(&st->lock);
-        if (stop)
+        if (r != READ_DONE)
             break;
     }
     done = i;
@@ -755,6 +851,96 @@ plan_chunk(struct crew_batch *b, int who, size_t start, size_t n)
     }
 }
 
+/* A batch planning count pages of data with codec into scratch and plan
+ * (phase one of a write). */
+static void
+plan_batch(struct crew_batch *b, struct plan_args *a, struct zram *z,
+           struct zcomp *codec, const char *data, char *scratch,
+           struct plan *plan, size_t count)
+{
+    a->codec = codec;
+    a->data = data;
+    a->scratch = scratch;
+    a->huge_class_size = z->huge_class_size;
+    a->plan = plan;
+    b->work = plan_chunk;
+    b->args = a;
+    b->count = count;
+}
+
+/* What store_page did. */
+enum { STORE_DONE = 0, STORE_HAND_BACK, STORE_STALE };
+
+/* Store one page planned as *p in slot index (src: the compressed form,
+ * or the raw page when huge; dict_id: the primary's, codec_lock read):
+ * the pool object and the limit without the stripe lock, then under it
+ * only the swap of old and new contents; the old object is freed after.
+ * STORE_DONE; STORE_HAND_BACK, nothing changed, when over the memory
+ * limit (the caller flushes the deferred frees and decides) or the slot
+ * is WB (its block is the caller's to free); with expect (a
+ * read-modify-write), STORE_STALE, nothing changed, when the slot's
+ * version is no longer *expect, and either way the read is counted
+ * (num_reads) as the caller's path counts it.  Or a negative errno:
+ * -ENOMEM (no object, nothing changed), or zs_free's (stored, but the
+ * old object's frames not given back). */
+static int
+store_page(struct zram *z, size_t index, const struct plan *p,
+           const char *src, unsigned dict_id,
+           const struct zram_version *expect)
+{
+    struct zram_stripe *st = stripe_of(z, index);
+    uint32_t size = p->size, meta, old_meta;
+    uint64_t handle = 0, old;
+
+    if (size == 0) {
+        meta = ZRAM_SAME;
+    } else {
+        unsigned long pages, limit;
+        meta = size == PAGE_SIZE ? ZRAM_HUGE : (uint32_t)dict_id << DICT_SHIFT;
+        if (!(handle = zs_malloc(z->pool, size)))
+            return -ENOMEM;
+        /* update_used_max(), and the limit as zram_can_store_page() */
+        pages = zs_get_total_pages(z->pool);
+        zram_note_used(z, pages);
+        limit = zram_limit(z);
+        if (limit && pages > limit) {
+            zs_free(z->pool, handle);
+            return STORE_HAND_BACK;
+        }
+        zs_obj_write(z->pool, handle, src, size);   /* ours: fits */
+        meta |= size;
+    }
+
+    pthread_mutex_lock(&st->lock);
+    old_meta = get_meta(z, index);
+    if (expect) {
+        struct zram_version now;
+        zram_slot_version(z, index, &now);
+        st->counters[C_NUM_READS] += 1;
+        if (!same_version(&now, expect)) {
+            pthread_mutex_unlock(&st->lock);
+            if (handle)
+                zs_free(z->pool, handle);
+            return STORE_STALE;
+        }
+    }
+    if (old_meta & ZRAM_WB) {
+        pthread_mutex_unlock(&st->lock);
+        if (handle)
+            zs_free(z->pool, handle);
+        return STORE_HAND_BACK;
+    }
+    zram_slot_clear(z, index, &old);
+    zram_slot_set(z, index, meta, handle ? handle : p->fill, 1);
+    pthread_mutex_unlock(&st->lock);
+    if (!(old_meta & ZRAM_SAME) && old) {
+        int r = zs_free(z->pool, old);
+        if (r < 0 && r != -EINVAL)
+            return r;
+    }
+    return STORE_DONE;
+}
+
 ssize_t
 zram_write(struct zram *z, const void *data_v, size_t first, size_t count)
 {
@@ -795,68 +981,22 @@ zram_write(struct zram *z, const void *data_v, size_t first, size_t count)
 
     /* Phase one: classify and compress, several pages at a time with the
      * crew. */
-    pargs.codec = codec;
-    pargs.data = data;
-    pargs.scratch = scratch;
-    pargs.huge_class_size = z->huge_class_size;
-    pargs.plan = plan;
-    batch.work = plan_chunk;
-    batch.args = &pargs;
-    batch.count = count;
+    plan_batch(&batch, &pargs, z, codec, data, scratch, plan, count);
     crew_run(&batch, hands);
 
     /* Phase two: the pool and the slots. */
     for (i = 0; i < count; i++) {
-        size_t index = first + i;
-        struct zram_stripe *st = stripe_of(z, index);
-        uint32_t size = plan[i].size, meta, old_meta;
-        uint64_t handle = 0, old;
-
-        if (size == 0) {
-            meta = ZRAM_SAME;
-        } else {
-            const char *src = size == PAGE_SIZE ? data + (i << PAGE_SHIFT)
-                                                : scratch + i * SCRATCH_STRIDE;
-            unsigned long pages, limit;
-            meta = size == PAGE_SIZE ? ZRAM_HUGE
-                                     : (uint32_t)dict_id << DICT_SHIFT;
-            if (!(handle = zs_malloc(z->pool, size))) {
-                result = -ENOMEM;
-                goto out;
-            }
-            /* update_used_max(), and the limit as zram_can_store_page():
-             * over it, the caller flushes the deferred frees and decides */
-            pages = zs_get_total_pages(z->pool);
-            zram_note_used(z, pages);
-            limit = zram_limit(z);
-            if (limit && pages > limit) {
-                zs_free(z->pool, handle);
-                break;
-            }
-            zs_obj_write(z->pool, handle, src, size);   /* ours: fits */
-            meta |= size;
+        int r = store_page(z, first + i, &plan[i],
+                           plan[i].size == PAGE_SIZE
+                               ? data + (i << PAGE_SHIFT)
+                               : scratch + i * SCRATCH_STRIDE,
+                           dict_id, NULL);
+        if (r < 0) {
+            result = r;
+            goto out;
         }
-
-        pthread_mutex_lock(&st->lock);
-        old_meta = get_meta(z, index);
-        if (old_meta & ZRAM_WB) {
-            /* the backing device's block is the caller's to free */
-            pthread_mutex_unlock(&st->lock);
-            if (handle)
-                zs_free(z->pool, handle);
+        if (r != STORE_DONE)
             break;
-        }
-        zram_slot_clear(z, index, &old);
-        zram_slot_set(z, index, meta, handle ? handle : plan[i].fill, 1);
-        pthread_mutex_unlock(&st->lock);
-        if (!(old_meta & ZRAM_SAME) && old) {
-            int r = zs_free(z->pool, old);
-            if (r < 0 && r != -EINVAL) {
-                result = r;            /* frames not given back */
-                i++;
-                goto out;
-            }
-        }
     }
     result = (ssize_t)i;
 out:
@@ -941,4 +1081,81 @@ zram_mark_idle(struct zram *z, int all, long cutoff)
         pthread_mutex_unlock(&z->stripe[s].lock);
     }
     return marked;
+}
+
+/* ---- partial sectors ------------------------------------------------------- */
+
+ssize_t
+zram_read_part(struct zram *z, void *out, size_t index, size_t lo, size_t hi)
+{
+    char page[PAGE_SIZE];
+    ssize_t r = zram_read(z, page, index, 1);
+    if (r == 1)
+        memcpy(out, page + lo, hi - lo);
+    return r;
+}
+
+ssize_t
+zram_patch(struct zram *z, size_t index, size_t lo, const void *data,
+           size_t n)
+{
+    struct zram_stripe *st = stripe_of(z, index);
+    char page[PAGE_SIZE], obj[PAGE_SIZE], out[SCRATCH_STRIDE];
+    struct crew_batch batch = {0};
+    struct plan_args pargs;
+    struct plan plan;
+    struct zcomp *codec;
+    const char *why;
+    ssize_t result;
+    int r;
+
+    pthread_rwlock_rdlock(&z->codec_lock);
+    codec = z->dict_codec[z->primary_id];
+    if (!codec) {
+        result = 0;                    /* no C form: the caller's */
+        goto out;
+    }
+    if (zcomp_ctx_take(codec, ZCOMP_COMPRESS, &batch.ctx[0], &why)) {
+        result = -ENOMEM;
+        goto out;
+    }
+    plan_batch(&batch, &pargs, z, codec, page, out, &plan, 1);
+    do {
+        struct zram_version seen;
+        uint32_t meta;
+        uint64_t handle;
+
+        /* Read, as zram_read does one sector, and note the version; the
+         * read is counted with the store.  A WB slot's block would be
+         * the caller's to free: all of it is. */
+        pthread_mutex_lock(&st->lock);
+        meta = get_meta(z, index);
+        handle = get_handle(z, index);
+        zram_slot_version(z, index, &seen);
+        r = meta & ZRAM_WB ? READ_HAND_BACK
+                           : read_plain(z, meta, handle, page);
+        if (r == READ_COMPRESSED) {
+            struct zcomp *dc = z->dict_codec[(meta & DICT_MASK)
+                                             >> DICT_SHIFT];
+            r = dc ? read_decompress(z, dc, meta, handle, obj, page)
+                   : READ_HAND_BACK;
+        }
+        pthread_mutex_unlock(&st->lock);
+        if (r != READ_DONE) {
+            result = r < 0 ? r : 0;
+            goto out_ctx;
+        }
+
+        memcpy(page + lo, data, n);
+        plan_chunk(&batch, 0, 0, 1);       /* one page: no crew */
+        r = store_page(z, index, &plan,
+                       plan.size == PAGE_SIZE ? page : out, z->primary_id,
+                       &seen);
+    } while (r == STORE_STALE);
+    result = r < 0 ? r : r == STORE_DONE;
+out_ctx:
+    zcomp_ctx_give(codec, ZCOMP_COMPRESS, batch.ctx[0]);
+out:
+    pthread_rwlock_unlock(&z->codec_lock);
+    return result;
 }

@@ -5,7 +5,8 @@
  *
  * A device of nr_pages 4 KiB sectors ("slots") keeps per slot a handle
  * (a pool handle, the 8-byte fill value of a SAME slot, or a WB slot's
- * block on the backing device), the slot word of zram_defs.h (size,
+ * block on the backing device, read with pread from the descriptor the
+ * caller gives), the slot word of zram_defs.h (size,
  * flags, compression priority, dictionary id) and the second of its last
  * access.  Slot i is guarded by the mutex of stripe i % N_STRIPES, which
  * also guards that stripe's row of counters and of dictionary
@@ -16,19 +17,20 @@
  * Lock order: codec_lock, then one stripe (or all, by index), then the
  * pool's.
  *
- * Requests (zram_read, zram_write, zram_discard) take their own locks
- * and do what they can in C; a sector they cannot do ends the call, which
- * returns how many sectors it did, and the caller does that one itself
- * through the slot primitives (and calls again for the rest).  Such a
- * sector is: written back (WB: its page is on the backing device),
+ * Requests (zram_read, zram_write, zram_read_part, zram_patch,
+ * zram_discard) take their own locks and do what they can in C; a sector
+ * they cannot do ends the call, which returns how many sectors it did,
+ * and the caller does that one itself through the slot primitives (and
+ * calls again for the rest).  Such a sector is: written back (WB) when
+ * the backing device (zram_set_backing_fd) does not give its block whole,
  * recompressed by a secondary algorithm (priority > 0), of a dictionary
  * id with no C codec (a compressor without a C form), one that does not
- * decompress (corrupt), or, for a write, over the memory limit, or a
- * slot that is WB now.
+ * decompress (corrupt), or, for a write or a patch, over the memory
+ * limit, or a slot that is WB (its block is the caller's to free).
  *
- * The slot primitives (zram_slot_*) are for the caller's own paths
- * (partial I/O, the sectors above, post-processing): the caller holds
- * the slot's stripe (zram_slot_lock) unless a primitive says otherwise.
+ * The slot primitives (zram_slot_*) are for the caller's own paths (the
+ * sectors above, post-processing): the caller holds the slot's stripe
+ * (zram_slot_lock) unless a primitive says otherwise.
  */
 #ifndef ZRAMD_ZRAM_H
 #define ZRAMD_ZRAM_H
@@ -62,6 +64,22 @@ ssize_t zram_read(struct zram *z, void *out, size_t first, size_t count);
  * done, or -ENOMEM (no memory for scratch, contexts or objects). */
 ssize_t zram_write(struct zram *z, const void *data, size_t first,
                    size_t count);
+
+/* ---- requests: one partial sector (bytes lo..hi-1 of sector index) ---- */
+
+/* Copy bytes lo..hi-1 of the sector into out, read and touched as by
+ * zram_read.  1 done, 0 handed back (as zram_read would), or -ENOMEM. */
+ssize_t zram_read_part(struct zram *z, void *out, size_t index, size_t lo,
+                       size_t hi);
+
+/* Read-modify-write: replace bytes lo..lo+n-1 of the sector with data
+ * (lo + n <= PAGE_SIZE), stored as zram_write stores, and only if the
+ * slot still holds what was read (zram_slot_version), else read and
+ * patched again; the read counts in num_reads.  1 done; 0 handed back,
+ * nothing changed: no C codec, a slot WB or read as zram_read would hand
+ * it back, over the memory limit; or -ENOMEM. */
+ssize_t zram_patch(struct zram *z, size_t index, size_t lo, const void *data,
+                   size_t n);
 
 /* Free the slots (discard, write-zeroes), counting notify_free; their
  * pool objects go to the pool's deferred free.  Sectors done: a WB slot
@@ -102,6 +120,12 @@ void zram_set_dict_codec(struct zram *z, unsigned id, struct zcomp *c);
 struct zcomp *zram_dict_codec(struct zram *z, unsigned id);
 /* The dictionary id new pages are compressed with. */
 void zram_set_primary(struct zram *z, unsigned id);
+/* The backing device's descriptor for WB slots' reads (-1: none), its
+ * count of pages read restarted; the caller keeps fd open until it is
+ * replaced. */
+void zram_set_backing_fd(struct zram *z, int fd);
+/* Pages read from the backing device since it was set (no lock). */
+int64_t zram_bd_reads(struct zram *z);
 /* Stored pages compressed with dictionary id. */
 int64_t zram_dict_refs(struct zram *z, unsigned id);
 
@@ -115,8 +139,16 @@ void zram_slot_touch(struct zram *z, size_t index);
 /* meta = (meta & ~clear) | set. */
 void zram_slot_flags(struct zram *z, size_t index, uint32_t set,
                      uint32_t clear);
-/* The stripe's count of writes (a read-modify-write's version check). */
-int64_t zram_slot_writes(struct zram *z, size_t index);
+/* What a read-modify-write checks before it stores: the slot word but
+ * for SAME_PAGE_FLAGS, the handle, and the stripe's count of writes,
+ * which tells a handle freed and handed out again (to this slot, by two
+ * writes) from the one read. */
+struct zram_version {
+    uint32_t meta;
+    uint64_t handle;
+    int64_t writes;
+};
+void zram_slot_version(struct zram *z, size_t index, struct zram_version *v);
 /* Unlink the slot: counters updated, word and handle zeroed.  Returns the
  * old word; *handle is the old handle (a pool handle to free, a WB
  * block to free, or a SAME fill value: the word says which). */

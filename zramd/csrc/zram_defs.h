@@ -42,6 +42,10 @@
 #define ZRAM_HUGE (1 << (ZRAM_FLAG_SHIFT + 3))   /* stored raw: did not compress */
 #define ZRAM_IDLE (1 << (ZRAM_FLAG_SHIFT + 4))   /* not accessed since marking */
 #define ZRAM_INCOMPRESSIBLE (1 << (ZRAM_FLAG_SHIFT + 5)) /* no algorithm could */
+/* Flags that change while the page stays the same (an access, the
+ * bookkeeping of post-processing): ignored when a read-modify-write checks
+ * that the slot still holds what it read. */
+#define SAME_PAGE_FLAGS (ZRAM_IDLE | ZRAM_PP_SLOT | ZRAM_INCOMPRESSIBLE)
 /* Two bits: which algorithm compressed the page (0: the primary). */
 #define COMP_PRIORITY_SHIFT (ZRAM_FLAG_SHIFT + 6)
 #define COMP_PRIORITY_MASK (3 << COMP_PRIORITY_SHIFT)

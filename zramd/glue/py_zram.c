@@ -2,10 +2,10 @@
  * py_zram.c: zramd._fastpath.Zram, a device's slot table and I/O paths
  * (csrc/zram.c) as a Python type.
  *
- * Device (zramd/device.py) drives it: whole-sector requests in C, and the
- * slot primitives its own paths use for the sectors C hands back, for
- * partial sectors and for post-processing (see zram.h for what each
- * needs held).  Indices are checked here; the core trusts them.
+ * Device (zramd/device.py) drives it: requests in C (whole sectors, and
+ * bytes of one sector), and the slot primitives its own paths use for
+ * the sectors C hands back and for post-processing (see zram.h for what
+ * each needs held).  Indices are checked here; the core trusts them.
  *
  * Locks: the stripes, lock_all and the codec lock are the core's mutexes
  * (zram.c states their order).  A Zram only counts what Python holds of
@@ -17,11 +17,6 @@
 
 #define PY_SSIZE_T_CLEAN
 #include "glue.h"
-
-/* Flags that change while the page stays the same (an access, the
- * bookkeeping of post-processing): ignored when a read-modify-write checks
- * that the slot still holds what it read. */
-#define SAME_PAGE_FLAGS (ZRAM_IDLE | ZRAM_PP_SLOT | ZRAM_INCOMPRESSIBLE)
 
 typedef struct {
     PyObject_HEAD
@@ -170,25 +165,37 @@ Zram_close(Zram *self, PyObject *unused)
 
 /* read(out, first) and write(data, first): whole sectors of the buffer
  * from sector first; the sectors done, stopping at one the caller must
- * do. */
+ * do.  With lo, read(out, index, lo) and write(data, index, lo): bytes
+ * lo.. of sector index, as many as the buffer holds (1..PAGE_SIZE - lo);
+ * 1 done, or 0: the caller's, nothing changed. */
 static PyObject *
 zram_request(Zram *self, PyObject *args, int write)
 {
     struct zram *z = zram_of(self);
     Py_buffer buf;
-    Py_ssize_t first;
+    Py_ssize_t first, lo = -1;
     ssize_t r;
-    if (!z || !PyArg_ParseTuple(args, write ? "y*n" : "w*n", &buf, &first))
+    if (!z || !PyArg_ParseTuple(args, write ? "y*n|n" : "w*n|n", &buf,
+                                &first, &lo))
         return NULL;
-    if (buf.len % PAGE_SIZE || range_arg(self, first, buf.len / PAGE_SIZE)) {
+    if (lo >= 0 ? (buf.len < 1 || lo >= PAGE_SIZE
+                   || buf.len > PAGE_SIZE - lo || range_arg(self, first, 1))
+                : (buf.len % PAGE_SIZE
+                   || range_arg(self, first, buf.len / PAGE_SIZE))) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "not whole sectors");
+            PyErr_SetString(PyExc_ValueError, lo >= 0
+                            ? "not bytes inside one sector"
+                            : "not whole sectors");
         PyBuffer_Release(&buf);
         return NULL;
     }
     CORE_BEGIN
-    r = write ? zram_write(z, buf.buf, first, buf.len / PAGE_SIZE)
-              : zram_read(z, buf.buf, first, buf.len / PAGE_SIZE);
+    if (lo >= 0)
+        r = write ? zram_patch(z, first, lo, buf.buf, buf.len)
+                  : zram_read_part(z, buf.buf, first, lo, lo + buf.len);
+    else
+        r = write ? zram_write(z, buf.buf, first, buf.len / PAGE_SIZE)
+                  : zram_read(z, buf.buf, first, buf.len / PAGE_SIZE);
     CORE_END
     PyBuffer_Release(&buf);
     return r < 0 ? core_error(r) : PyLong_FromSsize_t(r);
@@ -553,6 +560,25 @@ Zram_set_primary(Zram *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* set_backing_fd(fd): the backing device's descriptor (-1: none), which
+ * the caller keeps open until it replaces it; lock_all() held. */
+static PyObject *
+Zram_set_backing_fd(Zram *self, PyObject *arg)
+{
+    struct zram *z = zram_of(self);
+    long fd;
+    if (!z || need_all(self, "set_backing_fd") < 0)
+        return NULL;
+    fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < -1 || fd > INT_MAX)
+        return PyErr_Format(PyExc_ValueError, "fd %ld; accepted: >= 0, or"
+                            " -1 (none)", fd);
+    zram_set_backing_fd(z, (int)fd);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Zram_dict_refs(Zram *self, PyObject *arg)
 {
@@ -585,13 +611,13 @@ static PyObject *
 Zram_version(Zram *self, PyObject *arg)
 {
     struct zram *z = zram_of(self);
+    struct zram_version v;
     size_t index;
     if (!z || index_arg(self, arg, &index) < 0)
         return NULL;
-    return Py_BuildValue(
-        "kKL", (unsigned long)(zram_slot_meta(z, index) & ~SAME_PAGE_FLAGS),
-        (unsigned long long)zram_slot_handle(z, index),
-        (long long)zram_slot_writes(z, index));
+    zram_slot_version(z, index, &v);
+    return Py_BuildValue("kKL", (unsigned long)v.meta,
+                         (unsigned long long)v.handle, (long long)v.writes);
 }
 
 static PyObject *
@@ -762,6 +788,13 @@ Zram_set_t0(Zram *self, PyObject *v, void *closure)
 }
 
 static PyObject *
+Zram_get_bd_reads(Zram *self, void *closure)
+{
+    struct zram *z = zram_of(self);
+    return z ? PyLong_FromLongLong(zram_bd_reads(z)) : NULL;
+}
+
+static PyObject *
 Zram_get_busy(Zram *self, void *closure)
 {
     return PyLong_FromLong(atomic_load(&self->busy));
@@ -786,10 +819,14 @@ static PyMethodDef Zram_methods[] = {
      " not (rest(h, buf, offset, flags, done))."},
     {"read", (PyCFunction)Zram_read, METH_VARARGS,
      "read(out, first) -> sectors read into out (whole sectors) from"
-     " sector first; stops at a sector the caller must do."},
+     " sector first; stops at a sector the caller must do.  read(out,"
+     " index, lo) -> 1: out filled with bytes lo.. of sector index, or 0:"
+     " the caller's."},
     {"write", (PyCFunction)Zram_write, METH_VARARGS,
      "write(data, first) -> sectors stored from data (whole sectors) at"
-     " sector first; stops at a sector the caller must do."},
+     " sector first; stops at a sector the caller must do.  write(data,"
+     " index, lo) -> 1: bytes lo.. of sector index replaced with data"
+     " (read-modify-write), or 0: the caller's, nothing changed."},
     {"discard", (PyCFunction)Zram_discard, METH_VARARGS,
      "discard(first, count) -> sectors freed, their objects given to the"
      " pool's deferred free;"
@@ -816,6 +853,9 @@ static PyMethodDef Zram_methods[] = {
      " None (they are the caller's); lock_all() held."},
     {"set_primary", (PyCFunction)Zram_set_primary, METH_O,
      "set_primary(id): new pages use dictionary id; lock_all() held."},
+    {"set_backing_fd", (PyCFunction)Zram_set_backing_fd, METH_O,
+     "set_backing_fd(fd): read WB slots from fd (-1: none), bd_reads"
+     " restarted; the caller keeps it open; lock_all() held."},
     {"dict_refs", (PyCFunction)Zram_dict_refs, METH_O,
      "dict_refs(id) -> stored pages of dictionary id; lock_all() held."},
     {"get", (PyCFunction)Zram_get, METH_O,
@@ -854,6 +894,8 @@ static PyGetSetDef Zram_getset[] = {
      "mem_limit in pages (0: none)", (void *)1},
     {"t0", (getter)Zram_get_t0, (setter)Zram_set_t0,
      "the device clock's zero, in time.monotonic() seconds", NULL},
+    {"bd_reads", (getter)Zram_get_bd_reads, NULL,
+     "pages read from the backing device since set_backing_fd", NULL},
     {"busy", (getter)Zram_get_busy, NULL, "requests in progress", NULL},
     {"closed", (getter)Zram_get_closed, NULL, "close() was called", NULL},
     {NULL}

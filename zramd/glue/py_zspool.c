@@ -130,8 +130,10 @@ ZsPool_malloc(ZsPool *self, PyObject *arg)
     return PyLong_FromUnsignedLong(handle);
 }
 
+/* free(handle) and free_deferred(handle): op through the pool's free. */
 static PyObject *
-ZsPool_free(ZsPool *self, PyObject *arg)
+free_call(ZsPool *self, PyObject *arg, const char *op,
+          int (*free_fn)(struct zs_pool *, unsigned long))
 {
     struct zs_pool *zs = zs_of(self);
     unsigned long handle;
@@ -142,9 +144,9 @@ ZsPool_free(ZsPool *self, PyObject *arg)
         PyErr_Clear();
         handle = 0;
     }
-    r = zs_free(zs, handle);
+    r = free_fn(zs, handle);
     if (r == -EINVAL)
-        return not_allocated("free", arg), NULL;
+        return not_allocated(op, arg), NULL;
     if (r < 0) {
         errno = -r;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -153,25 +155,15 @@ ZsPool_free(ZsPool *self, PyObject *arg)
 }
 
 static PyObject *
+ZsPool_free(ZsPool *self, PyObject *arg)
+{
+    return free_call(self, arg, "free", zs_free);
+}
+
+static PyObject *
 ZsPool_free_deferred(ZsPool *self, PyObject *arg)
 {
-    struct zs_pool *zs = zs_of(self);
-    unsigned long handle;
-    int r;
-    if (!zs)
-        return NULL;
-    if (handle_arg(arg, &handle) < 0) {
-        PyErr_Clear();
-        handle = 0;
-    }
-    r = zs_free_deferred(zs, handle);
-    if (r == -EINVAL)
-        return not_allocated("free_deferred", arg), NULL;
-    if (r < 0) {
-        errno = -r;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return free_call(self, arg, "free_deferred", zs_free_deferred);
 }
 
 static PyObject *

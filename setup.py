@@ -15,6 +15,7 @@ setup(ext_modules=[Extension(
                         "zramd/csrc/zsmalloc.c",
                         "zramd/csrc/zram.c", "zramd/csrc/zcomp.c",
                         "zramd/csrc/backend_lz4.c",
+                        "zramd/csrc/backend_lz4hc.c",
                         "zramd/csrc/backend_zstd.c",
                         "zramd/csrc/backend_deflate.c",
                         "zramd/csrc/crew.c"],

@@ -73,16 +73,11 @@ from ._fastpath import (
     C_NUM_WRITES, C_PAGES_STORED, C_PRIO_PAGES, C_SAME_PAGES,
     COMP_PRIORITY_MASK, COMP_PRIORITY_SHIFT, DICT_MASK, DICT_SHIFT, HUGE,
     IDLE, INCOMPRESSIBLE, MAX_DICTS, MAX_PRIORITIES, N_STRIPES,
-    PP_SLOT, SAME, SIZE_MASK, STRIPE_MASK, WB)
+    PP_SLOT, SAME, SAME_PAGE_FLAGS, SIZE_MASK, STRIPE_MASK, WB)
 from .errors import ConfigError, InvalidRequestError, NoSpaceError, ZramdError
 from .stats import BdStat, DebugStat, IoStat, MmStat
 from .writeback import BackingDev
 from .zsmalloc import Pool
-
-# Flags that change while the page stays the same (an access, the
-# bookkeeping of post-processing): ignored when a read-modify-write checks
-# that the slot still holds what it read (zram.c's SAME_PAGE_FLAGS).
-SAME_PAGE_FLAGS = IDLE | PP_SLOT | INCOMPRESSIBLE
 
 # Post-processing selections, as zram's recompress and writeback "type="
 # (zramd.policy takes them from here).

@@ -1,20 +1,18 @@
 /*
- * backend_lz4.c: lz4 and lz4hc (zcomp_backend.h), as the kernel's
- * backend_lz4.c and backend_lz4hc.c: LZ4_compress_fast at acceleration 1,
- * or LZ4_compress_HC at the codec's level; both write the same block
- * format, so one decompressor serves them.  No dictionary, no contexts
- * (liblz4 keeps its state on the stack), no state at all: any thread may
- * call at any time.
+ * backend_lz4.c: lz4 (zcomp_backend.h), as the kernel's backend_lz4.c:
+ * LZ4_compress_fast at acceleration 1.  Its bound and block decompressor
+ * serve lz4hc too (backend_lz4hc.c), which writes the same block format.
+ * No dictionary, no contexts (liblz4 keeps its state on the stack), no
+ * state at all: any thread may call at any time.
  */
 
 #include <limits.h>
 #include <lz4.h>
-#include <lz4hc.h>
 
 #include "zram_defs.h"
 #include "zcomp_backend.h"
 
-static size_t
+size_t
 lz4_bound(size_t len)
 {
     return (size_t)LZ4_compressBound((int)len);
@@ -28,15 +26,7 @@ lz4_compress(struct zcomp *c, void *ctx, const void *src, size_t len,
     return n > 0 ? (size_t)n : 0;
 }
 
-static size_t
-lz4hc_compress(struct zcomp *c, void *ctx, const void *src, size_t len,
-               void *dst, size_t cap)
-{
-    int n = LZ4_compress_HC(src, dst, (int)len, (int)cap, c->level);
-    return n > 0 ? (size_t)n : 0;
-}
-
-static const char *
+const char *
 lz4_decompress(struct zcomp *c, void *ctx, const void *src, size_t n,
                void *page)
 {
@@ -55,12 +45,5 @@ const struct zcomp_ops backend_lz4 = {
     .name = "lz4",
     .bound = lz4_bound,
     .compress = lz4_compress,
-    .decompress = lz4_decompress,
-};
-
-const struct zcomp_ops backend_lz4hc = {
-    .name = "lz4hc",
-    .bound = lz4_bound,
-    .compress = lz4hc_compress,
     .decompress = lz4_decompress,
 };

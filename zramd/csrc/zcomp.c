@@ -1,8 +1,9 @@
 /*
  * zcomp.c: the C codecs (zcomp.h) and their registry, as the kernel's
  * drivers/block/zram/zcomp.c.  backends[] lists one const table of
- * operations per algorithm (zcomp_backend.h; backend_lz4.c for lz4 and
- * lz4hc, backend_zstd.c for zstd with dictionaries, backend_deflate.c
+ * operations per algorithm (zcomp_backend.h; one file each:
+ * backend_lz4.c, backend_lz4hc.c, backend_zstd.c for zstd with
+ * dictionaries, backend_deflate.c
  * for deflate through zlib); the algorithms with no C form (lzo and
  * lzo-rle, through liblzo2 and ctypes) are zramd/compress's alone.
  *

@@ -52,6 +52,11 @@ struct zcomp_ops {
                               size_t n, void *page);
 };
 
+/* lz4's block bound and decompressor, which lz4hc shares. */
+size_t lz4_bound(size_t len);
+const char *lz4_decompress(struct zcomp *c, void *ctx, const void *src,
+                           size_t n, void *page);
+
 extern const struct zcomp_ops backend_lz4, backend_lz4hc, backend_zstd,
     backend_deflate;
 

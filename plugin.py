@@ -212,29 +212,22 @@ def is_rotational(h):
     return False
 
 
-def pread(h, buf, offset, flags):
-    _io(h.read_into, offset, buf)
+# done: the bytes the C callables already served (see _serve_from_c).
+def pread(h, buf, offset, flags, done=0):
+    _io(h.read_into, offset + done, memoryview(buf)[done:] if done else buf)
 
 
-def pwrite(h, buf, offset, flags):
-    _io(h.write, offset, buf)
-
-
-def _pread_rest(h, buf, offset, flags, done):
-    _io(h.read_into, offset + done, memoryview(buf)[done:])
-
-
-def _pwrite_rest(h, buf, offset, flags, done):
-    _io(h.write, offset + done, memoryview(buf)[done:])
+def pwrite(h, buf, offset, flags, done=0):
+    _io(h.write, offset + done, memoryview(buf)[done:] if done else buf)
 
 
 def _serve_from_c():
     """Make pread and pwrite the device's C callables (nbdkit looks them
     up in this module at every request): a request of whole sectors then
-    runs no Python code at all, and the functions above finish the rest."""
+    runs no Python code at all, and the functions above, given the byte
+    the C callable reached, finish the rest."""
     global pread, pwrite
-    callbacks = _device.nbd_callbacks(threadstate.pin, _pread_rest,
-                                      _pwrite_rest)
+    callbacks = _device.nbd_callbacks(threadstate.pin, pread, pwrite)
     if callbacks is not None:
         pread, pwrite = callbacks
 

@@ -45,6 +45,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
 
 import zsmalloc_model
 from conftest import race
+from zramd._fastpath import DEFERRED_CAPACITY
 from zramd.errors import ZramdError
 from zramd.stats import PoolStats
 from zramd.zsmalloc import Pool
@@ -750,14 +751,9 @@ def test_deferred_capacity_zero_frees_at_once(pool):
     assert pool.deferred_pending() == 4     # the other two freed at once
     pool.free_deferred_flush()
     assert pool.total_pages() == 0
-    for bad in (-1, _fastpath_capacity() + 1):
+    for bad in (-1, DEFERRED_CAPACITY + 1):
         with pytest.raises(ValueError, match="deferred capacity"):
             pool.set_deferred_capacity(bad)
-
-
-def _fastpath_capacity():
-    from zramd._fastpath import DEFERRED_CAPACITY
-    return DEFERRED_CAPACITY
 
 
 def test_deferred_worker_runs_in_a_forked_child(pool):

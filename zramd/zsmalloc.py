@@ -18,7 +18,6 @@ Locking
 """
 
 from . import _fastpath
-from ._fastpath import DEFERRED_CAPACITY, DEFERRED_IDLE_DELAY_MS  # noqa: F401
 from .stats import ClassStat, PoolStats
 
 

@@ -10,7 +10,9 @@ server, in nbdkit's order (nbdkit-plugin(3)):
     after_fork                  build the Device, start the deferred-free worker
                                 and the control server (small thread stacks);
                                 pread and pwrite become the Device's C
-                                callables (_serve_from_c)
+                                callables, and zramd's nbdkit filter, where
+                                it is in front, serves whole sectors from
+                                the core (_serve_from_c)
     open ... pread/pwrite/...   one handle per connection: the Device itself
     cleanup                     stop the control server, close the Device
 
@@ -225,11 +227,15 @@ def _serve_from_c():
     """Make pread and pwrite the device's C callables (nbdkit looks them
     up in this module at every request): a request of whole sectors then
     runs no Python code at all, and the functions above, given the byte
-    the C callable reached, finish the rest."""
+    the C callable reached, finish the rest.  With zramd's filter in front
+    (zramd.attach.server_command), such a request does not reach the
+    plugin at all."""
     global pread, pwrite
     callbacks = _device.nbd_callbacks(threadstate.pin, pread, pwrite)
     if callbacks is not None:
         pread, pwrite = callbacks
+    if _device.offer_to_filter():
+        nbdkit.debug("zramd: the filter serves whole sectors")
 
 
 def flush(h, flags):

@@ -4,7 +4,10 @@ zramd._fastpath links the system's liblz4, libzstd and zlib (Debian:
 liblz4-dev, libzstd-dev, python3-dev; scripts/common.sh installs them;
 zlib1g-dev comes with python3-dev, through libpython3.11-dev).
 zramd._threadstate (zramd.threadstate's thread-exit hook) needs only
-Python.h.
+Python.h.  zramd._nbdkit_filter is not a Python module but the nbdkit
+filter zramd's servers run in front of plugin.py (zramd/filter/): it
+needs nbdkit-filter.h (Debian: nbdkit-plugin-dev, of the same version as
+nbdkit, which loads only a filter built against its own version).
 """
 
 from setuptools import Extension, setup
@@ -19,7 +22,8 @@ setup(ext_modules=[Extension(
                         "zramd/csrc/backend_zstd.c",
                         "zramd/csrc/backend_deflate.c",
                         "zramd/csrc/crew.c"],
-    depends=["zramd/glue/glue.h", "zramd/csrc/zram_defs.h", "zramd/csrc/zsmalloc.h",
+    depends=["zramd/glue/glue.h", "zramd/filter/offer.h",
+             "zramd/csrc/zram_defs.h", "zramd/csrc/zsmalloc.h",
              "zramd/csrc/zram.h", "zramd/csrc/zcomp.h",
              "zramd/csrc/zcomp_backend.h", "zramd/csrc/crew.h"],
     libraries=["lz4", "zstd", "z"],
@@ -29,4 +33,9 @@ setup(ext_modules=[Extension(
     # zramd.threadstate's thread-exit hook (kept apart from _fastpath).
     Extension("zramd._threadstate", ["zramd/_threadstate.c"],
               extra_compile_args=["-O2", "-Wall", "-Wextra",
-                                  "-Wno-missing-field-initializers"])])
+                                  "-Wno-missing-field-initializers"]),
+    Extension("zramd._nbdkit_filter", ["zramd/filter/nbdkit_filter.c"],
+              depends=["zramd/filter/offer.h", "zramd/csrc/zram_defs.h"],
+              extra_compile_args=["-O2", "-Wall", "-Wextra",
+                                  "-fvisibility=hidden",
+                                  "-Wno-unused-parameter"])])

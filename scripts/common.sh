@@ -11,8 +11,9 @@ PYTHON=/usr/bin/python3
 # What serving and attaching a device needs.
 # gcc, python3-dev, liblz4-dev and libzstd-dev build zramd._fastpath (C);
 # its zlib1g-dev comes with python3-dev (libpython3.11-dev depends on it).
+# nbdkit-plugin-dev (nbdkit-filter.h) builds zramd's nbdkit filter.
 RUNTIME_PACKAGES=(
-    nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
+    nbdkit nbdkit-plugin-python nbdkit-plugin-dev libnbd-bin python3-libnbd
     python3-zstandard liblzo2-2 python3-pip python3-setuptools
     gcc python3-dev liblz4-dev libzstd-dev
     qemu-utils fio fuse3 e2fsprogs util-linux mount kmod
@@ -54,8 +55,11 @@ install_zramd() {
     for so in "$REPO"/zramd/_fastpath.*.so; do
         [ -e "$so" ] && built=$so
     done
+    # The filter, built for this release's nbdkit, must be there too.
+    ls "$REPO"/zramd/_nbdkit_filter.*.so >/dev/null 2>&1 || stale=1
     if [ -n "$built" ]; then
-        for src in "$REPO"/zramd/*.c "$REPO"/zramd/csrc/*.[ch] "$REPO"/zramd/glue/*.[ch]; do
+        for src in "$REPO"/zramd/*.c "$REPO"/zramd/csrc/*.[ch] \
+                   "$REPO"/zramd/glue/*.[ch] "$REPO"/zramd/filter/*.[ch]; do
             [ -e "$src" ] && ! [ "$built" -nt "$src" ] && stale=1
         done
     fi

@@ -14,6 +14,9 @@ now and then when a client dies with requests in flight, docs/operations.md,
 "Known limit: nbdkit 1.32 and dying clients"; more on later nbdkit).
 ``threads=N`` (or ``--threads`` in ``extra_args``) asks for another number,
 ``threads=None`` for nbdkit's default (16).
+
+zramd's nbdkit filter in front of the plugin, as zramd up serves
+(zramd.attach.server_filter()); ``filter=None`` for the plugin alone.
 """
 
 import os
@@ -28,7 +31,8 @@ PLUGIN = os.path.join(REPO, "plugin.py")
 
 class NbdkitServer:
     def __init__(self, directory, size="64M", name="zramd0", extra_args=(),
-                 env=None, threads="as zramd up", **params):
+                 env=None, threads="as zramd up", filter="as zramd up",
+                 **params):
         self.directory = str(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.name = name
@@ -43,6 +47,11 @@ class NbdkitServer:
                 arg in ("-t", "--threads") or arg.startswith("--threads=")
                 for arg in extra_args):
             extra_args = ("--threads", str(threads), *extra_args)
+        if filter == "as zramd up":
+            from zramd.attach import server_filter
+            filter = server_filter()[0]
+        if filter is not None:
+            extra_args = (*extra_args, "--filter=" + filter)
         args = ["nbdkit", "-f", "-U", self.socket, *extra_args,
                 "python", PLUGIN, "size=%s" % size, "name=%s" % name,
                 "control=%s" % self.control]

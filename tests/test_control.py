@@ -71,6 +71,10 @@ class FakeDevice:
         self.calls.append(("mark_idle", age_seconds))
         return 0
 
+    def filter_counts(self):
+        return {"served_reads": 10, "served_writes": 30, "passed_reads": 2,
+                "passed_writes": 4}
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -267,7 +271,9 @@ def test_status_has_everything_the_table_needs(served):
               "pages_compacted": 7, "huge_pages": 2, "huge_pages_since": 3,
               "failed_reads": 1, "failed_writes": 2, "invalid_io": 0,
               "notify_free": 9, "miss_free": 0, "num_reads": 12,
-              "num_writes": 34, "pid": os.getpid()}
+              "num_writes": 34, "pid": os.getpid(),
+              "filter": {"served_reads": 10, "served_writes": 30,
+                         "passed_reads": 2, "passed_writes": 4}}
     for key, value in expect.items():
         assert reply[key] == value, key
     assert reply["streams"] == len(os.sched_getaffinity(0))

@@ -113,7 +113,7 @@ def test_serve_builds_the_server_command(tmp_path, monkeypatch):
     assert swap == [
         "nbdkit", "--foreground", "--threads",
         str(attach.server_threads()), "--unix", str(tmp_path / "zramd0.nbd"),
-        "python", "/p.py", "size=%d" % (64 << 20), "algorithm=zstd",
+        "--filter=" + attach.filter_path(), "python", "/p.py", "size=%d" % (64 << 20), "algorithm=zstd",
         "level=3", "swap=true", "name=zramd0",
         "control=%s" % (tmp_path / "zramd0.sock")]
     disk = attach.server_command(devs["d"], plugin="/p.py")

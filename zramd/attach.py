@@ -43,6 +43,7 @@ with the device name: ``zramd0: swapon: ...``.
 
 import argparse
 import fcntl
+import importlib.machinery
 import json
 import os
 import re
@@ -376,14 +377,67 @@ def server_threads():
     return SERVER_THREADS
 
 
+#: What the build names zramd's nbdkit filter (setup.py), suffixed as
+#: the C extensions of this interpreter are.
+FILTER_MODULE = "_nbdkit_filter"
+_filter = []
+
+
+def filter_path():
+    """zramd's nbdkit filter (zramd/filter/) built for this interpreter,
+    or None."""
+    here = os.path.dirname(os.path.abspath(zramd.__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, FILTER_MODULE + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def server_filter():
+    """(path, None) when the installed nbdkit loads zramd's filter, else
+    (None, why not).  nbdkit loads only a filter built against its own
+    version, so it is asked (``nbdkit --filter=PATH null --version``, once
+    per process)."""
+    if not _filter:
+        path = filter_path()
+        if path is None:
+            _filter.append((None, "zramd's nbdkit filter is not built"))
+        else:
+            try:
+                proc = subprocess.run(
+                    ["nbdkit", "--filter=" + path, "null", "--version"],
+                    capture_output=True, text=True, timeout=30)
+                why = None if proc.returncode == 0 and re.search(
+                    r"^zramd ", proc.stdout, re.M) else (
+                    proc.stderr.strip().splitlines() or ["exit status %d"
+                                                         % proc.returncode]
+                )[-1]
+            except (OSError, subprocess.SubprocessError) as e:
+                why = str(e)
+            _filter.append((path, None) if why is None else (None, why))
+    return _filter[0]
+
+
 def server_command(dev, plugin=None, nbd_socket=None, control=None):
-    """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, and
-    the plugin's ``swap=true`` (locked on fault, IO flusher) when the
-    device is swap."""
+    """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, the
+    plugin's ``swap=true`` (locked on fault, IO flusher) when the device
+    is swap, and zramd's filter in front of the plugin (whole sectors
+    served by the C core with no Python call).  Without a filter nbdkit
+    loads, the plugin serves everything, slower, and a warning says why
+    and how to rebuild."""
     argv = ["nbdkit", "--foreground",
             "--threads", str(server_threads()),
-            "--unix", nbd_socket or paths.nbd_socket(dev.name),
-            "python", plugin or plugin_path()]
+            "--unix", nbd_socket or paths.nbd_socket(dev.name)]
+    path, why = server_filter()
+    if path:
+        argv.append("--filter=" + path)
+    else:
+        _say(dev.name, "%s: serving through the python plugin alone "
+             "(slower); rebuild: pip install -e %s"
+             % (why, os.path.dirname(os.path.dirname(
+                 os.path.abspath(zramd.__file__)))))
+    argv += ["python", plugin or plugin_path()]
     argv += dev.plugin_params()
     if dev.is_swap:
         argv.append("swap=true")

@@ -521,8 +521,10 @@ def device_status(device, name):
     of plain values: the kernel's field names for mm_stat, io_stat and
     debug_stat (debug_stat's format version excepted), plus name,
     algorithm, comp_algorithm, disksize, initstate, streams, num_reads,
-    num_writes, pid and thread_states (Python thread states kept for
-    nbdkit's worker threads, see zramd.threadstate), and what the server
+    num_writes, pid, thread_states (Python thread states kept for
+    nbdkit's worker threads, see zramd.threadstate), filter (the requests
+    zramd's nbdkit filter served or passed on, None without one;
+    Device.filter_counts), and what the server
     process set on itself and its instance id (zramd.procctl.facts).  Only
     ever gains keys."""
     mm = device.mm_stat()
@@ -541,6 +543,7 @@ def device_status(device, name):
     out["num_writes"] = device.num_writes
     out["pid"] = os.getpid()
     out["thread_states"] = threadstate.count()
+    out["filter"] = device.filter_counts()
     out.update(procctl.facts)
     return out
 

@@ -521,6 +521,25 @@ class Device:
         self._zram.nbd_fallbacks(pin, pread_rest, pwrite_rest)
         return self._zram.nbd_pread, self._zram.nbd_pwrite
 
+    def offer_to_filter(self):
+        """In an nbdkit that loaded zramd's filter (zramd/filter/), let it
+        serve whole sectors from this device's core, with no Python call
+        and no GIL; the rest still reaches the plugin.  Returns whether
+        the filter took it (False on the Python paths, ``native=False``,
+        and in any other process)."""
+        return self._native and self._zram.offer_to_filter()
+
+    def filter_counts(self):
+        """The filter's requests, as a dict: ``served_reads``,
+        ``served_writes`` (whole, by the core) and ``passed_reads``,
+        ``passed_writes`` (on to the plugin, whole or from a sector the
+        core handed back); None when no filter serves this device."""
+        counts = self._zram.filter_counts() if self._native else None
+        if counts is None:
+            return None
+        return dict(zip(("served_reads", "served_writes", "passed_reads",
+                         "passed_writes"), counts))
+
     def read(self, offset, length):
         """Return ``length`` bytes from ``offset``."""
         self._check_range("read", offset, length)

@@ -17,6 +17,9 @@
 
 #define PY_SSIZE_T_CLEAN
 #include "glue.h"
+#include <dlfcn.h>
+
+#include "../filter/offer.h"
 
 typedef struct {
     PyObject_HEAD
@@ -29,6 +32,7 @@ typedef struct {
     atomic_int held;                 /* stripes taken by lock() */
     PyObject *nbd_pin;               /* nbd_fallbacks(): see nbd_request */
     PyObject *nbd_rest[2];           /* ... for pread, pwrite */
+    const struct zramd_filter_face *filter;  /* offer_to_filter() took */
 } Zram;
 
 
@@ -117,6 +121,14 @@ static void
 Zram_release(Zram *self)
 {
     int i;
+    if (self->filter && self->z) {
+        /* A filter request may wait for a pool lock that a thread
+         * waiting for the GIL holds. */
+        Py_BEGIN_ALLOW_THREADS
+        self->filter->withdraw(self->z);
+        Py_END_ALLOW_THREADS
+    }
+    self->filter = NULL;
     zram_destroy(self->z);
     self->z = NULL;
     for (i = 0; i < MAX_DICTS; i++)
@@ -266,6 +278,66 @@ static PyObject *
 Zram_nbd_pwrite(Zram *self, PyObject *const *args, Py_ssize_t nargs)
 {
     return nbd_request(self, args, nargs, 1);
+}
+
+/* The core's two calls the nbdkit filter serves whole sectors with, on
+ * nbdkit's threads, which hold no GIL (offer.h). */
+static ssize_t
+filter_read(void *z, void *out, size_t first, size_t count)
+{
+    ssize_t r;
+    pool_gil_released = 1;
+    r = zram_read(z, out, first, count);
+    pool_gil_released = 0;
+    return r;
+}
+
+static ssize_t
+filter_write(void *z, const void *data, size_t first, size_t count)
+{
+    ssize_t r;
+    pool_gil_released = 1;
+    r = zram_write(z, data, first, count);
+    pool_gil_released = 0;
+    return r;
+}
+
+/* offer_to_filter(): hand this device's core to zramd's nbdkit filter
+ * when this process (nbdkit) has loaded it; True if it took it. */
+static PyObject *
+Zram_offer_to_filter(Zram *self, PyObject *unused)
+{
+    struct zram *z = zram_of(self);
+    const struct zramd_filter_face *face;
+    struct zramd_core core;
+    if (!z)
+        return NULL;
+    face = dlsym(RTLD_DEFAULT, ZRAMD_FILTER_SYMBOL);
+    if (!face)
+        Py_RETURN_FALSE;
+    core = (struct zramd_core){ZRAMD_FILTER_ABI, z, zram_nr_pages(z),
+                               filter_read, filter_write};
+    if (face->abi != ZRAMD_FILTER_ABI || face->offer(&core) != 0)
+        return PyErr_Format(PyExc_RuntimeError, "the zramd nbdkit filter "
+                            "speaks ABI %d, this module %d: rebuild them "
+                            "together", face->abi, ZRAMD_FILTER_ABI);
+    self->filter = face;
+    Py_RETURN_TRUE;
+}
+
+/* filter_counts(): (served_reads, served_writes, passed_reads,
+ * passed_writes) of the filter this device was offered to, or None. */
+static PyObject *
+Zram_filter_counts(Zram *self, PyObject *unused)
+{
+    struct zramd_filter_counts c;
+    if (!self->filter)
+        Py_RETURN_NONE;
+    self->filter->counts(&c);
+    return Py_BuildValue("KKKK", (unsigned long long)c.served_reads,
+                         (unsigned long long)c.served_writes,
+                         (unsigned long long)c.passed_reads,
+                         (unsigned long long)c.passed_writes);
 }
 
 static PyObject *
@@ -813,6 +885,12 @@ static PyMethodDef Zram_methods[] = {
     {"nbd_pwrite", (PyCFunction)(void (*)(void))Zram_nbd_pwrite,
      METH_FASTCALL, "nbd_pwrite(h, buf, offset, flags): nbdkit's pwrite"
      " callback; whole sectors in C, the rest through the fallback."},
+    {"offer_to_filter", (PyCFunction)Zram_offer_to_filter, METH_NOARGS,
+     "offer_to_filter() -> whether zramd's nbdkit filter, loaded in this"
+     " process, now serves whole sectors from this device's core."},
+    {"filter_counts", (PyCFunction)Zram_filter_counts, METH_NOARGS,
+     "filter_counts() -> (served_reads, served_writes, passed_reads,"
+     " passed_writes) of the filter offer_to_filter() reached, or None."},
     {"nbd_fallbacks", (PyCFunction)Zram_nbd_fallbacks, METH_VARARGS,
      "nbd_fallbacks(pin, pread_rest, pwrite_rest): what nbd_pread and"
      " nbd_pwrite call first (pin()) and what finishes a request they do"

@@ -1,0 +1,171 @@
+"""zramd's nbdkit filter (zramd/filter/) in front of plugin.py, through a
+real nbdkit and python3-libnbd: it is built and loads here, serves whole
+sectors from the core, passes everything else on, answers exactly as the
+plugin alone does, and is left out, with a warning, where nbdkit would
+refuse it.
+
+The rest of the end-to-end suite runs with the filter too
+(tests/nbdkit_server.py serves as zramd up does); the tests here are the
+ones that count what the filter did, or that need both servers.
+"""
+
+import errno
+import os
+import random
+import subprocess
+
+import pytest
+
+from conftest import NbdClient, require, require_module
+from nbdkit_server import NbdkitServer
+from zramd import attach, control
+
+nbd = require_module("nbd", "python3-libnbd")
+
+SECTOR = 4096
+
+
+def filter_counts(server):
+    server.wait_control()
+    return control.call(server.control, "status")["filter"]
+
+
+def test_the_filter_is_built_and_nbdkit_loads_it():
+    """The project's set-up builds it against this machine's nbdkit."""
+    require("nbdkit")
+    path, why = attach.server_filter()
+    assert why is None and path == attach.filter_path()
+    out = subprocess.run(["nbdkit", "--filter=" + path, "null", "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "\nzramd " in out
+
+
+def test_whole_sectors_are_served_by_the_core(nbdkit_server):
+    server = nbdkit_server(size="16M")
+    assert filter_counts(server) == {"served_reads": 0, "served_writes": 0,
+                                     "passed_reads": 0, "passed_writes": 0}
+    rng = random.Random(5)
+    data = bytes(rng.randrange(4) for _ in range(8 * SECTOR))
+    with NbdClient(server.uri) as h:
+        h.pwrite(data, 4 * SECTOR)                  # served
+        h.pwrite(b"\xaa" * 100, 3 * SECTOR + 50)    # passed: part of one
+        h.pwrite(data[:2 * SECTOR], 100)            # passed: not aligned
+        assert h.pread(8 * SECTOR, 4 * SECTOR) == data      # served
+        assert h.pread(SECTOR, 0) == (bytes(100) + data[:SECTOR - 100])
+        h.zero(SECTOR, 0)                           # not the filter's
+        h.trim(SECTOR, SECTOR)
+        assert h.pread(100, 3 * SECTOR + 50) == b"\xaa" * 100   # passed
+    assert filter_counts(server) == {"served_reads": 2, "served_writes": 1,
+                                     "passed_reads": 1, "passed_writes": 2}
+
+
+def test_sectors_the_core_hands_back_go_on_to_the_plugin(nbdkit_server):
+    """lzo has no C form: the core hands every such sector back, and the
+    plugin's Python path stores and reads them."""
+    server = nbdkit_server(size="16M", algorithm="lzo")
+    data = (b"zramd" * 1000)[:SECTOR] + os.urandom(SECTOR) + b"\1" * SECTOR
+    with NbdClient(server.uri) as h:
+        h.pwrite(data, 0)
+        assert h.pread(len(data), 0) == data
+    status = control.call(server.control, "status")
+    assert status["algorithm"] == "lzo"
+    assert status["filter"]["served_writes"] == 0
+    assert status["filter"]["passed_writes"] == 1
+    # the same-filled sector is the core's own, but the first is lzo's
+    assert status["filter"]["passed_reads"] == 1
+    assert status["same_pages"] == 1 and status["num_writes"] == 3
+
+
+def test_errors_from_past_the_core_keep_their_errno(nbdkit_server):
+    """A write past mem_limit is the core's to refuse; the plugin then
+    says ENOSPC, as it does without the filter."""
+    server = nbdkit_server(size="64M", mem_limit="1M")
+    with NbdClient(server.uri) as h:
+        kept = os.urandom(256 << 10)
+        h.pwrite(kept, 0)
+        with pytest.raises(nbd.Error) as e:
+            for offset in range(1 << 20, 8 << 20, 1 << 20):
+                h.pwrite(os.urandom(1 << 20), offset)
+        assert e.value.errnum == errno.ENOSPC
+        assert h.pread(len(kept), 0) == kept
+    counts = filter_counts(server)
+    assert counts["served_writes"] >= 1 and counts["passed_writes"] >= 1
+
+
+def test_the_plugin_alone_and_behind_the_filter_answer_alike(tmp_path):
+    """The same random requests, aligned or not, to a server with the
+    filter and one without: every read answers the same bytes, and the
+    devices end with the same mm_stat."""
+    require("nbdkit")
+    rng = random.Random(20261202)
+    size = 8 << 20
+    servers = [NbdkitServer(tmp_path / "with", size="8M"),
+               NbdkitServer(tmp_path / "without", size="8M", filter=None)]
+    try:
+        clients = [NbdClient(s.uri) for s in servers]
+        handles = [c.__enter__() for c in clients]
+        for _ in range(600):
+            op = rng.choice(("write", "write", "read", "read", "trim"))
+            if rng.random() < 0.6:
+                off = rng.randrange(size // SECTOR - 8) * SECTOR
+                n = rng.randrange(1, 9) * SECTOR
+            else:
+                off = rng.randrange(size - 3 * SECTOR)
+                n = rng.randrange(1, 3 * SECTOR)
+            if op == "write":
+                data = bytes(rng.choice((0, rng.randrange(256)))
+                             for _ in range(16)) * (n // 16 + 1)
+                data = (data if rng.random() < 0.5
+                        else rng.randbytes(n))[:n]
+                for h in handles:
+                    h.pwrite(data, off)
+            elif op == "trim":
+                for h in handles:
+                    h.trim(n, off)
+            else:
+                got = [h.pread(n, off) for h in handles]
+                assert got[0] == got[1], "read %d+%d" % (off, n)
+        whole = [h.pread(size, 0) for h in handles]
+        assert whole[0] == whole[1]
+        for c in clients:
+            c.__exit__(None, None, None)
+        stats = [control.call(s.control, "status") for s in servers]
+        keys = ("orig_data_size", "compr_data_size", "same_pages",
+                "huge_pages", "num_writes", "failed_reads", "failed_writes")
+        assert [stats[0][k] for k in keys] == [stats[1][k] for k in keys]
+        assert stats[0]["filter"]["served_writes"] > 0
+        assert stats[1]["filter"] is None
+    finally:
+        for s in servers:
+            assert s.stop() == 0, s.log()
+            assert "Traceback" not in s.log(), s.log()
+
+
+def test_a_filter_nbdkit_refuses_is_left_out_with_a_warning(
+        monkeypatch, capsys, tmp_path):
+    """Say a nbdkit upgrade came after the build: nbdkit loads only a
+    filter built against its own version.  The server then runs the
+    plugin alone, and the warning says why and how to rebuild."""
+    require("nbdkit")
+    from zramd import config
+    not_a_filter = os.path.join(os.path.dirname(attach.filter_path()),
+                                "not-a-filter.so")
+    monkeypatch.setattr(attach, "filter_path", lambda: not_a_filter)
+    monkeypatch.setattr(attach, "_filter", [])
+    monkeypatch.setenv("ZRAMD_RUNTIME_DIR", str(tmp_path))
+    conf = tmp_path / "etc/zramd/zramd.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("[zramd0]\nzram-size=64\n")
+    dev = config.load(str(tmp_path), ram_mib=1024)["zramd0"]
+    path, why = attach.server_filter()
+    assert path is None and "not-a-filter.so" in why
+    argv = attach.server_command(dev, plugin="/p.py")
+    assert not any(a.startswith("--filter") for a in argv)
+    err = capsys.readouterr().err
+    assert err.startswith("zramd: zramd0: ") and "not-a-filter.so" in err
+    assert "python plugin alone" in err and "pip install -e" in err
+
+    monkeypatch.setattr(attach, "filter_path", lambda: None)
+    monkeypatch.setattr(attach, "_filter", [])
+    assert attach.server_filter() == (None,
+                                      "zramd's nbdkit filter is not built")

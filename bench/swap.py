@@ -163,7 +163,8 @@ def wait_for(predicate, timeout, what):
 
 # ---------------------------------------------------------------------------
 # The swap devices.  Each: up() -> swap device path; servers() -> pids whose
-# memory and CPU count as the device's; memory_kib(); down().
+# memory and CPU count as the device's; memory_kib(); filter_counts() (what
+# zramd's nbdkit filter served and passed on; None for the others); down().
 
 class KernelZram:
     def __init__(self, algorithm, size, options):
@@ -199,6 +200,9 @@ class KernelZram:
 
     def servers(self):
         return []
+
+    def filter_counts(self):
+        return None
 
     def memory_kib(self):
         """mm_stat's mem_used_max: the pool's peak, in KiB."""
@@ -253,6 +257,14 @@ class Zramd:
     def memory_kib(self):
         return None
 
+    def filter_counts(self):
+        from zramd import control, paths
+        try:
+            return control.call(paths.control_socket(NAME),
+                                "status").get("filter")
+        except control.ControlError:
+            return None
+
     def down(self):
         sh(["zramd", "down", "--root", self.root, NAME], check=False,
            timeout=900)
@@ -291,6 +303,9 @@ class NbdkitMemory:
         return [self.server.pid] if self.server else []
 
     def memory_kib(self):
+        return None
+
+    def filter_counts(self):
         return None
 
     def down(self):
@@ -453,6 +468,7 @@ def measure(name, args):
                                          for p in alive)
         else:
             out["server_peak_kib"] = system.memory_kib()
+        out["filter"] = system.filter_counts()
         problems = []
         if not w.get("same"):
             problems.append("workload exit %s, digests %s" % (

@@ -16,7 +16,7 @@ import pytest
 import nbdkit_server
 from conftest import REPO, require, require_module
 from nbdkit_server import NbdkitServer
-from zramd import params
+from zramd import control, params
 
 PLUGIN = os.path.join(REPO, "plugin.py")
 
@@ -385,9 +385,13 @@ def test_corrupt_data_reaches_the_client_as_eio(tmp_path, monkeypatch):
         assert "lz4 decompress: slot 0: malformed lz4 block" in server.log()
 
 
-def test_enospc_past_mem_limit_reaches_the_client(nbdkit_server):
+@pytest.mark.parametrize("filter", ["as zramd up", None],
+                         ids=["filter", "plugin-alone"])
+def test_enospc_past_mem_limit_reaches_the_client(nbdkit_server, filter):
+    # Behind zramd's filter, the core refuses the write and the plugin
+    # says ENOSPC, as it does alone.
     nbd = require_module("nbd", "python3-libnbd")
-    server = nbdkit_server(size="64M", mem_limit="1M")
+    server = nbdkit_server(size="64M", mem_limit="1M", filter=filter)
     h = nbd.NBD()
     h.connect_uri(server.uri)
     kept = os.urandom(256 << 10)
@@ -400,4 +404,10 @@ def test_enospc_past_mem_limit_reaches_the_client(nbdkit_server):
     h.pwrite(bytes(1 << 20), 32 << 20)               # zero pages take none
     assert h.pread(16, 32 << 20) == bytes(16)
     h.shutdown()
+    server.wait_control()
+    counts = control.call(server.control, "status")["filter"]
+    if filter is None:
+        assert counts is None
+    else:
+        assert counts["served_writes"] >= 1 and counts["passed_writes"] >= 1
 

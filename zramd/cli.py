@@ -619,9 +619,10 @@ def build_parser():
     p = sub.add_parser("status", help="print what a server reports of "
                        "itself", description="Print the status of each "
                        "device NAME (default: all), a 'key: value' line "
-                       "each: the stats of the table, and the server's own "
-                       "instance id, memory_lock, io_flusher and "
-                       "parent_death_signal_cleared.")
+                       "each: the stats of the table, the requests zramd's "
+                       "nbdkit filter served and passed on (filter), and "
+                       "the server's own instance id, memory_lock, "
+                       "io_flusher and parent_death_signal_cleared.")
     p.add_argument("devices", nargs="*", metavar="NAME")
     p.set_defaults(func=cmd_status)
 

@@ -1183,6 +1183,15 @@ def test_control_attributes(backing, tmp_path):
     dev.close()
 
 
+def test_a_device_that_fails_to_build_leaves_its_backing_file_closed(
+        backing):
+    from zramd.errors import ConfigError
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConfigError, match="chain_size"):
+        Device(SIZE, backing_dev=backing, chain_size=0)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_backing_dev_errors(tmp_path):
     from zramd.errors import ConfigError
     with pytest.raises(ConfigError, match="backing_dev: .*No such file"):

@@ -155,7 +155,7 @@ class Device:
         # slot table holds the C codecs of the same ids.
         self._dict_comps = {0: self._compressor}
         self._primary = (0, self._compressor)
-        self._backing = BackingDev(backing_dev) if backing_dev else None
+        self._backing = None
         self.writeback_limit_enable = False
         self._writeback_limit = 0
         self._wb_lock = threading.Lock()
@@ -178,7 +178,6 @@ class Device:
         # Python read-modify-write turn it off.
         self._c_partial = self._native
         self._set_codec(0, self._compressor)
-        self._use_backing(self._backing)
         self._stripe_locks = [_StripeLock(self._zram, s)
                               for s in range(N_STRIPES)]
         self._fail_lock = threading.Lock()
@@ -187,6 +186,9 @@ class Device:
         self._stripe_copies = [bytearray(PAGE_SIZE) for _ in range(N_STRIPES)]
         self.policy = None          # a zramd.policy.Policy, if scheduled
         self.set_mem_limit(mem_limit)
+        if backing_dev:
+            # Opened last: nothing above may fail with its descriptor open.
+            self._use_backing(BackingDev(backing_dev))
 
     def _set_codec(self, dict_id, comp):
         """Give the slot table the C codec of ``comp`` (None when it has

@@ -39,6 +39,16 @@ def test_the_filter_is_built_and_nbdkit_loads_it():
     assert "\nzramd " in out
 
 
+def test_a_filter_built_by_another_python_is_found(monkeypatch):
+    """The filter uses no Python: a zramd command run by another
+    interpreter than the one that built it still finds it."""
+    import importlib.machinery
+    built = attach.filter_path()
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES",
+                        [".cpython-399-x86_64-linux-gnu.so", ".so"])
+    assert attach.filter_path() == built
+
+
 def test_whole_sectors_are_served_by_the_core(nbdkit_server):
     server = nbdkit_server(size="16M")
     assert filter_counts(server) == {"served_reads": 0, "served_writes": 0,

@@ -385,13 +385,16 @@ _filter = []
 
 def filter_path():
     """zramd's nbdkit filter (zramd/filter/) built for this interpreter,
-    or None."""
+    else the newest built for another (it uses no Python; whether nbdkit
+    loads it is server_filter's question), or None."""
     here = os.path.dirname(os.path.abspath(zramd.__file__))
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = os.path.join(here, FILTER_MODULE + suffix)
         if os.path.isfile(path):
             return path
-    return None
+    others = [os.path.join(here, n) for n in os.listdir(here)
+              if n.startswith(FILTER_MODULE + ".") and n.endswith(".so")]
+    return max(others, key=os.path.getmtime) if others else None
 
 
 def server_filter():

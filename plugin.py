@@ -234,8 +234,13 @@ def _serve_from_c():
     callbacks = _device.nbd_callbacks(threadstate.pin, pread, pwrite)
     if callbacks is not None:
         pread, pwrite = callbacks
-    if _device.offer_to_filter():
-        nbdkit.debug("zramd: the filter serves whole sectors")
+    try:
+        _device.offer_to_filter()
+    except RuntimeError as err:
+        # Served by the plugin alone: slower, never wrong.
+        sys.stderr.write("nbdkit: warning: zramd: %s; serving through the "
+                         "python plugin alone\n" % err)
+        sys.stderr.flush()
 
 
 def flush(h, flags):

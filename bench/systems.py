@@ -15,7 +15,8 @@ alike::
 
 The systems:
 
-- ``zramd-lz4``, ``zramd-zstd``: ``nbdkit python plugin.py algorithm=...``,
+- ``zramd-lz4``, ``zramd-zstd``: ``nbdkit --filter=... python plugin.py
+  algorithm=...`` with zramd's nbdkit filter in front, as zramd up serves,
   started through tests/nbdkit_server.py; mm_stat over the control socket
   (zramd/control.py, ``get mm_stat``).
 - ``nbdkit-zstd``: ``nbdkit memory allocator=zstd``, the peer written in C.

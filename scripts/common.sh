@@ -55,8 +55,17 @@ install_zramd() {
     for so in "$REPO"/zramd/_fastpath.*.so; do
         [ -e "$so" ] && built=$so
     done
-    # The filter, built for this release's nbdkit, must be there too.
+    # The filter must be there too, built for the nbdkit installed now
+    # (nbdkit loads only a filter built against its own version): one it
+    # refuses, say after an upgrade of nbdkit, is built again.
     ls "$REPO"/zramd/_nbdkit_filter.*.so >/dev/null 2>&1 || stale=1
+    for so in "$REPO"/zramd/_nbdkit_filter.*.so; do
+        [ -e "$so" ] || continue
+        if ! nbdkit --filter="$so" null --version >/dev/null 2>&1; then
+            rm -f "$so"
+            stale=1
+        fi
+    done
     if [ -n "$built" ]; then
         for src in "$REPO"/zramd/*.c "$REPO"/zramd/csrc/*.[ch] \
                    "$REPO"/zramd/glue/*.[ch] "$REPO"/zramd/filter/*.[ch]; do

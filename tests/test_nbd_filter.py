@@ -9,19 +9,31 @@ The rest of the end-to-end suite runs with the filter too
 ones that count what the filter did, or that need both servers.
 """
 
+import errno
 import os
 import random
+import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
-from conftest import NbdClient, require, require_module
+from conftest import REPO, NbdClient, require, require_module
 from nbdkit_server import NbdkitServer
 from zramd import attach, control
 
-require_module("nbd", "python3-libnbd")
+nbd = require_module("nbd", "python3-libnbd")
 
 SECTOR = 4096
+
+
+@pytest.fixture
+def probe_again():
+    """server_filter() asks nbdkit afresh in the test and after it."""
+    attach.server_filter.cache_clear()
+    yield
+    attach.server_filter.cache_clear()
 
 
 def filter_counts(server):
@@ -44,6 +56,7 @@ def test_a_filter_built_by_another_python_is_found(monkeypatch):
     interpreter than the one that built it still finds it."""
     import importlib.machinery
     built = attach.filter_path()
+    assert built, "the filter is not built"
     monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES",
                         [".cpython-399-x86_64-linux-gnu.so", ".so"])
     assert attach.filter_path() == built
@@ -124,7 +137,8 @@ def test_the_plugin_alone_and_behind_the_filter_answer_alike(tmp_path):
             c.__exit__(None, None, None)
         stats = [control.call(s.control, "status") for s in servers]
         keys = ("orig_data_size", "compr_data_size", "same_pages",
-                "huge_pages", "num_writes", "failed_reads", "failed_writes")
+                "huge_pages", "num_reads", "num_writes", "failed_reads",
+                "failed_writes", "notify_free")
         assert [stats[0][k] for k in keys] == [stats[1][k] for k in keys]
         assert stats[0]["filter"]["served_writes"] > 0
         assert stats[1]["filter"] is None
@@ -135,16 +149,14 @@ def test_the_plugin_alone_and_behind_the_filter_answer_alike(tmp_path):
 
 
 def test_a_filter_nbdkit_refuses_is_left_out_with_a_warning(
-        monkeypatch, capsys, tmp_path):
+        monkeypatch, capsys, tmp_path, probe_again):
     """Say a nbdkit upgrade came after the build: nbdkit loads only a
     filter built against its own version.  The server then runs the
     plugin alone, and the warning says why and how to rebuild."""
     require("nbdkit")
     from zramd import config
-    not_a_filter = os.path.join(os.path.dirname(attach.filter_path()),
-                                "not-a-filter.so")
+    not_a_filter = str(tmp_path / "not-a-filter.so")
     monkeypatch.setattr(attach, "filter_path", lambda: not_a_filter)
-    monkeypatch.setattr(attach, "_filter", [])
     monkeypatch.setenv("ZRAMD_RUNTIME_DIR", str(tmp_path))
     conf = tmp_path / "etc/zramd/zramd.conf"
     conf.parent.mkdir(parents=True)
@@ -159,6 +171,88 @@ def test_a_filter_nbdkit_refuses_is_left_out_with_a_warning(
     assert "python plugin alone" in err and "pip install -e" in err
 
     monkeypatch.setattr(attach, "filter_path", lambda: None)
-    monkeypatch.setattr(attach, "_filter", [])
+    attach.server_filter.cache_clear()
     assert attach.server_filter() == (None,
                                       "zramd's nbdkit filter is not built")
+
+
+def test_requests_at_and_past_the_end_and_read_only(nbdkit_server):
+    """The last sector is the core's; past the end nbdkit refuses before
+    the filter, as before; a read-only server refuses writes."""
+    server = nbdkit_server(size="1M")
+    last = (1 << 20) - SECTOR
+    with NbdClient(server.uri, strict=False) as h:
+        h.pwrite(b"\x5a" * SECTOR, last)
+        assert h.pread(SECTOR, last) == b"\x5a" * SECTOR
+        for call in (lambda: h.pread(2 * SECTOR, last),
+                     lambda: h.pwrite(bytes(2 * SECTOR), last)):
+            with pytest.raises(nbd.Error) as e:
+                call()
+            assert e.value.errnum in (errno.EINVAL, errno.ENOSPC)
+        assert h.pread(SECTOR, last) == b"\x5a" * SECTOR
+    assert filter_counts(server)["served_writes"] == 1
+
+    ro = nbdkit_server(size="1M", extra_args=("-r",))
+    with NbdClient(ro.uri, strict=False) as h:
+        with pytest.raises(nbd.Error) as e:
+            h.pwrite(bytes(SECTOR), 0)
+        assert e.value.errnum == errno.EPERM
+        assert h.pread(SECTOR, 0) == bytes(SECTOR)
+    assert filter_counts(ro)["served_writes"] == 0
+
+
+def test_the_server_stops_cleanly_under_traffic(nbdkit_server):
+    """SIGTERM while four clients read and write whole sectors: the core
+    is withdrawn from the filter before the device is freed, so nbdkit
+    ends without a crash."""
+    server = nbdkit_server(size="16M")
+    stop = threading.Event()
+    errors = []
+
+    def hammer(seed):
+        rng = random.Random(seed)
+        try:
+            with NbdClient(server.uri) as h:
+                while not stop.is_set():
+                    off = rng.randrange(4096 - 8) * SECTOR
+                    if rng.random() < 0.5:
+                        h.pwrite(rng.randbytes(8 * SECTOR), off)
+                    else:
+                        h.pread(8 * SECTOR, off)
+        except nbd.Error as e:       # the server went away: expected
+            errors.append(e)
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    served = filter_counts(server)
+    assert served["served_reads"] + served["served_writes"] > 0
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(30)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    log = server.log()
+    assert server.process.returncode == 0, log
+    for bad in ("Traceback", "Fatal", "Segmentation", "AddressSanitizer"):
+        assert bad not in log, log
+
+
+def test_a_filter_of_another_abi_serves_nothing(nbdkit_server, tmp_path):
+    """A filter built from other sources than the module is refused by
+    the module: the server runs, the plugin serves everything, and the
+    log says why."""
+    require("gcc")
+    other = tmp_path / "other-abi.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-DZRAMD_FILTER_ABI=99",
+                    "-o", str(other), os.path.join(
+                        REPO, "zramd", "filter", "nbdkit_filter.c")],
+                   check=True)
+    server = nbdkit_server(size="4M", filter=str(other))
+    data = os.urandom(4 * SECTOR)
+    with NbdClient(server.uri) as h:
+        h.pwrite(data, 0)
+        assert h.pread(len(data), 0) == data
+    assert filter_counts(server) is None
+    assert ("nbdkit: warning: zramd: zramd's nbdkit filter speaks ABI 99, "
+            "this module 1" in server.log())

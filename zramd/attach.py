@@ -9,7 +9,8 @@ down top to bottom::
     block dev  losetup --direct-io=on --sector-size 4096 RUN/NAME.fuse/nbd
                (nbd-client -unix RUN/NAME.nbd /dev/nbdN with the kernel's nbd)
     file       nbdfuse RUN/NAME.fuse/nbd nbd+unix:///INSTANCE?socket=RUN/NAME.nbd
-    server     nbdkit -f -U RUN/NAME.nbd python plugin.py size=... [swap=true]
+    server     nbdkit -f -U RUN/NAME.nbd --filter=.../_nbdkit_filter*.so
+                 python plugin.py size=... [swap=true]
 
 ``RUN`` is zramd.paths.runtime_dir().  Each step is recorded at once in the
 state file ``RUN/NAME.state.json`` (rewritten atomically), so ``down`` - or
@@ -43,6 +44,7 @@ with the device name: ``zramd0: swapon: ...``.
 
 import argparse
 import fcntl
+import functools
 import importlib.machinery
 import json
 import os
@@ -380,7 +382,6 @@ def server_threads():
 #: What the build names zramd's nbdkit filter (setup.py), suffixed as
 #: the C extensions of this interpreter are.
 FILTER_MODULE = "_nbdkit_filter"
-_filter = []
 
 
 def filter_path():
@@ -397,29 +398,26 @@ def filter_path():
     return max(others, key=os.path.getmtime) if others else None
 
 
+@functools.lru_cache(maxsize=None)
 def server_filter():
     """(path, None) when the installed nbdkit loads zramd's filter, else
     (None, why not).  nbdkit loads only a filter built against its own
     version, so it is asked (``nbdkit --filter=PATH null --version``, once
     per process)."""
-    if not _filter:
-        path = filter_path()
-        if path is None:
-            _filter.append((None, "zramd's nbdkit filter is not built"))
-        else:
-            try:
-                proc = subprocess.run(
-                    ["nbdkit", "--filter=" + path, "null", "--version"],
-                    capture_output=True, text=True, timeout=30)
-                why = None if proc.returncode == 0 and re.search(
-                    r"^zramd ", proc.stdout, re.M) else (
-                    proc.stderr.strip().splitlines() or ["exit status %d"
-                                                         % proc.returncode]
-                )[-1]
-            except (OSError, subprocess.SubprocessError) as e:
-                why = str(e)
-            _filter.append((path, None) if why is None else (None, why))
-    return _filter[0]
+    path = filter_path()
+    if path is None:
+        return None, "zramd's nbdkit filter is not built"
+    try:
+        proc = subprocess.run(["nbdkit", "--filter=" + path, "null",
+                               "--version"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    if proc.returncode == 0 and re.search(r"^zramd ", proc.stdout, re.M):
+        return path, None
+    said = proc.stderr.strip().splitlines()
+    return None, said[-1] if said else "nbdkit exit status %d" % (
+        proc.returncode)
 
 
 def server_command(dev, plugin=None, nbd_socket=None, control=None):

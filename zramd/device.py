@@ -188,7 +188,12 @@ class Device:
         self.set_mem_limit(mem_limit)
         if backing_dev:
             # Opened last: nothing above may fail with its descriptor open.
-            self._use_backing(BackingDev(backing_dev))
+            backing = BackingDev(backing_dev)
+            try:
+                self._use_backing(backing)
+            except BaseException:
+                backing.close()
+                raise
 
     def _set_codec(self, dict_id, comp):
         """Give the slot table the C codec of ``comp`` (None when it has
@@ -528,7 +533,8 @@ class Device:
         serve whole sectors from this device's core, with no Python call
         and no GIL; the rest still reaches the plugin.  Returns whether
         the filter took it (False on the Python paths, ``native=False``,
-        and in any other process)."""
+        and in any other process); RuntimeError when the filter was built
+        from other sources (another ABI), which then serves nothing."""
         return self._native and self._zram.offer_to_filter()
 
     def filter_counts(self):

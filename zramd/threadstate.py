@@ -27,6 +27,10 @@ thread's PyGILState slot, and nbdkit's next ``Release`` there aborts), so
 the C part, ``zramd._threadstate``, frees it from a pthread key destructor
 as the thread exits: the thread's ``threading.local`` values go with it.
 
+With zramd's nbdkit filter in front (zramd/filter/), reads and writes of
+whole sectors never reach the plugin; what is said here holds for the
+requests that do (the rest, and every other callback).
+
 ``pin()`` is for threads Python did not start (nbdkit's); on a thread
 Python started it does no harm, and Python frees that state as usual.
 """

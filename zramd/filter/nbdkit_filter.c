@@ -17,10 +17,13 @@
  * State: one core at a time (a server serves one device), a copy of
  * the offer under core_lock.  Requests take it shared, offer and
  * withdraw exclusively, so withdraw returns once no request uses the
- * core and the device may be freed.  The counts are relaxed atomics.
+ * core and the device may be freed; the lock prefers the writer, so a
+ * steady stream of requests cannot hold withdraw off.  core_lock comes
+ * before every lock of the core (stripes, codec, pool classes), and the
+ * core never calls back here.  The counts are relaxed atomics.
  */
 
-#include <errno.h>
+#define _GNU_SOURCE                  /* pthread_rwlockattr_setkind_np */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -32,7 +35,7 @@
 #include "offer.h"
 #include "../csrc/zram_defs.h"
 
-static pthread_rwlock_t core_lock = PTHREAD_RWLOCK_INITIALIZER;
+static pthread_rwlock_t core_lock;
 static struct zramd_core core;       /* core.z NULL: none offered */
 static _Atomic uint64_t served[2], passed[2];     /* [0] reads, [1] writes */
 
@@ -74,12 +77,23 @@ NBDKIT_DLL_PUBLIC const struct zramd_filter_face zramd_filter_face = {
     .counts = face_counts,
 };
 
+static void
+zramd_load(void)
+{
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr,
+                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&core_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+}
+
 /* The sectors of [offset, offset + count) the core served, from the
  * first: all of them (count >> PAGE_SHIFT), or fewer when the request
  * is not whole sectors inside the disk, nothing is offered yet, or the
  * core handed a sector back. */
 static size_t
-core_request(int write, void *buf, uint32_t count, uint64_t offset)
+core_request(int is_write, void *buf, uint32_t count, uint64_t offset)
 {
     size_t first = offset >> PAGE_SHIFT, n = count >> PAGE_SHIFT, done = 0;
     ssize_t r;
@@ -89,8 +103,8 @@ core_request(int write, void *buf, uint32_t count, uint64_t offset)
     if (core.z && first <= core.nr_pages && n <= core.nr_pages - first) {
         while (done < n) {
             char *at = (char *)buf + (done << PAGE_SHIFT);
-            r = write ? core.write(core.z, at, first + done, n - done)
-                      : core.read(core.z, at, first + done, n - done);
+            r = is_write ? core.write(core.z, at, first + done, n - done)
+                         : core.read(core.z, at, first + done, n - done);
             if (r <= 0)
                 break;
             done += r;
@@ -105,7 +119,7 @@ zramd_pread(nbdkit_next *next, void *handle, void *buf, uint32_t count,
             uint64_t offset, uint32_t flags, int *err)
 {
     uint32_t done = core_request(0, buf, count, offset) << PAGE_SHIFT;
-    if (done == count) {
+    if (done == count && count) {
         atomic_fetch_add_explicit(&served[0], 1, memory_order_relaxed);
         return 0;
     }
@@ -120,7 +134,7 @@ zramd_pwrite(nbdkit_next *next, void *handle, const void *buf,
 {
     /* The core only reads buf on a write. */
     uint32_t done = core_request(1, (void *)buf, count, offset) << PAGE_SHIFT;
-    if (done == count) {
+    if (done == count && count) {
         atomic_fetch_add_explicit(&served[1], 1, memory_order_relaxed);
         return 0;
     }
@@ -132,6 +146,7 @@ zramd_pwrite(nbdkit_next *next, void *handle, const void *buf,
 static struct nbdkit_filter filter = {
     .name = "zramd",
     .longname = "zramd's whole-sector fast path",
+    .load = zramd_load,
     .pread = zramd_pread,
     .pwrite = zramd_pwrite,
 };

@@ -13,7 +13,8 @@
  * Objects the core uses without the GIL (the pool, the codecs in the
  * device's codec table, the caller's buffers) are kept alive by
  * references the glue holds; a Zram refuses to close while a request is
- * in progress.
+ * in progress.  Requests zramd's nbdkit filter serves (filter/offer.h)
+ * never hold the GIL either; a Zram's close waits for them.
  */
 #ifndef ZRAMD_GLUE_H
 #define ZRAMD_GLUE_H

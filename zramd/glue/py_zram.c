@@ -13,6 +13,11 @@
  * and the requests running without the GIL (busy), so that close()
  * refuses while any is, and a thread waits for a stripe with the GIL let
  * go (Zram.lock, .lock_all).
+ *
+ * zramd's nbdkit filter (filter/offer.h) serves requests on nbdkit's
+ * threads, outside Python, once offer_to_filter() gave it the core; they
+ * are not in busy.  Closing withdraws the core from the filter, which
+ * waits for those requests to end, before the table is freed.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -120,17 +125,22 @@ Zram_init(Zram *self, PyObject *args, PyObject *kwds)
 static void
 Zram_release(Zram *self)
 {
+    struct zram *z = self->z;
+    const struct zramd_filter_face *filter = self->filter;
     int i;
-    if (self->filter && self->z) {
+    /* Closed for Python first, while the GIL is held: no Python thread
+     * reaches z after this. */
+    self->z = NULL;
+    self->filter = NULL;
+    if (filter && z) {
         /* A filter request may wait for a pool lock that a thread
-         * waiting for the GIL holds. */
+         * waiting for the GIL holds; with self->z cleared, no thread
+         * that takes the GIL meanwhile can reach z. */
         Py_BEGIN_ALLOW_THREADS
-        self->filter->withdraw(self->z);
+        filter->withdraw(z);
         Py_END_ALLOW_THREADS
     }
-    self->filter = NULL;
-    zram_destroy(self->z);
-    self->z = NULL;
+    zram_destroy(z);
     for (i = 0; i < MAX_DICTS; i++)
         Py_CLEAR(self->codecs[i]);
     Py_CLEAR(self->nbd_pin);
@@ -318,9 +328,10 @@ Zram_offer_to_filter(Zram *self, PyObject *unused)
     core = (struct zramd_core){ZRAMD_FILTER_ABI, z, zram_nr_pages(z),
                                filter_read, filter_write};
     if (face->abi != ZRAMD_FILTER_ABI || face->offer(&core) != 0)
-        return PyErr_Format(PyExc_RuntimeError, "the zramd nbdkit filter "
+        return PyErr_Format(PyExc_RuntimeError, "zramd's nbdkit filter "
                             "speaks ABI %d, this module %d: rebuild them "
-                            "together", face->abi, ZRAMD_FILTER_ABI);
+                            "together (pip install -e)", face->abi,
+                            ZRAMD_FILTER_ABI);
     self->filter = face;
     Py_RETURN_TRUE;
 }

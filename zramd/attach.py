@@ -415,9 +415,12 @@ def server_filter():
         return None, str(e)
     if proc.returncode == 0 and re.search(r"^zramd ", proc.stdout, re.M):
         return path, None
+    # nbdkit's error line; 1.42 adds a line pointing to its manual.
     said = proc.stderr.strip().splitlines()
-    return None, said[-1] if said else "nbdkit exit status %d" % (
-        proc.returncode)
+    errors = [line for line in said if "error" in line]
+    if errors or said:
+        return None, (errors or said)[0]
+    return None, "nbdkit exit status %d" % proc.returncode
 
 
 def server_command(dev, plugin=None, nbd_socket=None, control=None):

@@ -423,6 +423,19 @@ def server_filter():
     return None, "nbdkit exit status %d" % proc.returncode
 
 
+def filter_args(name):
+    """nbdkit's arguments that put zramd's filter in front of the plugin
+    for device ``name``: ``["--filter=PATH"]``, or none, with a warning
+    saying why and how to rebuild, when nbdkit would not load it."""
+    path, why = server_filter()
+    if path:
+        return ["--filter=" + path]
+    _say(name, "%s: serving through the python plugin alone (slower); "
+         "rebuild: pip install -e %s" % (why, os.path.dirname(
+             os.path.dirname(os.path.abspath(zramd.__file__)))))
+    return []
+
+
 def server_command(dev, plugin=None, nbd_socket=None, control=None):
     """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, the
     plugin's ``swap=true`` (locked on fault, IO flusher) when the device
@@ -433,14 +446,7 @@ def server_command(dev, plugin=None, nbd_socket=None, control=None):
     argv = ["nbdkit", "--foreground",
             "--threads", str(server_threads()),
             "--unix", nbd_socket or paths.nbd_socket(dev.name)]
-    path, why = server_filter()
-    if path:
-        argv.append("--filter=" + path)
-    else:
-        _say(dev.name, "%s: serving through the python plugin alone "
-             "(slower); rebuild: pip install -e %s"
-             % (why, os.path.dirname(os.path.dirname(
-                 os.path.abspath(zramd.__file__)))))
+    argv += filter_args(dev.name)
     argv += ["python", plugin or plugin_path()]
     argv += dev.plugin_params()
     if dev.is_swap:

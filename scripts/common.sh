@@ -22,6 +22,9 @@ RUNTIME_PACKAGES=(
 # for the format tests).
 TEST_PACKAGES=(python3-pytest python3-hypothesis python3-pytest-timeout
                python3-lz4 systemd)
+# What the KVM rig (vm/rig) needs on the host: qemu to boot the guest,
+# mmdebstrap to build its image.
+RIG_PACKAGES=(qemu-system-x86 mmdebstrap)
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "zramd: $*"; exit 1; }

@@ -542,7 +542,7 @@ class Device:
         ``served_writes`` (whole, by the core) and ``passed_reads``,
         ``passed_writes`` (on to the plugin, whole or from a sector the
         core handed back); None when no filter serves this device."""
-        counts = self._zram.filter_counts() if self._native else None
+        counts = self._zram.filter_counts()   # None unless it was offered
         if counts is None:
             return None
         return dict(zip(("served_reads", "served_writes", "passed_reads",

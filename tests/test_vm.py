@@ -117,3 +117,28 @@ def test_short_form_swap_through_kernel_nbd(tmp_path):
     assert not problems, "\n".join(problems + ["(logs: %s)" % out])
     assert steps.get("swap_nbd", {}).get("status") == "pass", steps.keys()
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_guest_that_dies_before_its_plan_says_why(tmp_path):
+    """The rig boots a phase again only when its guest died before the
+    plan began, and says why from the serial log."""
+    rig = _load_rig()
+    panicked = tmp_path / "panicked.log"
+    panicked.write_text(
+        "[    2.695918] sched_clock: Marking stable\n"
+        "[    2.699119] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+        "[    2.702151] Oops: int3: 0000 [#2] PREEMPT SMP NOPTI\n"
+        "[    2.702482] Kernel panic - not syncing: Fatal exception\n")
+    assert rig.boot_failure(str(panicked)) == (
+        "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI; "
+        "Kernel panic - not syncing: Fatal exception")
+    silent = tmp_path / "silent.log"
+    silent.write_text("[    1.000000] Linux version 6.12\n")
+    assert rig.boot_failure(str(silent)) == \
+        "no ZRAMD-VM-START on the serial console"
+    assert rig.boot_failure(str(tmp_path / "absent.log")) == \
+        "no ZRAMD-VM-START on the serial console"
+    started = tmp_path / "started.log"
+    started.write_text("[   20.5] zramd-vm[1]: ZRAMD-VM-START bench\n"
+                       "[   90.0] Kernel panic - not syncing: later\n")
+    assert rig.boot_failure(str(started)) is None

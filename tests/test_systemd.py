@@ -113,12 +113,21 @@ def test_serve_builds_the_server_command(tmp_path, monkeypatch):
     swap = attach.server_command(devs["zramd0"], plugin="/p.py")
     assert swap == [
         "nbdkit", "--foreground", "--threads",
-        str(attach.server_threads()), "--unix", str(tmp_path / "zramd0.nbd"),
+        str(attach.SERVER_THREADS_SWAP), "--unix", str(tmp_path / "zramd0.nbd"),
         "--filter=/f.so", "python", "/p.py", "size=%d" % (64 << 20), "algorithm=zstd",
         "level=3", "swap=true", "name=zramd0",
         "control=%s" % (tmp_path / "zramd0.sock")]
     disk = attach.server_command(devs["d"], plugin="/p.py")
     assert "swap=true" not in disk and "--foreground" in disk
+    # A file system's server takes the workers this nbdkit allows; swap
+    # takes one whatever nbdkit it is.
+    assert disk[disk.index("--threads") + 1] == str(attach.server_threads())
+    monkeypatch.setattr(attach, "nbdkit_version", lambda: (1, 42, 3))
+    assert attach.server_threads() == attach.SERVER_THREADS == 4
+    assert attach.server_threads(swap=True) == 1
+    monkeypatch.setattr(attach, "nbdkit_version", lambda: (1, 32, 5))
+    assert attach.server_threads() == 1
+    assert attach.server_threads(swap=True) == 1
     env = attach.server_environment({"PATH": "/root/.pyenv/shims"})
     assert env["MALLOC_ARENA_MAX"] == str(attach.SERVER_MALLOC_ARENAS)
     assert env["PATH"].startswith("/usr/sbin:/usr/bin:")

@@ -71,8 +71,14 @@ STATE_VERSION = 1
 #: flight and two or more workers (docs/operations.md, "Known limit: nbdkit
 #: 1.32 and dying clients"): one worker there.  Later nbdkit gets
 #: SERVER_THREADS (docs/benchmarks.md, "Worker threads per connection").
+#: A swap device gets SERVER_THREADS_SWAP everywhere: its requests are
+#: small and come a few at a time, so extra workers only hand the
+#: connection to each other (each hand-off a wake-up), and a server with
+#: one cost 40% less CPU a request and made the swapping program 23%
+#: faster (docs/benchmarks.md, "One worker for swap").
 SERVER_THREADS = 4
 SERVER_THREADS_NBDKIT_1_32 = 1
+SERVER_THREADS_SWAP = 1
 #: The first nbdkit release without that abort.
 NBDKIT_SAFE_THREADS = (1, 34)
 FUSE_CONNECTIONS = 2
@@ -372,8 +378,11 @@ def nbdkit_version():
     return _nbdkit_version[0]
 
 
-def server_threads():
-    """Worker threads per connection for the installed nbdkit."""
+def server_threads(swap=False):
+    """Worker threads per connection for the installed nbdkit, for a swap
+    device when ``swap``."""
+    if swap:
+        return SERVER_THREADS_SWAP
     if nbdkit_version() < NBDKIT_SAFE_THREADS:
         return SERVER_THREADS_NBDKIT_1_32
     return SERVER_THREADS
@@ -438,13 +447,13 @@ def filter_args(name):
 
 def server_command(dev, plugin=None, nbd_socket=None, control=None):
     """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, the
-    plugin's ``swap=true`` (locked on fault, IO flusher) when the device
-    is swap, and zramd's filter in front of the plugin (whole sectors
+    plugin's ``swap=true`` (locked on fault, IO flusher) and one worker
+    per connection when the device is swap, and zramd's filter in front of the plugin (whole sectors
     served by the C core with no Python call).  Without a filter nbdkit
     loads, the plugin serves everything, slower, and a warning says why
     and how to rebuild."""
     argv = ["nbdkit", "--foreground",
-            "--threads", str(server_threads()),
+            "--threads", str(server_threads(dev.is_swap)),
             "--unix", nbd_socket or paths.nbd_socket(dev.name)]
     argv += filter_args(dev.name)
     argv += ["python", plugin or plugin_path()]

@@ -14,8 +14,9 @@ suite run boot a guest.
 
 It skips, saying why, without /dev/kvm or root, or when the image cannot
 be built; asked for, it fails without qemu-system-x86 or mmdebstrap
-(./scripts/test installs them with ZRAMD_VM=1).  The accelerator is the rig's choice (KVM when a
-probe guest really runs under it, else TCG); the summary records it.
+(./scripts/test installs them with ZRAMD_VM=1).  The accelerator is the
+rig's choice (KVM when a probe guest really runs under it, else TCG); the
+summary records it.
 """
 
 import json

@@ -448,8 +448,9 @@ def filter_args(name):
 def server_command(dev, plugin=None, nbd_socket=None, control=None):
     """nbdkit's argv for device ``dev`` (a DeviceConfig): foreground, the
     plugin's ``swap=true`` (locked on fault, IO flusher) and one worker
-    per connection when the device is swap, and zramd's filter in front of the plugin (whole sectors
-    served by the C core with no Python call).  Without a filter nbdkit
+    per connection when the device is swap, and zramd's filter in front
+    of the plugin (whole sectors served by the C core with no Python
+    call).  Without a filter nbdkit
     loads, the plugin serves everything, slower, and a warning says why
     and how to rebuild."""
     argv = ["nbdkit", "--foreground",

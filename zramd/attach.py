@@ -450,9 +450,8 @@ def server_command(dev, plugin=None, nbd_socket=None, control=None):
     plugin's ``swap=true`` (locked on fault, IO flusher) and one worker
     per connection when the device is swap, and zramd's filter in front
     of the plugin (whole sectors served by the C core with no Python
-    call).  Without a filter nbdkit
-    loads, the plugin serves everything, slower, and a warning says why
-    and how to rebuild."""
+    call).  Without a filter nbdkit loads, the plugin serves everything,
+    slower, and a warning says why and how to rebuild."""
     argv = ["nbdkit", "--foreground",
             "--threads", str(server_threads(dev.is_swap)),
             "--unix", nbd_socket or paths.nbd_socket(dev.name)]
